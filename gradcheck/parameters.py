@@ -1,0 +1,136 @@
+"""Which parameters are meta-learned (θ), which the inner loop adapts (A ⊆ θ), and a functional view.
+
+θ is every parameter with ``requires_grad=True``, keyed as in ``model.named_parameters()``.
+``adapt`` picks A:
+
+* ``None`` — all of θ (MAML);
+* ``"head"`` — the parameters of the last module that owns trainable parameters (ANIL);
+* ``"body"`` — everything but the head (BOIL);
+* a parameter name or a module prefix (``"0"`` selects ``"0.weight"`` and ``"0.bias"``),
+  or a list of them;
+* a predicate ``name -> bool``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Adapt = None | str | Iterable[str] | Callable[[str], bool]
+PRESETS = ("head", "body")
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """θ: the parameters with ``requires_grad=True``, in ``named_parameters()`` order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("model has no trainable parameters (none has requires_grad=True)")
+    return params
+
+
+def _head(model: nn.Module, names: Iterable[str]) -> list[str]:
+    owners = [
+        prefix
+        for prefix, module in model.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+    head = owners[-1]
+    return [n for n in names if n.rpartition(".")[0] == head]
+
+
+def _matches(name: str, key: str) -> bool:
+    return name == key or name.startswith(key + ".")
+
+
+def _by_names(keys: list[str], model: nn.Module, names: list[str]) -> list[str]:
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    unknown = [k for k in keys if not any(_matches(n, k) for n in names)]
+    if unknown:
+        not_trainable = [k for k in unknown if any(_matches(n, k) for n in frozen)]
+        if not_trainable:
+            raise ValueError(f"adapt names parameters that are not trainable: {not_trainable}")
+        raise ValueError(f"adapt names unknown parameters {unknown}; trainable parameters: {names}")
+    return [n for n in names if any(_matches(n, k) for k in keys)]
+
+
+def resolve_adapt(model: nn.Module, adapt: Adapt) -> tuple[str, ...]:
+    """A, the names of the parameters the inner loop updates, in ``named_parameters()`` order."""
+    names = list(trainable(model))
+    if adapt is None:
+        return tuple(names)
+    if isinstance(adapt, str) and adapt in PRESETS:
+        head = _head(model, names)
+        chosen = head if adapt == "head" else [n for n in names if n not in head]
+        literal = [n for n in names if _matches(n, adapt)]
+        if literal and literal != chosen:
+            raise ValueError(
+                f"adapt={adapt!r} is ambiguous: the preset selects {chosen} but the model also "
+                f"has parameters named {adapt!r}... ({literal}); pass a list ([{adapt!r}]) for "
+                "the names, or the names of the preset's parameters explicitly"
+            )
+        selected = chosen
+    elif isinstance(adapt, str):
+        selected = _by_names([adapt], model, names)
+    elif callable(adapt):
+        selected = [n for n in names if adapt(n)]
+    else:
+        keys = list(adapt)
+        if not all(isinstance(k, str) for k in keys):
+            raise TypeError(f"adapt must be None, a preset, names, prefixes or a predicate; got {adapt!r}")
+        selected = _by_names(keys, model, names)
+    if not selected:
+        raise ValueError(f"adapt={adapt!r} selects no trainable parameter; trainable: {names}")
+    return tuple(selected)
+
+
+def state(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Every parameter and buffer, detached, floating ones cast to ``dtype``.
+
+    Parameters are detached views of the model's (copies only where cast): whoever updates
+    them must clone first. Buffers are always copies, so that BatchNorm running statistics
+    updated by an inner loop never reach the user's model.
+    """
+
+    def cast(t: Tensor) -> Tensor:
+        return t.detach().to(dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+    params = {n: cast(p) for n, p in model.named_parameters()}
+    buffers = {n: cast(b).clone() for n, b in model.named_buffers()}
+    return params, buffers
+
+
+class Functional:
+    """The model evaluated at given tensors: ``Functional(model, params, buffers)(x)``.
+
+    Later mappings override earlier ones; names not given are read from the model. Built on
+    ``torch.func.functional_call``: the model's own tensors are never written.
+    """
+
+    def __init__(self, model: nn.Module, *tensors: Mapping[str, Tensor]) -> None:
+        self.model = model
+        self.tensors: dict[str, Tensor] = {}
+        for mapping in tensors:
+            self.tensors.update(mapping)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.model, self.tensors, args, kwargs)
+
+
+def flat(tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> Tensor:
+    """One vector holding the given tensors in order."""
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    return torch.cat([t.reshape(-1) for t in values])
+
+
+def unflat(vector: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`flat`: split ``vector`` into tensors shaped like ``like``."""
+    out, i = {}, 0
+    for name, t in like.items():
+        out[name] = vector[i : i + t.numel()].view_as(t)
+        i += t.numel()
+    return out
