@@ -1,0 +1,66 @@
+"""``higher`` 0.2.1, imported quietly and with a differentiable Adam that matches ``torch.optim.Adam``.
+
+Three defects of the PyPI release are handled here or in :mod:`gradcheck.oracle`:
+
+* its modules emit ``SyntaxWarning`` (``is`` with a literal, invalid escape sequences) when
+  Python compiles them; only those two messages are silenced, and only while importing it;
+* its ``DifferentiableAdam`` adds ε to √v before the bias correction (ε·√(1−β₂ᵗ) in effect) and
+  so follows a different trajectory from ``torch.optim.Adam``; :class:`DifferentiableAdam`
+  below is a faithful replacement, used directly and never registered globally, so a user's own
+  ``higher`` code is left as it was;
+* ``copy_initial_weights=True`` (its default) detaches the initial weights: the oracle passes
+  ``False``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore", message=r'(invalid escape sequence|"is" with a literal)', category=SyntaxWarning
+    )
+    import higher
+    import higher.optim
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """√v whose derivative at v = 0 is 0 rather than ∞·0 = nan (√ is not differentiable there)."""
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), 0.0)
+
+
+class DifferentiableAdam(higher.optim.DifferentiableOptimizer):
+    """``torch.optim.Adam`` (no amsgrad, no weight decay) as a differentiable update.
+
+    m_t = β₁ m + (1−β₁) g,  v_t = β₂ v + (1−β₂) g²,
+    p ← p − (lr / (1−β₁ᵗ)) · m_t / (√v_t / √(1−β₂ᵗ) + ε)
+    """
+
+    def _update(self, grouped_grads: list[list[Tensor]], **kwargs: object) -> None:
+        for group_idx, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+            beta1, beta2 = group["betas"]
+            for p_idx, (p, g) in enumerate(zip(group["params"], grads)):
+                if g is None:
+                    continue
+                state = self.state[group_idx][p_idx]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                step = state["step"]
+                m = state["exp_avg"] = torch.lerp(state["exp_avg"], g, 1 - beta1)
+                v = state["exp_avg_sq"] = beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g
+                denom = _sqrt(v) / math.sqrt(1 - beta2**step) + group["eps"]
+                group["params"][p_idx] = p - (group["lr"] / (1 - beta1**step)) * (m / denom)
+
+
+DIFFERENTIABLE = {
+    "sgd": (torch.optim.SGD, higher.optim.DifferentiableSGD),
+    "adam": (torch.optim.Adam, DifferentiableAdam),
+}
+
+__all__ = ["DIFFERENTIABLE", "DifferentiableAdam", "higher"]
