@@ -1,0 +1,116 @@
+"""MAML meta-gradients the way users write them: correct ones, and each classic bug on purpose.
+
+Each function has the ``validate`` candidate signature ``(model, task, steps, inner_lr)`` (or
+``(model, tasks, …)`` for meta-batch candidates) and returns a gradient dict, or ``None`` after
+writing ``p.grad``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from torch.func import functional_call
+
+from gradcheck._higher import higher
+
+
+def functional_maml(
+    model,
+    task,
+    steps,
+    inner_lr,
+    *,
+    create_graph=True,
+    sign=-1.0,
+    lr_scale=1.0,
+    swap=False,
+    share_buffers=False,
+):
+    """MAML with ``torch.func``; each keyword other than the defaults plants one bug."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    if not share_buffers:  # running statistics must stay out of the user's model
+        buffers = {n: b.clone() for n, b in buffers.items()}
+    support, query = task.support_loss, task.query_loss
+    if swap:
+        support, query = query, support
+
+    def at(tensors):
+        return lambda x: functional_call(model, {**tensors, **buffers}, (x,))
+
+    phi = params
+    for _ in range(steps):
+        grads = torch.autograd.grad(support(at(phi)), list(phi.values()), create_graph=create_graph)
+        phi = {n: p + sign * inner_lr * lr_scale * g for (n, p), g in zip(phi.items(), grads)}
+    return dict(zip(params, torch.autograd.grad(query(at(phi)), list(params.values()))))
+
+
+def _clone(module):
+    """learn2learn's ``clone_module`` idea: a copy whose parameters are differentiable clones."""
+    twin = copy.deepcopy(module)
+    for mine, theirs in zip(twin.modules(), module.modules()):
+        for key, p in theirs._parameters.items():
+            if p is not None:
+                mine._parameters[key] = p.clone()
+    return twin
+
+
+def _update(module, grads, lr):
+    """learn2learn's ``update_module`` idea: replace each parameter by p − lr·g, keeping the graph."""
+    grads = iter(grads)
+    for m in module.modules():
+        for key, p in m._parameters.items():
+            if p is not None:
+                m._parameters[key] = p - lr * next(grads)
+
+
+def clone_adapt_maml(model, task, steps, inner_lr):
+    """learn2learn-style clone/adapt in plain torch; the meta-gradient lands in ``p.grad``."""
+    learner = _clone(model)
+    for _ in range(steps):
+        loss = task.support_loss(learner)
+        _update(learner, torch.autograd.grad(loss, list(learner.parameters()), create_graph=True), inner_lr)
+    task.query_loss(learner).backward()
+
+
+def torchopt_maml(model, task, steps, inner_lr):
+    """torchopt's ``MetaSGD`` on the model itself, state extracted and recovered around it."""
+    import torchopt
+
+    names, theta = zip(*model.named_parameters())
+    saved = torchopt.extract_state_dict(model)
+    optimizer = torchopt.MetaSGD(model, lr=inner_lr)
+    for _ in range(steps):
+        optimizer.step(task.support_loss(model))
+    grads = torch.autograd.grad(task.query_loss(model), theta)
+    torchopt.recover_state_dict(model, saved)
+    return dict(zip(names, grads))
+
+
+def higher_default_maml(model, task, steps, inner_lr):
+    """``higher.innerloop_ctx`` with its default ``copy_initial_weights=True``: θ is detached."""
+    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=inner_lr)) as (fmodel, diffopt):
+        for _ in range(steps):
+            diffopt.step(task.support_loss(fmodel))
+        task.query_loss(fmodel).backward()
+
+
+def meta_batch_mean(model, tasks, steps, inner_lr, reduce=torch.mean):
+    grads = [functional_maml(model, t, steps, inner_lr) for t in tasks]
+    return {n: reduce(torch.stack([g[n] for g in grads]), 0) for n in grads[0]}
+
+
+CORRECT = {
+    "functional (torch.func)": functional_maml,
+    "clone/adapt (learn2learn-style)": clone_adapt_maml,
+    "torchopt MetaSGD": torchopt_maml,
+}
+BROKEN = {
+    "missing create_graph": functools.partial(functional_maml, create_graph=False),
+    "wrong sign of the inner step": functools.partial(functional_maml, sign=1.0),
+    "learning rate applied twice": lambda m, t, k, lr: functional_maml(m, t, k, lr, lr_scale=lr),
+    "support and query swapped": functools.partial(functional_maml, swap=True),
+    "initial weights detached (higher's default)": higher_default_maml,
+}

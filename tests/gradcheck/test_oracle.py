@@ -1,0 +1,140 @@
+"""The oracle against an independent exact unroll, a closed form, and first-order MAML.
+
+Agreement is asserted to rtol 1e-10: both sides compute the same float64 quantity by different
+sequences of operations, whose rounding differences are ~1e-15 per operation and stay below
+1e-12 here (measured); 1e-10 leaves two orders of magnitude of headroom and still fails on any
+missing term, which changes the result at the 1e-3 level or more.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from gradcheck import Task, compare, oracle
+from tests.helpers import (
+    conv_bn,
+    image_task,
+    mlp,
+    mlp_problems,
+    reference_meta_gradient,
+    regression_task,
+)
+
+RTOL, ATOL = 1e-10, 1e-13
+
+
+@given(
+    problem=mlp_problems(),
+    steps=st.integers(1, 8),
+    inner_lr=st.floats(0.01, 0.5),
+    leap=st.floats(0.05, 1.0),
+    adapt=st.sampled_from([None, "head", "body"]),
+)
+def test_oracle_matches_independent_unroll(problem, steps, inner_lr, leap, adapt):
+    model, task = problem
+    if adapt == "body" and len(list(model.children())) == 1:
+        adapt = None  # a single linear layer has no body
+    got = oracle.meta_gradient(model, task, steps, inner_lr, adapt=adapt, leap=leap)
+    want = reference_meta_gradient(model, task, steps, inner_lr, adapt=adapt, leap=leap)
+    compare(got, want).assert_close(RTOL, ATOL)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("adapt", [None, "head", "body"])
+def test_oracle_conv_batchnorm(train, adapt):
+    model, task = conv_bn().train(train), image_task()
+    got = oracle.meta_gradient(model, task, 3, 0.2, adapt=adapt, leap=0.8)
+    want = reference_meta_gradient(model, task, 3, 0.2, adapt=adapt, leap=0.8)
+    compare(got, want).assert_close(RTOL, ATOL)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 5, 10])
+@pytest.mark.parametrize(("adapt", "leap"), [(None, 1.0), (None, 0.6), ("weight", 1.0), ("bias", 0.3)])
+def test_oracle_closed_form_linear_regression(steps, adapt, leap):
+    """MSE on a linear model has a constant Hessian H, so
+    g = [(1 − γ) I + γ ((I − α E_A H)ᵀ)^K] v exactly, with v = ∇L_Q(φ_T)."""
+    torch.manual_seed(steps)
+    d, n, alpha = 3, 8, 0.15
+    model = nn.Linear(d, 1).double()
+    xs, xq = torch.randn(n, d, dtype=torch.float64), torch.randn(n + 2, d, dtype=torch.float64)
+    ys, yq = torch.randn(n, 1, dtype=torch.float64), torch.randn(n + 2, 1, dtype=torch.float64)
+    task = Task((xs, ys), (xq, yq), nn.functional.mse_loss)
+
+    def design(x):  # parameters ordered (weight, bias) as in named_parameters()
+        return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+
+    zs, zq = design(xs), design(xq)
+    hessian = 2 * zs.T @ zs / n
+    mask = torch.tensor([adapt in (None, "weight")] * d + [adapt in (None, "bias")], dtype=torch.float64)
+    transition = torch.eye(d + 1, dtype=torch.float64) - alpha * mask[:, None] * hessian
+    theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    phi = theta.clone()
+    for _ in range(steps):
+        phi = phi - alpha * mask * (2 * zs.T @ (zs @ phi - ys[:, 0]) / n)
+    phi_t = theta + leap * (phi - theta)
+    v = 2 * zq.T @ (zq @ phi_t - yq[:, 0]) / len(zq)
+    closed = (1 - leap) * v + leap * torch.linalg.matrix_power(transition.T, steps) @ v
+
+    g = oracle.meta_gradient(model, task, steps, alpha, adapt=adapt, leap=leap)
+    got = torch.cat([g["weight"].reshape(-1), g["bias"]])
+    torch.testing.assert_close(got, closed, rtol=RTOL, atol=ATOL)
+
+
+def test_first_order_is_query_gradient_at_the_teacher_and_differs_from_second_order():
+    model, task = mlp([2, 6, 1], "tanh"), regression_task()
+    first = oracle.meta_gradient(model, task, 4, 0.3, first_order=True, leap=0.7)
+    want = reference_meta_gradient(model, task, 4, 0.3, leap=0.7, first_order=True)
+    compare(first, want).assert_close(RTOL, ATOL)
+    second = oracle.meta_gradient(model, task, 4, 0.3, leap=0.7)
+    # a forgotten create_graph turns MAML into first-order MAML: it must not pass for exact
+    assert compare(first, second).overall.rel_error > 1e-2
+    assert not compare(first, second).ok(rtol=1e-4)
+
+
+def test_zero_steps_is_the_plain_query_gradient():
+    model, task = mlp([2, 4, 1]), regression_task()
+    g = oracle.meta_gradient(model, task, 0, 0.1)
+    loss = task.query_loss(model)
+    want = dict(zip(dict(model.named_parameters()), torch.autograd.grad(loss, list(model.parameters()))))
+    compare(g, want).assert_close(RTOL, ATOL)
+
+
+class PartlyUsed(nn.Module):
+    """A frozen embedding, a trainable layer and a trainable layer the loss never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(2, 3).double().requires_grad_(False)
+        self.used = nn.Linear(3, 1).double()
+        self.unused = nn.Linear(3, 1).double()
+
+    def forward(self, x):
+        return self.used(torch.tanh(self.frozen(x)))
+
+
+def test_every_trainable_parameter_present_zero_where_unused():
+    torch.manual_seed(0)
+    model, task = PartlyUsed(), regression_task()
+    g = oracle.meta_gradient(model, task, 3, 0.2)
+    assert list(g) == ["used.weight", "used.bias", "unused.weight", "unused.bias"]
+    assert all(torch.count_nonzero(g[n]) == 0 for n in ("unused.weight", "unused.bias"))
+    assert all(torch.count_nonzero(g[n]) > 0 for n in ("used.weight", "used.bias"))
+    compare(g, reference_meta_gradient(model, task, 3, 0.2)).assert_close(RTOL, ATOL)
+
+
+def test_float32_model_gives_float32_gradient_close_to_float64():
+    model64, task64 = mlp([2, 8, 1]), regression_task()
+    model32, task32 = mlp([2, 8, 1]).float(), task64.to(torch.float32)
+    g32 = oracle.meta_gradient(model32, task32, 5, 0.2)
+    assert all(t.dtype == torch.float32 for t in g32.values())
+    # float32 rounding (ε ≈ 1.2e-7) amplified through 5 second-order steps stays far below 1e-4
+    compare(g32, oracle.meta_gradient(model64, task64, 5, 0.2)).assert_close(rtol=1e-4, atol=1e-7)
+
+
+def test_inner_optimizer_adam_differs_from_sgd():
+    model, task = mlp([2, 6, 1]), regression_task()
+    adam = oracle.meta_gradient(model, task, 3, 0.05, inner_optimizer="adam")
+    sgd = oracle.meta_gradient(model, task, 3, 0.05)
+    assert compare(adam, sgd).overall.rel_error > 1e-2

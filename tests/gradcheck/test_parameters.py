@@ -1,0 +1,93 @@
+import pytest
+import torch
+from torch import nn
+
+from gradcheck.parameters import Functional, flat, resolve_adapt, state, trainable, unflat
+from tests.helpers import conv_bn
+
+
+class Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3))
+        self.norm = nn.LayerNorm(3)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(self.norm(self.encoder(x)))
+
+
+def test_presets():
+    model = conv_bn()
+    assert resolve_adapt(model, None) == ("0.weight", "0.bias", "1.weight", "1.bias", "4.weight", "4.bias")
+    assert resolve_adapt(model, "head") == ("4.weight", "4.bias")
+    assert resolve_adapt(model, "body") == ("0.weight", "0.bias", "1.weight", "1.bias")
+
+
+def test_head_is_the_last_module_with_trainable_parameters():
+    model = conv_bn()
+    model[4].requires_grad_(False)
+    assert resolve_adapt(model, "head") == ("1.weight", "1.bias")
+    assert "4.weight" not in trainable(model)
+
+
+def test_names_prefixes_predicates():
+    model = Named()
+    assert resolve_adapt(model, "encoder") == (
+        "encoder.0.weight",
+        "encoder.0.bias",
+        "encoder.2.weight",
+        "encoder.2.bias",
+    )
+    assert resolve_adapt(model, ["encoder.2", "norm.bias"]) == (
+        "encoder.2.weight",
+        "encoder.2.bias",
+        "norm.bias",
+    )
+    assert resolve_adapt(model, lambda n: n.endswith("bias")) == (
+        "encoder.0.bias",
+        "encoder.2.bias",
+        "norm.bias",
+        "head.bias",
+    )
+    # a prefix matches whole components only: "encoder.0" must not select "encoder.0x..."
+    assert resolve_adapt(model, "encoder.0") == ("encoder.0.weight", "encoder.0.bias")
+
+
+def test_preset_that_is_also_a_module_name():
+    model = Named()  # its last module *is* called head: no ambiguity
+    assert resolve_adapt(model, "head") == ("head.weight", "head.bias")
+    assert resolve_adapt(model, ["head"]) == ("head.weight", "head.bias")
+
+
+def test_ambiguous_preset_is_refused():
+    class HeadFirst(Named):
+        def __init__(self):
+            super().__init__()
+            self.tail = nn.Linear(1, 1)  # registered last: the preset "head" means tail
+
+    with pytest.raises(ValueError, match="ambiguous"):
+        resolve_adapt(HeadFirst(), "head")
+    assert resolve_adapt(HeadFirst(), ["head"]) == ("head.weight", "head.bias")
+
+
+def test_state_copies_buffers_and_casts():
+    model = conv_bn().float()
+    params, buffers = state(model, torch.float64)
+    assert all(t.dtype == torch.float64 for t in params.values())
+    assert buffers["1.num_batches_tracked"].dtype == torch.long
+    buffers["1.running_mean"].add_(1)
+    assert not torch.equal(buffers["1.running_mean"].float(), model[1].running_mean)
+    same, _ = state(model)
+    assert same["0.weight"].data_ptr() == model[0].weight.data_ptr()  # no cast: no copy
+
+
+def test_functional_view_and_flat_roundtrip():
+    model = conv_bn().eval()
+    params, buffers = state(model)
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(Functional(model, params, buffers)(x), model(x))
+    vector = flat(params)
+    assert vector.numel() == sum(p.numel() for p in model.parameters())
+    back = unflat(vector, params)
+    assert all(torch.equal(back[n], params[n]) for n in params)

@@ -1,0 +1,139 @@
+"""Models, tasks and an *independent* exact meta-gradient shared by the tests.
+
+``reference_meta_gradient`` is written from the definition with ``torch.func.functional_call``
+over one flat parameter vector — no ``higher``, no project code beyond ``Task`` — so that the
+oracle is checked against something that shares none of its machinery.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call
+
+from gradcheck import Task
+
+F64 = torch.float64
+ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid}
+
+
+def mlp(widths, activation="tanh", seed=0, dtype=F64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def regression_task(seed=0, inputs=2, outputs=1, shots=6, queries=7, dtype=F64) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(inputs, outputs, generator=g, dtype=F64)
+
+    def batch(n):
+        x = torch.randn(n, inputs, generator=g, dtype=F64)
+        return x.to(dtype), torch.sin(x @ w).to(dtype)
+
+    return Task(batch(shots), batch(queries), F.mse_loss)
+
+
+def conv_bn(seed=0, dtype=F64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+    ).to(dtype)
+    with torch.no_grad():  # non-trivial affine BatchNorm parameters and running statistics
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+        net[1].running_mean.uniform_(-0.3, 0.3)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def image_task(seed=0, dtype=F64, shots=2, queries=3) -> Task:
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(per_class):
+        y = torch.arange(3).repeat_interleave(per_class)
+        x = torch.randn(len(y), 1, 6, 6, generator=g, dtype=F64) + y.view(-1, 1, 1, 1)
+        return x.to(dtype), y
+
+    return Task(batch(shots), batch(queries), F.cross_entropy)
+
+
+@st.composite
+def mlp_problems(draw):
+    """A small smooth MLP, a regression task, and the inner-loop settings to test it with."""
+    inputs = draw(st.integers(1, 3))
+    hidden = draw(st.lists(st.integers(1, 5), min_size=1, max_size=2))
+    outputs = draw(st.integers(1, 2))
+    model = mlp(
+        [inputs, *hidden, outputs], draw(st.sampled_from(sorted(ACTIVATIONS))), draw(st.integers(0, 99))
+    )
+    task = regression_task(draw(st.integers(0, 99)), inputs, outputs)
+    return model, task
+
+
+def adapted_names(model, adapt):
+    """The adapted parameter names, written out independently of gradcheck.parameters."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    head = [n for n in names if n.startswith(names[-1].rpartition(".")[0] + ".")]
+    return {None: names, "head": head, "body": [n for n in names if n not in head]}[adapt]
+
+
+def reference_meta_gradient(model, task, steps, inner_lr, adapt=None, leap=1.0, first_order=False):
+    """g = ∇_θ L_Q(θ + γ(φ_K − θ)), plain SGD on the adapted parameters, by a flat-vector unroll."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    adapted = adapted_names(model, adapt)
+    shapes = [model.get_parameter(n).shape for n in names]
+    sizes = [s.numel() for s in shapes]
+    mask = torch.cat([torch.full((k,), float(n in adapted), dtype=F64) for n, k in zip(names, sizes)])
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    theta = torch.cat([model.get_parameter(n).detach().reshape(-1) for n in names]).requires_grad_()
+
+    def at(vector):
+        tensors = dict(zip(names, (t.view(s) for t, s in zip(vector.split(sizes), shapes))))
+        return lambda *x: functional_call(model, {**tensors, **buffers}, x)
+
+    phi = theta
+    for _ in range(steps):
+        (grad,) = torch.autograd.grad(task.support_loss(at(phi)), phi, create_graph=not first_order)
+        phi = phi - inner_lr * mask.to(grad) * grad
+    (g,) = torch.autograd.grad(task.query_loss(at(theta + leap * (phi - theta))), theta)
+    return {n: t.view(s) for n, t, s in zip(names, g.split(sizes), shapes)}
+
+
+def model_state(model):
+    """Everything a user could observe about a model, deep-copied."""
+    return {
+        "state_dict": copy.deepcopy(model.state_dict()),
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "modes": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "ids": [id(t) for t in (*model.parameters(), *model.buffers())],
+    }
+
+
+def assert_same_state(before, after):
+    assert before["modes"] == after["modes"], "train/eval mode changed"
+    assert before["requires_grad"] == after["requires_grad"], "requires_grad changed"
+    assert before["ids"] == after["ids"], "a parameter or buffer was replaced"
+    for k, v in before["state_dict"].items():
+        assert torch.equal(v, after["state_dict"][k]), f"{k} changed"
+    for k, v in before["grads"].items():
+        w = after["grads"][k]
+        assert (v is None) == (w is None) and (v is None or torch.equal(v, w)), f"{k}.grad changed"
+
+
+def with_gradients(model, seed=1):
+    """Give every parameter a recognisable .grad, as a user mid-training would have."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    return model
