@@ -27,14 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .inner_loop import (
-    QUERY_WHAT,
-    InnerOptimizer,
-    check_hyperparameters,
-    checked,
-    teacher,
-)
-from .parameters import Adapt, Functional, flat, resolve_adapt, state, trainable, unflat
+from .inner_loop import QUERY_WHAT, InnerOptimizer, Problem, check_hyperparameters, checked
+from .parameters import Adapt, flat, trainable, unflat
 from .state import preserved
 from .task import Task
 
@@ -57,29 +51,15 @@ def meta_objective(
     is accepted only with a float64 model (build its data in float64).
     """
     check_hyperparameters(steps, inner_lr, leap)
-    theta = trainable(model)
-    adapted = resolve_adapt(model, adapt)
-    if task.is_closure:
-        low = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != torch.float64]
-        if low:
-            raise ValueError(
-                "finite differences need float64, and a closure task cannot be upcast (its data "
-                f"lives in the closures); parameters {low[:3]}... are not float64: use a float64 "
-                "copy of the model (copy.deepcopy(model).double()) with float64 data"
-            )
-    else:
-        task = task.to(torch.float64)
-    params, buffers = state(model, torch.float64)
-    shapes = {n: params[n] for n in theta}
+    problem = Problem.read(model, task, adapt, torch.float64)
+    theta = problem.theta
 
     def objective(x: Tensor) -> float:
-        point = {**params, **unflat(x, shapes)}
-        run_buffers = {n: b.clone() for n, b in buffers.items()}
         with preserved(model):
-            phi_t = teacher(model, task, point, run_buffers, adapted, steps, inner_lr, leap, inner_optimizer)
-            return checked(task.query_loss(Functional(model, phi_t, run_buffers)), QUERY_WHAT).item()
+            phi_t, buffers = problem.teacher(steps, inner_lr, leap, inner_optimizer, start=unflat(x, theta))
+            return checked(problem.task.query_loss(problem.at(phi_t, buffers)), QUERY_WHAT).item()
 
-    return objective, flat(shapes)
+    return objective, flat(theta)
 
 
 def meta_gradient(

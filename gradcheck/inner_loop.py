@@ -9,13 +9,14 @@ that the finite-difference checks evaluate and that the lazy meta-gradient start
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
 
-from .parameters import Functional
+from .parameters import Adapt, Functional, resolve_adapt, state, trainable
 from .task import Task
 
 InnerOptimizer = None | str | Callable[[list[Tensor]], torch.optim.Optimizer]
@@ -83,58 +84,105 @@ def make_optimizer(spec: InnerOptimizer, params: list[Tensor], lr: float) -> tor
     raise TypeError(f"inner_optimizer must be None, a name or a factory, got {spec!r}")
 
 
-def trajectory(
-    model: nn.Module,
-    task: Task,
-    params: Mapping[str, Tensor],
-    buffers: Mapping[str, Tensor],
-    adapted: Sequence[str],
-    steps: int,
-    inner_lr: float,
-    inner_optimizer: InnerOptimizer = None,
-) -> Iterator[dict[str, Tensor]]:
-    """Yield the student's parameters φ_0 = θ, φ_1, …, φ_K, computed without a graph.
+@dataclass(frozen=True)
+class Problem:
+    """A model and a task, read once: θ (detached), buffer copies, and the adapted set A.
 
-    ``params`` holds every parameter the model reads (θ and any frozen ones); the adapted ones
-    are copied before the optimizer writes them, the others are used as they are. ``buffers``
-    are updated in place (BatchNorm running statistics): pass copies. The yielded dict is live:
-    it holds φ_k until the next iteration.
+    Everything downstream evaluates the model functionally at points built from ``params``,
+    so the user's model is only ever read. ``params`` holds every parameter the model has
+    (trainable and frozen); ``trainable`` names θ and ``adapted`` names A ⊆ θ.
     """
-    phi = {n: t.detach() for n, t in params.items()}
-    for name in adapted:
-        phi[name] = phi[name].clone().requires_grad_(True)
-    leaves = [phi[n] for n in adapted]
-    optimizer = make_optimizer(inner_optimizer, leaves, inner_lr)
-    f = Functional(model, phi, buffers)
-    yield phi
-    for k in range(steps):
-        loss = checked(task.support_loss(f), support_what(k, steps))
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        for leaf, grad in zip(leaves, grads):
-            leaf.grad = grad
-        optimizer.step()
+
+    model: nn.Module
+    task: Task
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    trainable: tuple[str, ...]
+    adapted: tuple[str, ...]
+
+    @classmethod
+    def read(
+        cls, model: nn.Module, task: Task, adapt: Adapt = None, dtype: torch.dtype | None = None
+    ) -> Problem:
+        """Read ``model`` (cast to ``dtype`` if given: a copy, as is the task's data)."""
+        names = tuple(trainable(model))
+        adapted = resolve_adapt(model, adapt)
+        if dtype is not None and task.is_closure:
+            other = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype]
+            if other:
+                raise ValueError(
+                    f"this computation needs {dtype}, and a closure task cannot be converted (its data "
+                    f"lives in the closures); parameters {other[:3]} are not {dtype}: use a converted "
+                    f"copy of the model (copy.deepcopy(model).to({dtype})) with data of that dtype"
+                )
+        elif dtype is not None:
+            task = task.to(dtype)
+        params, buffers = state(model, dtype)
+        return cls(model, task, params, buffers, names, adapted)
+
+    @property
+    def theta(self) -> dict[str, Tensor]:
+        return {n: self.params[n] for n in self.trainable}
+
+    def fresh_buffers(self) -> dict[str, Tensor]:
+        """A copy of the buffers as read, for one run of the inner loop to update."""
+        return {n: b.clone() for n, b in self.buffers.items()}
+
+    def at(self, point: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> Functional:
+        """The model evaluated at ``point`` (names not in it: as read)."""
+        return Functional(self.model, self.params, point, buffers)
+
+    def trajectory(
+        self,
+        steps: int,
+        inner_lr: float,
+        inner_optimizer: InnerOptimizer = None,
+        start: Mapping[str, Tensor] | None = None,
+        buffers: dict[str, Tensor] | None = None,
+    ) -> Iterator[dict[str, Tensor]]:
+        """Yield the student's parameters φ_0, φ_1, …, φ_K, computed without a graph.
+
+        φ_0 is θ, or ``start`` where given. The adapted tensors are copied before the optimizer
+        writes them. ``buffers`` (default: fresh copies) are updated in place, as BatchNorm
+        running statistics are. The yielded dict is live: it holds φ_k until the next step.
+        """
+        phi = {**self.theta, **(start or {})}
+        phi = {n: t.detach() for n, t in phi.items()}
+        leaves = [phi[n].clone().requires_grad_(True) for n in self.adapted]
+        phi.update(zip(self.adapted, leaves))
+        optimizer = make_optimizer(inner_optimizer, leaves, inner_lr)
+        f = self.at(phi, self.fresh_buffers() if buffers is None else buffers)
         yield phi
+        for k in range(steps):
+            loss = checked(self.task.support_loss(f), support_what(k, steps))
+            for leaf, grad in zip(leaves, torch.autograd.grad(loss, leaves, allow_unused=True)):
+                leaf.grad = grad
+            optimizer.step()
+            yield phi
 
+    def student(
+        self,
+        steps: int,
+        inner_lr: float,
+        inner_optimizer: InnerOptimizer = None,
+        start: Mapping[str, Tensor] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """φ_K (detached, every trainable name) and the buffers as the K inner steps left them."""
+        buffers = self.fresh_buffers()
+        *_, phi = self.trajectory(steps, inner_lr, inner_optimizer, start, buffers)
+        return {n: t.detach() for n, t in phi.items()}, buffers
 
-def apply_leap(theta: Mapping[str, Tensor], phi: Mapping[str, Tensor], gamma: float) -> dict[str, Tensor]:
-    """The teacher φ_T = θ + γ(φ_K − θ) (exactly φ_K when γ = 1)."""
-    if gamma == 1:
-        return dict(phi)
-    return {n: t + gamma * (phi[n] - t) for n, t in theta.items()}
-
-
-def teacher(
-    model: nn.Module,
-    task: Task,
-    params: Mapping[str, Tensor],
-    buffers: Mapping[str, Tensor],
-    adapted: Sequence[str],
-    steps: int,
-    inner_lr: float,
-    gamma: float = 1.0,
-    inner_optimizer: InnerOptimizer = None,
-) -> dict[str, Tensor]:
-    """φ_T after a K-step student run from ``params`` (detached tensors; see :func:`trajectory`)."""
-    *_, phi = trajectory(model, task, params, buffers, adapted, steps, inner_lr, inner_optimizer)
-    phi = {n: t.detach() for n, t in phi.items()}
-    return apply_leap({n: t.detach() for n, t in params.items()}, phi, gamma)
+    def teacher(
+        self,
+        steps: int,
+        inner_lr: float,
+        leap: float = 1.0,
+        inner_optimizer: InnerOptimizer = None,
+        start: Mapping[str, Tensor] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """φ_T = θ + γ(φ_K − θ) (exactly φ_K when γ = 1), and the buffers after the student."""
+        phi, buffers = self.student(steps, inner_lr, inner_optimizer, start)
+        if leap == 1:
+            return phi, buffers
+        theta = {**self.theta, **(start or {})}
+        return {n: t + leap * (phi[n] - t) for n, t in theta.items()}, buffers
