@@ -1,0 +1,69 @@
+"""The two derivatives every estimator here is built from, each one backward pass (or two).
+
+* ``query_gradient``: v = ∇L_Q(φ) at a point φ (the teacher, the student, …);
+* ``hvp``: ∇_θ ⟨E_A ∇L_S(θ), u⟩ = ∇²L_S(θ) E_Aᵀ u, a Hessian-vector product of the support
+  loss whose *output* covers every trainable parameter — so parameters outside A (the ANIL
+  body) receive their mixed second-derivative term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from gradcheck.inner_loop import QUERY_WHAT, Problem, checked
+
+SUPPORT_AT_THETA = "support loss L_S(θ) of the Hessian-vector product"
+
+
+def _leaves(problem: Problem, point: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: point[n].detach().requires_grad_(True) for n in problem.trainable}
+
+
+def _dense(leaves: Mapping[str, Tensor], grads: Sequence[Tensor | None]) -> dict[str, Tensor]:
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
+
+
+def query_gradient(
+    problem: Problem, point: Mapping[str, Tensor], buffers: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """v = ∇L_Q(φ) for every trainable parameter (zeros where L_Q does not read it), and L_Q(φ)."""
+    leaves = _leaves(problem, point)
+    loss = checked(problem.task.query_loss(problem.at(leaves, buffers)), QUERY_WHAT)
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return _dense(leaves, grads), loss.detach()
+
+
+def support_gradient(
+    problem: Problem,
+    point: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    what: str = SUPPORT_AT_THETA,
+) -> list[Tensor | None]:
+    """E_A ∇L_S at ``point`` with its graph kept (``create_graph=True``), one entry per adapted name.
+
+    ``point`` must hold tensors that require grad: the second derivative flows back to them.
+    ``what`` names the loss in error messages.
+    """
+    loss = checked(problem.task.support_loss(problem.at(point, buffers)), what)
+    adapted = [point[n] for n in problem.adapted]
+    return list(torch.autograd.grad(loss, adapted, create_graph=True, allow_unused=True))
+
+
+def hvp(
+    problem: Problem,
+    point: Mapping[str, Tensor],
+    vector: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """∇_θ ⟨E_A ∇L_S(θ), u⟩ at θ = ``point`` for every trainable parameter (u = ``vector``)."""
+    leaves = _leaves(problem, point)
+    grads = support_gradient(problem, leaves, problem.fresh_buffers() if buffers is None else buffers)
+    terms = [
+        (g * vector[n]).sum() for n, g in zip(problem.adapted, grads) if g is not None and g.requires_grad
+    ]
+    if not terms:  # L_S is at most linear in A: the Hessian block is zero
+        return {n: torch.zeros_like(t) for n, t in leaves.items()}
+    return _dense(leaves, torch.autograd.grad(sum(terms), list(leaves.values()), allow_unused=True))
