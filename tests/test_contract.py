@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import lazymaml
 from gradcheck import Task, finite_differences, oracle, validate
 from tests.gradcheck.implementations import functional_maml
 from tests.helpers import assert_same_state, conv_bn, image_task, model_state, with_gradients
@@ -30,10 +31,16 @@ ENTRY_POINTS = {
         _zeros(m), m, t, k, lr, **kw
     ),
     "validate": lambda m, t, k, lr, **kw: validate(functional_maml, m, [t], k, lr, **kw),
+    "lazymaml.meta_gradient": lazymaml.meta_gradient,
+    "lazymaml.deviation_bound": lazymaml.deviation_bound,
+    "LazyMAML.meta_backward": lambda m, t, k, lr, **kw: lazymaml.LazyMAML(m, lr, k, **kw).meta_backward([t]),
+    "LazyMAML.adapt": lambda m, t, k, lr, **kw: lazymaml.LazyMAML(m, lr, k, **kw).adapt(t),
 }
+WRITES_GRAD = {"LazyMAML.meta_backward"}  # by design: it accumulates into p.grad
+SUPPORT_ONLY = {"LazyMAML.adapt"}  # never evaluates the query loss
 
 
-@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("entry", [e for e in ENTRY_POINTS if e not in WRITES_GRAD])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("adapt", [None, "head"])
 def test_model_untouched_after_a_successful_call(entry, train, adapt):
@@ -43,14 +50,18 @@ def test_model_untouched_after_a_successful_call(entry, train, adapt):
     assert_same_state(before, model_state(model))
 
 
-def _counting_closures(bad_call, value, x):
-    """A task whose support loss is ``value`` on its ``bad_call``-th evaluation (1-based)."""
-    calls = []
+def _bad_at(point, value, x):
+    """A task whose support loss is multiplied by ``value`` at the ``point``-th distinct parameter
+    point it is evaluated at (1-based: θ, φ_1, φ_2, …), however often each point is evaluated."""
+    seen = []
 
     def support(f):
-        calls.append(1)
-        loss = f(x).logsumexp(1).mean()
-        return loss * value if len(calls) == bad_call else loss
+        out = f(x)
+        key = out.sum().item()
+        if key not in seen:
+            seen.append(key)
+        loss = out.logsumexp(1).mean()
+        return loss * value if seen.index(key) + 1 == point else loss
 
     return Task.from_closures(support, lambda f: f(x).logsumexp(1).mean())
 
@@ -98,14 +109,14 @@ BAD = [
     (
         "nan at the third inner step",
         {},
-        lambda: _counting_closures(3, float("nan"), X),
+        lambda: _bad_at(3, float("nan"), X),
         FloatingPointError,
         r"support loss L_S\(φ_2\) at inner step 3 of 3 is nan",
     ),
     (
         "inf at the second inner step",
         {},
-        lambda: _counting_closures(2, float("inf"), X),
+        lambda: _bad_at(2, float("inf"), X),
         FloatingPointError,
         r"inner step 2 of 3 is inf",
     ),
@@ -119,9 +130,14 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 @pytest.mark.parametrize(
-    ("override", "task", "error", "pattern"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
+    ("entry", "override", "task", "error", "pattern"),
+    [
+        pytest.param(entry, *bad[1:], id=f"{bad[0]}-{entry}")
+        for entry in ENTRY_POINTS
+        for bad in BAD
+        if not (entry in SUPPORT_ONLY and "query" in bad[0])
+    ],
 )
 def test_bad_input_raises_clearly_and_leaves_model_untouched(entry, override, task, error, pattern):
     model = with_gradients(conv_bn().train())
@@ -169,6 +185,14 @@ def test_a_closure_that_writes_to_the_real_model_is_undone():
     with pytest.raises(KeyError, match="rogue closure"):
         oracle.meta_gradient(model, Task.from_closures(rogue, rogue), 2, 0.1)
     assert_same_state(before, model_state(model))
+
+
+def test_straight_through_needs_every_trainable_parameter():
+    model, task = conv_bn(), image_task()
+    theta = dict(model.named_parameters())
+    teacher = {n: p.detach() for n, p in theta.items() if n != "4.bias"}
+    with pytest.raises(ValueError, match=r"missing \['4.bias'\]"):
+        lazymaml.straight_through(model, task, theta, teacher, 0.1)
 
 
 def test_task_construction_errors():
