@@ -139,15 +139,18 @@ class Problem:
         inner_optimizer: InnerOptimizer = None,
         start: Mapping[str, Tensor] | None = None,
         buffers: dict[str, Tensor] | None = None,
+        proximal: float = 0.0,
     ) -> Iterator[dict[str, Tensor]]:
         """Yield the student's parameters φ_0, φ_1, …, φ_K, computed without a graph.
 
         φ_0 is θ, or ``start`` where given. The adapted tensors are copied before the optimizer
         writes them. ``buffers`` (default: fresh copies) are updated in place, as BatchNorm
-        running statistics are. The yielded dict is live: it holds φ_k until the next step.
+        running statistics are. ``proximal`` = λ > 0 minimises L_S(φ) + (λ/2)‖φ_A − φ_0,A‖²
+        instead (iMAML). The yielded dict is live: it holds φ_k until the next step.
         """
         phi = {**self.theta, **(start or {})}
         phi = {n: t.detach() for n, t in phi.items()}
+        anchors = [phi[n] for n in self.adapted]
         leaves = [phi[n].clone().requires_grad_(True) for n in self.adapted]
         phi.update(zip(self.adapted, leaves))
         optimizer = make_optimizer(inner_optimizer, leaves, inner_lr)
@@ -155,7 +158,11 @@ class Problem:
         yield phi
         for k in range(steps):
             loss = checked(self.task.support_loss(f), support_what(k, steps))
-            for leaf, grad in zip(leaves, torch.autograd.grad(loss, leaves, allow_unused=True)):
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            for leaf, grad, anchor in zip(leaves, grads, anchors):
+                if proximal:
+                    pull = proximal * (leaf.detach() - anchor)
+                    grad = pull if grad is None else grad + pull
                 leaf.grad = grad
             optimizer.step()
             yield phi
@@ -166,10 +173,11 @@ class Problem:
         inner_lr: float,
         inner_optimizer: InnerOptimizer = None,
         start: Mapping[str, Tensor] | None = None,
+        proximal: float = 0.0,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """φ_K (detached, every trainable name) and the buffers as the K inner steps left them."""
         buffers = self.fresh_buffers()
-        *_, phi = self.trajectory(steps, inner_lr, inner_optimizer, start, buffers)
+        *_, phi = self.trajectory(steps, inner_lr, inner_optimizer, start, buffers, proximal)
         return {n: t.detach() for n, t in phi.items()}, buffers
 
     def teacher(

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -52,6 +52,28 @@ def support_gradient(
     return list(torch.autograd.grad(loss, adapted, create_graph=True, allow_unused=True))
 
 
+def hessian_vector_products(
+    problem: Problem, point: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None
+) -> Callable[..., dict[str, Tensor]]:
+    """u ↦ ∇_θ ⟨E_A ∇L_S(θ), u⟩ at θ = ``point`` for every trainable parameter.
+
+    One forward and one first backward; the graph is kept until a product is asked for with
+    ``last=True``, so each product costs one more backward (conjugate gradient asks many).
+    """
+    leaves = _leaves(problem, point)
+    grads = support_gradient(problem, leaves, problem.fresh_buffers() if buffers is None else buffers)
+    pairs = [(n, g) for n, g in zip(problem.adapted, grads) if g is not None and g.requires_grad]
+
+    def product(vector: Mapping[str, Tensor], last: bool = False) -> dict[str, Tensor]:
+        if not pairs:  # L_S is at most linear in A: the Hessian block is zero
+            return {n: torch.zeros_like(t) for n, t in leaves.items()}
+        dot = sum((g * vector[n]).sum() for n, g in pairs)
+        grads = torch.autograd.grad(dot, list(leaves.values()), retain_graph=not last, allow_unused=True)
+        return _dense(leaves, grads)
+
+    return product
+
+
 def hvp(
     problem: Problem,
     point: Mapping[str, Tensor],
@@ -59,11 +81,4 @@ def hvp(
     buffers: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """∇_θ ⟨E_A ∇L_S(θ), u⟩ at θ = ``point`` for every trainable parameter (u = ``vector``)."""
-    leaves = _leaves(problem, point)
-    grads = support_gradient(problem, leaves, problem.fresh_buffers() if buffers is None else buffers)
-    terms = [
-        (g * vector[n]).sum() for n, g in zip(problem.adapted, grads) if g is not None and g.requires_grad
-    ]
-    if not terms:  # L_S is at most linear in A: the Hessian block is zero
-        return {n: torch.zeros_like(t) for n, t in leaves.items()}
-    return _dense(leaves, torch.autograd.grad(sum(terms), list(leaves.values()), allow_unused=True))
+    return hessian_vector_products(problem, point, buffers)(vector, last=True)
