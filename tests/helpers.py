@@ -87,26 +87,54 @@ def adapted_names(model, adapt):
     return {None: names, "head": head, "body": [n for n in names if n not in head]}[adapt]
 
 
-def reference_meta_gradient(model, task, steps, inner_lr, adapt=None, leap=1.0, first_order=False):
-    """g = ∇_θ L_Q(θ + γ(φ_K − θ)), plain SGD on the adapted parameters, by a flat-vector unroll."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    adapted = adapted_names(model, adapt)
-    shapes = [model.get_parameter(n).shape for n in names]
-    sizes = [s.numel() for s in shapes]
-    mask = torch.cat([torch.full((k,), float(n in adapted), dtype=F64) for n, k in zip(names, sizes)])
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    theta = torch.cat([model.get_parameter(n).detach().reshape(-1) for n in names]).requires_grad_()
+class Flat:
+    """The model as a function of one flat vector of its trainable parameters (test-side code)."""
 
-    def at(vector):
-        tensors = dict(zip(names, (t.view(s) for t, s in zip(vector.split(sizes), shapes))))
-        return lambda *x: functional_call(model, {**tensors, **buffers}, x)
+    def __init__(self, model, task, adapt=None):
+        self.model, self.task = model, task
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shapes = [model.get_parameter(n).shape for n in self.names]
+        self.sizes = [s.numel() for s in self.shapes]
+        adapted = adapted_names(model, adapt)
+        self.mask = torch.cat(
+            [torch.full((k,), float(n in adapted), dtype=F64) for n, k in zip(self.names, self.sizes)]
+        )
+        self.buffers = {n: b.clone() for n, b in model.named_buffers()}
+        self.theta = torch.cat([model.get_parameter(n).detach().reshape(-1) for n in self.names])
 
+    def at(self, vector):
+        tensors = dict(zip(self.names, (t.view(s) for t, s in zip(vector.split(self.sizes), self.shapes))))
+        return lambda *x: functional_call(self.model, {**tensors, **self.buffers}, x)
+
+    def support(self, vector):
+        return self.task.support_loss(self.at(vector))
+
+    def query(self, vector):
+        return self.task.query_loss(self.at(vector))
+
+    def named(self, vector):
+        return {n: t.view(s) for n, t, s in zip(self.names, vector.split(self.sizes), self.shapes)}
+
+
+def reference_meta_gradient(
+    model, task, steps, inner_lr, adapt=None, leap=1.0, first_order=False, horizon=None
+):
+    """g = ∇_θ L_Q(θ + γ(φ_K − θ)), plain SGD on the adapted parameters, by a flat-vector unroll.
+
+    ``horizon=T`` differentiates only the last T steps (the first K − T count as the identity).
+    """
+    flat = Flat(model, task, adapt)
+    theta = flat.theta.clone().requires_grad_()
     phi = theta
-    for _ in range(steps):
-        (grad,) = torch.autograd.grad(task.support_loss(at(phi)), phi, create_graph=not first_order)
-        phi = phi - inner_lr * mask.to(grad) * grad
-    (g,) = torch.autograd.grad(task.query_loss(at(theta + leap * (phi - theta))), theta)
-    return {n: t.view(s) for n, t, s in zip(names, g.split(sizes), shapes)}
+    for k in range(steps):
+        if horizon is not None and k == steps - horizon:
+            phi = theta + (phi - theta).detach()
+        (grad,) = torch.autograd.grad(flat.support(phi), phi, create_graph=not first_order)
+        phi = phi - inner_lr * flat.mask.to(grad) * grad
+    if horizon == 0:
+        phi = theta + (phi - theta).detach()
+    (g,) = torch.autograd.grad(flat.query(theta + leap * (phi - theta)), theta)
+    return flat.named(g)
 
 
 def model_state(model):

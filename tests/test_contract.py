@@ -14,6 +14,7 @@ from torch import nn
 
 import lazymaml
 from gradcheck import Task, finite_differences, oracle, validate
+from lazymaml import estimators
 from tests.gradcheck.implementations import functional_maml
 from tests.helpers import assert_same_state, conv_bn, image_task, model_state, with_gradients
 
@@ -35,9 +36,15 @@ ENTRY_POINTS = {
     "lazymaml.deviation_bound": lazymaml.deviation_bound,
     "LazyMAML.meta_backward": lambda m, t, k, lr, **kw: lazymaml.LazyMAML(m, lr, k, **kw).meta_backward([t]),
     "LazyMAML.adapt": lambda m, t, k, lr, **kw: lazymaml.LazyMAML(m, lr, k, **kw).adapt(t),
+    "estimators.first_order": estimators.first_order,
+    "estimators.reptile": estimators.reptile,
+    "estimators.truncated": lambda m, t, k, lr, **kw: estimators.truncated(
+        m, t, k, lr, horizon=min(k, 1), **kw
+    ),
+    "estimators.imaml": lambda m, t, k, lr, **kw: estimators.imaml(m, t, k, lr, lam=10.0, **kw),
 }
 WRITES_GRAD = {"LazyMAML.meta_backward"}  # by design: it accumulates into p.grad
-SUPPORT_ONLY = {"LazyMAML.adapt"}  # never evaluates the query loss
+SUPPORT_ONLY = {"LazyMAML.adapt", "estimators.reptile"}  # never evaluate the query loss
 
 
 @pytest.mark.parametrize("entry", [e for e in ENTRY_POINTS if e not in WRITES_GRAD])

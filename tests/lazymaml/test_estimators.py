@@ -1,0 +1,154 @@
+"""Each estimator against its own definition, written independently in the tests (float64)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lazymaml
+from gradcheck import Task, compare, oracle
+from lazymaml.estimators import ESTIMATORS, first_order, imaml, reptile, truncated
+from tests.helpers import (
+    Flat,
+    conv_bn,
+    image_task,
+    mlp,
+    mlp_problems,
+    reference_meta_gradient,
+    regression_task,
+)
+
+RTOL, ATOL = 1e-10, 1e-13
+
+
+@given(
+    problem=mlp_problems(),
+    steps=st.integers(0, 6),
+    leap=st.floats(0.1, 1.0),
+    adapt=st.sampled_from([None, "head"]),
+)
+def test_first_order_is_the_query_gradient_at_the_teacher(problem, steps, leap, adapt):
+    model, task = problem
+    want = reference_meta_gradient(model, task, steps, 0.2, adapt=adapt, leap=leap, first_order=True)
+    compare(first_order(model, task, steps, 0.2, leap=leap, adapt=adapt), want).assert_close(RTOL, ATOL)
+
+
+@pytest.mark.parametrize("adapt", [None, "head"])
+def test_reptile_is_the_normalised_displacement(adapt):
+    model, task = conv_bn().train(), image_task()
+    student = copy.deepcopy(model)
+    params = [p for n, p in student.named_parameters() if adapt is None or n.startswith("4.")]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    for _ in range(4):
+        optimizer.zero_grad()
+        task.support_loss(student).backward()
+        optimizer.step()
+    want = {n: (p - q) / (4 * 0.1) for (n, p), q in zip(model.named_parameters(), student.parameters())}
+    compare(reptile(model, task, 4, 0.1, adapt=adapt), want).assert_close(1e-9, 1e-12)
+    assert all(torch.count_nonzero(t) == 0 for t in reptile(model, task, 0, 0.1).values())
+
+
+@given(
+    problem=mlp_problems(),
+    steps=st.integers(1, 6),
+    leap=st.floats(0.1, 1.0),
+    adapt=st.sampled_from([None, "head"]),
+)
+def test_truncated_through_all_steps_is_the_oracle(problem, steps, leap, adapt):
+    model, task = problem
+    want = oracle.meta_gradient(model, task, steps, 0.2, adapt=adapt, leap=leap)
+    compare(truncated(model, task, steps, 0.2, leap=leap, adapt=adapt), want).assert_close(RTOL, ATOL)
+
+
+@pytest.mark.parametrize("horizon", [0, 1, 2, 4])
+def test_truncated_horizon_matches_definition(horizon):
+    model, task = mlp([2, 5, 5, 1], "softplus"), regression_task()
+    want = reference_meta_gradient(model, task, 4, 0.2, leap=0.6, horizon=horizon)
+    compare(truncated(model, task, 4, 0.2, leap=0.6, horizon=horizon), want).assert_close(RTOL, ATOL)
+    if horizon == 0:
+        compare(
+            truncated(model, task, 4, 0.2, leap=0.6, horizon=0), first_order(model, task, 4, 0.2, leap=0.6)
+        ).assert_close(RTOL, ATOL)
+
+
+def test_truncated_conv_batchnorm_is_the_oracle():
+    model, task = conv_bn().train(), image_task()
+    compare(
+        truncated(model, task, 3, 0.2, adapt="body"), oracle.meta_gradient(model, task, 3, 0.2, adapt="body")
+    ).assert_close(RTOL, ATOL)
+
+
+@pytest.mark.parametrize("horizon", [-1, 5, 1.5])
+def test_truncated_refuses_bad_horizon(horizon):
+    with pytest.raises(ValueError, match=r"horizon must be an integer in \[0, steps=4\]"):
+        truncated(mlp([2, 3, 1]), regression_task(), 4, 0.1, horizon=horizon)
+
+
+def _imaml_dense(model, task, steps, alpha, lam, leap, adapt):
+    """The implicit meta-gradient by a dense solve, from a proximal SGD student written here."""
+    flat = Flat(model, task, adapt)
+    theta, mask = flat.theta, flat.mask
+    phi = theta.clone()
+    for _ in range(steps):
+        phi = phi.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(flat.support(phi), phi)
+        phi = phi - alpha * mask * (grad + lam * (phi - theta))
+    phi = phi.detach()
+    hessian = torch.autograd.functional.hessian(flat.support, phi)
+    phi_t = (theta + leap * (phi - theta)).requires_grad_()
+    (v,) = torch.autograd.grad(flat.query(phi_t), phi_t)
+    a, b = mask.bool(), ~mask.bool()
+    g = v.clone()
+    g[a] = torch.linalg.solve(torch.eye(int(a.sum()), dtype=v.dtype) + hessian[a][:, a] / lam, v[a])
+    g[b] = v[b] - hessian[b][:, a] @ g[a] / lam
+    return flat.named((1 - leap) * v + leap * g)
+
+
+@pytest.mark.parametrize(("adapt", "leap", "lam"), [(None, 1.0, 2.0), ("head", 1.0, 0.5), ("body", 0.7, 1.0)])
+def test_imaml_matches_dense_linear_solve(adapt, leap, lam):
+    model, task = mlp([2, 6, 6, 1], "tanh"), regression_task()
+    want = _imaml_dense(model, task, 6, 0.1, lam, leap, adapt)
+    got = imaml(model, task, 6, 0.1, leap=leap, adapt=adapt, lam=lam, cg_iterations=200, cg_tol=1e-13)
+    compare(got, want).assert_close(rtol=1e-9, atol=1e-12)
+
+
+def test_imaml_warns_when_cg_does_not_converge():
+    model, task = mlp([2, 6, 6, 1], "tanh"), regression_task()
+    with pytest.warns(
+        RuntimeWarning, match="conjugate gradient stopped at relative residual .* after 1 iterations"
+    ):
+        imaml(model, task, 3, 0.1, lam=2.0, cg_iterations=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        imaml(model, task, 3, 0.1, lam=2.0, cg_iterations=200)
+
+
+def test_imaml_refuses_an_indefinite_system():
+    model = mlp([2, 6, 1], "tanh")
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    concave = Task.from_closures(lambda f: -f(x).pow(2).mean(), lambda f: f(x).pow(2).mean())
+    with pytest.raises(ValueError, match=r"not positive definite .* increase lam"):
+        imaml(model, concave, 0, 0.1, lam=1e-3, cg_iterations=50)
+
+
+@pytest.mark.parametrize("lam", [0.0, -1.0, float("inf")])
+def test_imaml_refuses_bad_lambda(lam):
+    with pytest.raises(ValueError, match="lam"):
+        imaml(mlp([2, 3, 1]), regression_task(), 2, 0.1, lam=lam)
+
+
+def test_lazy_horizon_is_the_lazy_gradient_with_eta_gamma_k_alpha():
+    model, task = mlp([2, 5, 1], "softplus"), regression_task()
+    want = lazymaml.meta_gradient(model, task, 5, 0.1, leap=0.5, jacobian_step=0.5 * 5 * 0.1)
+    compare(ESTIMATORS["lazy_horizon"](model, task, 5, 0.1, leap=0.5), want).assert_close(0, 0)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_every_estimator_shares_the_calling_convention(name):
+    model, task = conv_bn().train(), image_task()
+    g = ESTIMATORS[name](model, task, 2, 0.1, leap=0.8, adapt="head")
+    assert list(g) == [n for n, _ in model.named_parameters()]
+    assert all(g[n].shape == p.shape for n, p in model.named_parameters())
