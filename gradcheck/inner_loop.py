@@ -132,6 +132,7 @@ class Problem:
         """The model evaluated at ``point`` (names not in it: as read)."""
         return Functional(self.model, self.params, point, buffers)
 
+    @torch.enable_grad()
     def trajectory(
         self,
         steps: int,

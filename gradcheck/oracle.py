@@ -23,6 +23,7 @@ def _constant(grads: list[Tensor | None]) -> list[Tensor | None]:
     return [None if g is None else g.detach() for g in grads]
 
 
+@torch.enable_grad()  # also when the caller is inside torch.no_grad()
 def meta_gradient(
     model: nn.Module,
     task: Task,

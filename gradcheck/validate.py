@@ -100,6 +100,7 @@ def _call(
     return out
 
 
+@torch.enable_grad()  # the candidate differentiates, whatever the caller's grad mode
 def validate(
     candidate_fn: Candidate,
     model: nn.Module,

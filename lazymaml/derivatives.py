@@ -26,6 +26,7 @@ def _dense(leaves: Mapping[str, Tensor], grads: Sequence[Tensor | None]) -> dict
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
 
 
+@torch.enable_grad()
 def query_gradient(
     problem: Problem, point: Mapping[str, Tensor], buffers: Mapping[str, Tensor]
 ) -> tuple[dict[str, Tensor], Tensor]:
@@ -36,6 +37,7 @@ def query_gradient(
     return _dense(leaves, grads), loss.detach()
 
 
+@torch.enable_grad()
 def support_gradient(
     problem: Problem,
     point: Mapping[str, Tensor],
@@ -64,6 +66,7 @@ def hessian_vector_products(
     grads = support_gradient(problem, leaves, problem.fresh_buffers() if buffers is None else buffers)
     pairs = [(n, g) for n, g in zip(problem.adapted, grads) if g is not None and g.requires_grad]
 
+    @torch.enable_grad()
     def product(vector: Mapping[str, Tensor], last: bool = False) -> dict[str, Tensor]:
         if not pairs:  # L_S is at most linear in A: the Hessian block is zero
             return {n: torch.zeros_like(t) for n, t in leaves.items()}

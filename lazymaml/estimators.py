@@ -76,6 +76,7 @@ def reptile(
     return {n: (t - phi[n]) * scale for n, t in problem.theta.items()}
 
 
+@torch.enable_grad()
 def truncated(
     model: nn.Module,
     task: Task,

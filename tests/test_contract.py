@@ -57,6 +57,13 @@ def test_model_untouched_after_a_successful_call(entry, train, adapt):
     assert_same_state(before, model_state(model))
 
 
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_works_inside_no_grad(entry):
+    """Users evaluate under torch.no_grad(); every entry point differentiates anyway."""
+    with torch.no_grad():
+        ENTRY_POINTS[entry](conv_bn().train(), image_task(), 2, 0.1)
+
+
 def _bad_at(point, value, x):
     """A task whose support loss is multiplied by ``value`` at the ``point``-th distinct parameter
     point it is evaluated at (1-based: θ, φ_1, φ_2, …), however often each point is evaluated."""
