@@ -1,45 +1,18 @@
-"""Memory does not grow with K: the bytes the autograd graph holds are counted exactly.
-
-Every tensor autograd saves for backward is counted from the moment it is packed until the
-graph that holds it is freed (``saved_tensors_hooks`` + a finalizer). The peak of that live
-count is deterministic, so it can be compared exactly, not timed.
-"""
+"""Memory does not grow with K: the bytes the autograd graph holds, counted exactly by
+gradcheck.memory.SavedTensorMeter, are compared (deterministic, not timed)."""
 
 import pytest
 import torch
 
 import lazymaml
 from gradcheck import oracle
+from gradcheck.memory import SavedTensorMeter
 from tests.helpers import conv_bn, image_task
-
-
-class _Held:
-    def __init__(self, tensor, meter):
-        self.tensor, self.meter = tensor, meter
-        self.nbytes = tensor.numel() * tensor.element_size()
-        meter.live += self.nbytes
-        meter.peak = max(meter.peak, meter.live)
-
-    def __del__(self):
-        self.meter.live -= self.nbytes
-
-
-class SavedBytes:
-    def __init__(self):
-        self.live = self.peak = 0
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(t, self), lambda h: h.tensor)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
 
 
 def peak_saved_bytes(fn, steps):
     model, task = conv_bn().train(), image_task()
-    with SavedBytes() as meter:
+    with SavedTensorMeter() as meter:
         fn(model, task, steps, 0.1)
     assert meter.live == 0  # everything saved was released
     return meter.peak
