@@ -6,14 +6,16 @@
 * :func:`deviation_bound` — the proven bound on ‖g_exact − g_lazy‖.
 """
 
-from .bound import deviation_bound
+from .bound import BoundTerms, bound_terms, deviation_bound
 from .derivatives import hvp, query_gradient
 from .lazy import meta_gradient, step_size
 from .leap import straight_through
 from .learner import LazyMAML
 
 __all__ = [
+    "BoundTerms",
     "LazyMAML",
+    "bound_terms",
     "deviation_bound",
     "hvp",
     "meta_gradient",

@@ -13,6 +13,7 @@ computed in float64: for small models.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,56 @@ def _projected_hessian(problem: Problem, point: dict[str, Tensor], mask: Tensor,
     return rows
 
 
+@dataclass(frozen=True)
+class BoundTerms:
+    """What the bound is made of, for one model, task, K, α and γ: it then costs nothing per η."""
+
+    inner_lr: float
+    leap: float
+    t0_norm: float  # ‖T_0‖ = ‖I − α E_A H_0‖
+    hessian_norms: tuple[float, ...]  # ‖E_A H_k‖ for k = 0 … K − 1
+    v_norm: float  # ‖∇L_Q(φ_T)‖
+
+    def bound(self, eta: float) -> float:
+        """The bound on ‖g_exact − g_lazy‖ for the lazy Jacobian step η."""
+        if not self.hessian_norms:  # K = 0: no step, lazy is exact
+            return 0.0
+        growth = math.prod(1 + self.inner_lr * h for h in self.hessian_norms[1:]) - 1
+        first = abs(eta - self.leap * self.inner_lr) * self.hessian_norms[0]
+        return (self.leap * self.t0_norm * growth + first) * self.v_norm
+
+
+def bound_terms(
+    model: nn.Module,
+    task: Task,
+    steps: int,
+    inner_lr: float,
+    leap: float = 1.0,
+    adapt: Adapt = None,
+    max_parameters: int = 4000,
+) -> BoundTerms:
+    """Spectral norms of the projected Hessians along the SGD student's trajectory, and ‖v‖."""
+    check_hyperparameters(steps, inner_lr, leap)
+    problem = Problem.read(model, task, adapt, torch.float64)
+    n = sum(t.numel() for t in problem.theta.values())
+    if n > max_parameters:
+        raise ValueError(f"the bound needs dense {n}×{n} Hessians; limit max_parameters={max_parameters}")
+    mask = flat({k: torch.full_like(t, float(k in problem.adapted)) for k, t in problem.theta.items()})
+    norms, t0 = [], 0.0
+    with preserved(model):
+        for k, phi in enumerate(problem.trajectory(steps, inner_lr)):
+            if k == steps:
+                break
+            projected = _projected_hessian(problem, phi, mask, support_what(k, steps))
+            norms.append(torch.linalg.matrix_norm(projected, ord=2).item())
+            if k == 0:
+                eye = torch.eye(n, dtype=projected.dtype, device=projected.device)
+                t0 = torch.linalg.matrix_norm(eye - inner_lr * projected, ord=2).item()
+        phi_t, buffers = problem.teacher(steps, inner_lr, leap)
+        v, _ = query_gradient(problem, phi_t, buffers)
+    return BoundTerms(inner_lr, leap, t0, tuple(norms), flat(v).norm().item())
+
+
 def deviation_bound(
     model: nn.Module,
     task: Task,
@@ -57,24 +108,4 @@ def deviation_bound(
     """The SPEC §2 bound on ‖g_exact − g_lazy‖ for this model and task (SGD student)."""
     check_hyperparameters(steps, inner_lr, leap)
     eta = step_size(jacobian_step, steps, inner_lr, leap)
-    problem = Problem.read(model, task, adapt, torch.float64)
-    n = sum(t.numel() for t in problem.theta.values())
-    if n > max_parameters:
-        raise ValueError(f"the bound needs dense {n}×{n} Hessians; limit max_parameters={max_parameters}")
-    if steps == 0:
-        return 0.0
-    mask = flat({k: torch.full_like(t, float(k in problem.adapted)) for k, t in problem.theta.items()})
-    with preserved(model):
-        norms = []
-        for k, phi in enumerate(problem.trajectory(steps, inner_lr)):
-            if k == steps:
-                break
-            projected = _projected_hessian(problem, phi, mask, support_what(k, steps))
-            norms.append(torch.linalg.matrix_norm(projected, ord=2).item())
-            if k == 0:
-                eye = torch.eye(n, dtype=projected.dtype, device=projected.device)
-                t0 = torch.linalg.matrix_norm(eye - inner_lr * projected, ord=2).item()
-        phi_t, buffers = problem.teacher(steps, inner_lr, leap)
-        v, _ = query_gradient(problem, phi_t, buffers)
-    growth = math.prod(1 + inner_lr * h for h in norms[1:]) - 1
-    return (leap * t0 * growth + abs(eta - leap * inner_lr) * norms[0]) * flat(v).norm().item()
+    return bound_terms(model, task, steps, inner_lr, leap, adapt, max_parameters).bound(eta)
