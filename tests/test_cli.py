@@ -1,3 +1,11 @@
+"""The command-line entry points: python -m gradcheck (self-verification) and ... report."""
+
+import json
+
+import pytest
+
+import gradcheck.report
+import lazymaml
 from gradcheck.__main__ import main
 
 
@@ -6,3 +14,71 @@ def test_python_m_gradcheck_verifies_the_oracle(capsys):
     out = capsys.readouterr().out
     assert "oracle agrees with finite differences" in out
     assert "first-order MAML vs the oracle" in out
+
+
+def test_report_writes_table_plot_and_json(tmp_path, capsys):
+    args = ["report", "--ks", "1", "2", "--problems", "sinusoid-mlp", "--out", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "all checks passed" in out
+    for name in ("first_order", "reptile", "truncated(T=2)", "imaml(λ=20)", "lazy", "lazy_horizon"):
+        assert f"sinusoid-mlp   {name}" in out
+    png = (tmp_path / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert {r["estimator"] for r in rows} >= {"exact (oracle)", "lazy"}
+    lazy_k1 = next(r for r in rows if r["estimator"] == "lazy" and r["steps"] == 1)
+    assert lazy_k1["rel_error"] < 1e-12 and lazy_k1["violation"] is None
+
+
+def _with_broken_lazy(monkeypatch, broken):
+    real = gradcheck.report.estimators
+    monkeypatch.setattr(gradcheck.report, "estimators", lambda *a: {**real(*a), "lazy": ("lazy", broken)})
+
+
+def test_report_fails_when_the_k1_identity_breaks(monkeypatch, tmp_path, capsys):
+    def eta_doubled(model, task, steps, inner_lr, leap=1.0):
+        return lazymaml.meta_gradient(model, task, steps, inner_lr, leap, 2 * leap * inner_lr)
+
+    _with_broken_lazy(monkeypatch, eta_doubled)
+    args = [
+        "report",
+        "--ks",
+        "1",
+        "--problems",
+        "sinusoid-mlp",
+        "--estimators",
+        "lazy",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 1
+    assert "K = 1 identity violated" in capsys.readouterr().out
+
+
+def test_report_fails_when_the_bound_breaks(monkeypatch, tmp_path, capsys):
+    def inflated(model, task, steps, inner_lr, leap=1.0):
+        return {n: 100 * g for n, g in lazymaml.meta_gradient(model, task, steps, inner_lr, leap).items()}
+
+    _with_broken_lazy(monkeypatch, inflated)
+    args = [
+        "report",
+        "--ks",
+        "2",
+        "--problems",
+        "sinusoid-mlp",
+        "--estimators",
+        "lazy",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 1
+    assert "bound violated" in capsys.readouterr().out
+
+
+def test_report_refuses_unknown_estimators(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--estimators", "maml++"])
+    assert "invalid choice: 'maml++'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"unknown estimators \['maml\+\+'\]"):
+        gradcheck.report.run(ks=[1], names=["maml++"], progress=False)
