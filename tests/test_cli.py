@@ -31,20 +31,25 @@ def test_report_writes_table_plot_and_json(tmp_path, capsys):
     assert lazy_k1["rel_error"] < 1e-12 and lazy_k1["violation"] is None
 
 
-def _with_broken_lazy(monkeypatch, broken):
+def eta_doubled(model, task, steps, inner_lr, leap=1.0):
+    return lazymaml.meta_gradient(model, task, steps, inner_lr, leap, 2 * leap * inner_lr)
+
+
+def inflated(model, task, steps, inner_lr, leap=1.0):
+    return {n: 100 * g for n, g in lazymaml.meta_gradient(model, task, steps, inner_lr, leap).items()}
+
+
+@pytest.mark.parametrize(
+    ("broken", "steps", "message"),
+    [(eta_doubled, "1", "K = 1 identity violated"), (inflated, "2", "bound violated")],
+)
+def test_report_fails_when_a_lazy_property_breaks(broken, steps, message, monkeypatch, tmp_path, capsys):
     real = gradcheck.report.estimators
     monkeypatch.setattr(gradcheck.report, "estimators", lambda *a: {**real(*a), "lazy": ("lazy", broken)})
-
-
-def test_report_fails_when_the_k1_identity_breaks(monkeypatch, tmp_path, capsys):
-    def eta_doubled(model, task, steps, inner_lr, leap=1.0):
-        return lazymaml.meta_gradient(model, task, steps, inner_lr, leap, 2 * leap * inner_lr)
-
-    _with_broken_lazy(monkeypatch, eta_doubled)
     args = [
         "report",
         "--ks",
-        "1",
+        steps,
         "--problems",
         "sinusoid-mlp",
         "--estimators",
@@ -53,27 +58,7 @@ def test_report_fails_when_the_k1_identity_breaks(monkeypatch, tmp_path, capsys)
         str(tmp_path),
     ]
     assert main(args) == 1
-    assert "K = 1 identity violated" in capsys.readouterr().out
-
-
-def test_report_fails_when_the_bound_breaks(monkeypatch, tmp_path, capsys):
-    def inflated(model, task, steps, inner_lr, leap=1.0):
-        return {n: 100 * g for n, g in lazymaml.meta_gradient(model, task, steps, inner_lr, leap).items()}
-
-    _with_broken_lazy(monkeypatch, inflated)
-    args = [
-        "report",
-        "--ks",
-        "2",
-        "--problems",
-        "sinusoid-mlp",
-        "--estimators",
-        "lazy",
-        "--out",
-        str(tmp_path),
-    ]
-    assert main(args) == 1
-    assert "bound violated" in capsys.readouterr().out
+    assert message in capsys.readouterr().out
 
 
 def test_report_refuses_unknown_estimators(capsys):
