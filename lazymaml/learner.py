@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from gradcheck.inner_loop import InnerOptimizer, Problem, check_hyperparameters
 from gradcheck.parameters import Adapt, resolve_adapt
+from gradcheck.state import preserved
 from gradcheck.task import Task
 
 from .lazy import JacobianStep, meta_gradient_and_loss, step_size
@@ -79,15 +80,15 @@ class LazyMAML:
 
     def adapt(self, task: Task) -> nn.Module:
         """A copy of the model holding the student φ_K after K inner steps on ``task``."""
-        phi, buffers = Problem.read(self.model, task, self._adapt).student(
-            self.steps, self.inner_lr, self.inner_optimizer
-        )
+        problem = Problem.read(self.model, task, self._adapt)
+        with preserved(self.model):
+            phi, buffers = problem.student(self.steps, self.inner_lr, self.inner_optimizer)
         student = copy.deepcopy(self.model)
         with torch.no_grad():
-            for name, value in {**phi, **buffers}.items():
-                student.get_parameter(name).copy_(value) if name in phi else student.get_buffer(name).copy_(
-                    value
-                )
-            for p in student.parameters():
-                p.grad = None
+            for name, value in phi.items():
+                student.get_parameter(name).copy_(value)
+            for name, value in buffers.items():
+                student.get_buffer(name).copy_(value)
+        for p in student.parameters():
+            p.grad = None
         return student
