@@ -69,7 +69,7 @@ def image_task(seed=0, dtype=F64, shots=2, queries=3) -> Task:
 
 @st.composite
 def mlp_problems(draw):
-    """A small smooth MLP, a regression task, and the inner-loop settings to test it with."""
+    """A small smooth MLP (at least one hidden layer, so "head" and "body" both exist) and a task."""
     inputs = draw(st.integers(1, 3))
     hidden = draw(st.lists(st.integers(1, 5), min_size=1, max_size=2))
     outputs = draw(st.integers(1, 2))
