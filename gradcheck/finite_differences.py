@@ -128,10 +128,13 @@ class DirectionalReport:
         return all(d.ok for d in self.directions)
 
     def __str__(self) -> str:
-        head = f"{'u':>3}  {'analytic <g,u>':>16}  {'numerical':>16}  {'|error|':>9}  {'allowed':>9}"
+        head = (
+            f"{'u':>3}  {'analytic <g,u>':>16}  {'numerical':>16}  {'num. error':>10}  "
+            f"{'|difference|':>12}  {'allowed':>9}"
+        )
         rows = [
-            f"{i:>3}  {d.analytic:>16.9e}  {d.numerical:>16.9e}  {d.error:>9.2e}  "
-            f"{d.tolerance:>9.2e}{'' if d.ok else '  FAIL'}"
+            f"{i:>3}  {d.analytic:>16.9e}  {d.numerical:>16.9e}  {d.numerical_error:>10.2e}  "
+            f"{d.error:>12.2e}  {d.tolerance:>9.2e}{'' if d.ok else '  FAIL'}"
             for i, d in enumerate(self.directions)
         ]
         verdict = "ok" if self.ok() else "MISMATCH"
