@@ -84,6 +84,13 @@ def make_optimizer(spec: InnerOptimizer, params: list[Tensor], lr: float) -> tor
     raise TypeError(f"inner_optimizer must be None, a name or a factory, got {spec!r}")
 
 
+def apply_leap(theta: Mapping[str, Tensor], phi: Mapping[str, Tensor], leap: float) -> dict[str, Tensor]:
+    """The teacher φ_T = θ + γ(φ_K − θ) (exactly φ_K when γ = 1); differentiable if its inputs are."""
+    if leap == 1:
+        return dict(phi)
+    return {n: t + leap * (phi[n] - t) for n, t in theta.items()}
+
+
 @dataclass(frozen=True)
 class Problem:
     """A model and a task, read once: θ (detached), buffer copies, and the adapted set A.
@@ -191,7 +198,4 @@ class Problem:
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """φ_T = θ + γ(φ_K − θ) (exactly φ_K when γ = 1), and the buffers after the student."""
         phi, buffers = self.student(steps, inner_lr, inner_optimizer, start)
-        if leap == 1:
-            return phi, buffers
-        theta = {**self.theta, **(start or {})}
-        return {n: t + leap * (phi[n] - t) for n, t in theta.items()}, buffers
+        return apply_leap({**self.theta, **(start or {})}, phi, leap), buffers

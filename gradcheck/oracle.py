@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ._higher import DIFFERENTIABLE, higher
 from .inner_loop import QUERY_WHAT, check_hyperparameters, checked, support_what
-from .parameters import Adapt, resolve_adapt, trainable
+from .parameters import Adapt, dense, resolve_adapt, trainable
 from .state import preserved
 from .task import Task
 
@@ -68,4 +68,4 @@ def meta_gradient(
             fmodel.update_params([p + leap * (q - p) for p, q in zip(start, fmodel.fast_params)])
         loss = checked(task.query_loss(fmodel), QUERY_WHAT)
         grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
-    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(theta.items(), grads)}
+    return dense(theta, grads)

@@ -121,6 +121,12 @@ class Functional:
         return torch.func.functional_call(self.model, self.tensors, args, kwargs)
 
 
+def dense(like: Mapping[str, Tensor], grads: Iterable[Tensor | None]) -> dict[str, Tensor]:
+    """``{name: gradient}`` from ``torch.autograd.grad(..., allow_unused=True)`` output, with zeros
+    (shaped like ``like[name]``) where the output did not depend on a tensor."""
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(like.items(), grads)}
+
+
 def flat(tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> Tensor:
     """One vector holding the given tensors in order."""
     values = tensors.values() if isinstance(tensors, Mapping) else tensors

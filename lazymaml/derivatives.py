@@ -8,22 +8,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from gradcheck.inner_loop import QUERY_WHAT, Problem, checked
+from gradcheck.parameters import dense
 
 SUPPORT_AT_THETA = "support loss L_S(θ) of the Hessian-vector product"
 
 
 def _leaves(problem: Problem, point: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {n: point[n].detach().requires_grad_(True) for n in problem.trainable}
-
-
-def _dense(leaves: Mapping[str, Tensor], grads: Sequence[Tensor | None]) -> dict[str, Tensor]:
-    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
 
 
 @torch.enable_grad()
@@ -34,7 +31,7 @@ def query_gradient(
     leaves = _leaves(problem, point)
     loss = checked(problem.task.query_loss(problem.at(leaves, buffers)), QUERY_WHAT)
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return _dense(leaves, grads), loss.detach()
+    return dense(leaves, grads), loss.detach()
 
 
 @torch.enable_grad()
@@ -72,7 +69,7 @@ def hessian_vector_products(
             return {n: torch.zeros_like(t) for n, t in leaves.items()}
         dot = sum((g * vector[n]).sum() for n, g in pairs)
         grads = torch.autograd.grad(dot, list(leaves.values()), retain_graph=not last, allow_unused=True)
-        return _dense(leaves, grads)
+        return dense(leaves, grads)
 
     return product
 

@@ -27,11 +27,12 @@ from gradcheck.inner_loop import (
     QUERY_WHAT,
     InnerOptimizer,
     Problem,
+    apply_leap,
     check_hyperparameters,
     checked,
     support_what,
 )
-from gradcheck.parameters import Adapt, flat, unflat
+from gradcheck.parameters import Adapt, dense, flat, unflat
 from gradcheck.state import preserved
 from gradcheck.task import Task
 
@@ -111,10 +112,10 @@ def truncated(
             for n, g in zip(problem.adapted, grads):
                 if g is not None:
                     phi[n] = phi[n] - inner_lr * g
-        phi_t = phi if leap == 1 else {n: t + leap * (phi[n] - t) for n, t in theta.items()}
+        phi_t = apply_leap(theta, phi, leap)
         loss = checked(problem.task.query_loss(problem.at(phi_t, buffers)), QUERY_WHAT)
         grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
-    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(theta.items(), grads)}
+    return dense(theta, grads)
 
 
 def _conjugate_gradient(
@@ -167,7 +168,7 @@ def imaml(
     problem = Problem.read(model, task, adapt)
     with preserved(model):
         phi, buffers = problem.student(steps, inner_lr, inner_optimizer, proximal=lam)
-        phi_t = phi if leap == 1 else {n: t + leap * (phi[n] - t) for n, t in problem.theta.items()}
+        phi_t = apply_leap(problem.theta, phi, leap)
         v, _ = query_gradient(problem, phi_t, buffers)
         products = hessian_vector_products(problem, phi, buffers)
         like = {n: v[n] for n in problem.adapted}
