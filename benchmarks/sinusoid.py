@@ -55,7 +55,7 @@ def train(method: str, seed: int, args: argparse.Namespace, progress) -> dict:
     kind, steps = METHODS[method]
     torch.manual_seed(seed)
     model = problems.mlp((40, 40))
-    learner = lazymaml.LazyMAML(model, args.inner_lr, steps, first_order=kind == "first_order")
+    learner = lazymaml.LazyMAML(model, steps, args.inner_lr, first_order=kind == "first_order")
     outer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
     stream = torch.Generator().manual_seed(seed)
     for i in range(args.iterations):
@@ -71,7 +71,7 @@ def train(method: str, seed: int, args: argparse.Namespace, progress) -> dict:
         if (i + 1) % 10 == 0:
             progress.put(10)
     held_out = [problems.sinusoid(torch.Generator().manual_seed(10**6 + i)) for i in range(args.eval_tasks)]
-    ten = lazymaml.LazyMAML(model, args.inner_lr, 10)
+    ten = lazymaml.LazyMAML(model, 10, args.inner_lr)
 
     def mse(adapter: lazymaml.LazyMAML) -> float:
         with torch.no_grad():

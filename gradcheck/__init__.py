@@ -3,11 +3,27 @@
 * :mod:`gradcheck.oracle` — the exact K-step MAML meta-gradient (second order, via ``higher``);
 * :mod:`gradcheck.finite_differences` — float64 central differences of the meta-objective;
 * :func:`compare` / :func:`validate` — per-parameter reports of how far a candidate is.
+
+The foundation every estimator here and in :mod:`lazymaml` is built on is public too:
+:mod:`gradcheck.task` (tasks), :mod:`gradcheck.settings` (K, α, γ, checked once),
+:mod:`gradcheck.parameters` (θ and the adapted set), :mod:`gradcheck.student` (the graph-free
+inner loop) and :mod:`gradcheck.state` (the model is left as it was).
 """
 
 from . import finite_differences, oracle
 from .compare import Report, compare
-from .task import Task
+from .task import ClosureTask, Task, TaskBatch, TaskLike
 from .validate import Validation, validate
 
-__all__ = ["Report", "Task", "Validation", "compare", "finite_differences", "oracle", "validate"]
+__all__ = [
+    "ClosureTask",
+    "Report",
+    "Task",
+    "TaskBatch",
+    "TaskLike",
+    "Validation",
+    "compare",
+    "finite_differences",
+    "oracle",
+    "validate",
+]

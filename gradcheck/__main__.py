@@ -1,9 +1,9 @@
-"""``python -m gradcheck [report …]``: verify the oracle, or compare every estimator with it.
+"""``python -m gradcheck``: verify the oracle against finite differences.
 
-Without a command: runs the exact 5-step MAML meta-gradient of a tanh MLP on a sinusoid task
-(float64), compares it with coordinate-wise central differences of the meta-objective, and shows
-first-order MAML beside it for scale; exit status 0 when the oracle agrees with finite
-differences. ``report``: see :mod:`gradcheck.report` (``python -m gradcheck report --help``).
+Runs the exact 5-step MAML meta-gradient of a tanh MLP on a sinusoid task (float64), compares it
+with coordinate-wise central differences of the meta-objective, and shows first-order MAML beside
+it for scale; exit status 0 when the oracle agrees with finite differences. (Every estimator of
+:mod:`lazymaml` against the oracle: ``python -m lazymaml report``.)
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from torch import nn
 
 from . import finite_differences, oracle, problems
 from .compare import compare
+
+__all__ = ["main", "selftest"]
 
 RTOL, ATOL = 1e-6, 1e-9  # central differences with h = 1e-6 are good to ~1e-10 here
 
@@ -42,11 +44,6 @@ def selftest(seed: int = 0, steps: int = 5, inner_lr: float = 0.1) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["report"]:
-        from . import report
-
-        return report.main(argv[1:])
     parser = argparse.ArgumentParser(prog="gradcheck", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

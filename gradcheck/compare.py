@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+__all__ = ["Report", "Row", "compare"]
+
 
 @dataclass(frozen=True)
 class Row:
@@ -98,8 +100,10 @@ class Report:
             lines.append(f"missing from candidate: {', '.join(self.missing)}")
         if self.unexpected:
             lines.append(f"not in reference: {', '.join(self.unexpected)}")
-        for name, c, r in self.mismatched:
-            lines.append(f"shape mismatch: {name} candidate {_fmt_shape(c)} vs reference {_fmt_shape(r)}")
+        for name, c_shape, r_shape in self.mismatched:
+            lines.append(
+                f"shape mismatch: {name} candidate {_fmt_shape(c_shape)} vs reference {_fmt_shape(r_shape)}"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -27,10 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .inner_loop import QUERY_WHAT, InnerOptimizer, Problem, check_hyperparameters, checked
 from .parameters import Adapt, flat, trainable, unflat
+from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
-from .task import Task
+from .student import QUERY_LOSS, Student, checked_loss, converted
+from .task import Tasks, as_tasks
+
+__all__ = ["Direction", "DirectionalReport", "check", "meta_gradient", "meta_objective"]
 
 EPS64 = torch.finfo(torch.float64).eps
 RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
@@ -38,45 +41,54 @@ RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfl
 
 def meta_objective(
     model: nn.Module,
-    task: Task,
+    task_or_tasks: Tasks,
     steps: int,
     inner_lr: float,
+    *,
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
 ) -> tuple[Callable[[Tensor], float], Tensor]:
     """F as a function of the flat float64 vector of trainable parameters, and θ as that vector.
 
-    The task and the model's tensors are upcast copies; a closure task cannot be upcast, so it
-    is accepted only with a float64 model (build its data in float64).
+    F(θ) is the mean over tasks of L_Q(φ_T(θ)). The model's tensors are copied in float64, and
+    so is the data of a model that is not float64 already; a closure task cannot be converted,
+    so it is accepted only with a float64 model (build its data in float64).
     """
-    check_hyperparameters(steps, inner_lr, leap)
-    problem = Problem.read(model, task, adapt, torch.float64)
-    theta = problem.theta
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
+    tasks = as_tasks(task_or_tasks)
+    student = Student.read(model, adapt, torch.float64)
+    tasks = converted(tasks, model, torch.float64, "finite differences")
+    theta = student.theta
 
     def objective(x: Tensor) -> float:
+        start = unflat(x, theta)
         with preserved(model):
-            phi_t, buffers = problem.teacher(steps, inner_lr, leap, inner_optimizer, start=unflat(x, theta))
-            return checked(problem.task.query_loss(problem.at(phi_t, buffers)), QUERY_WHAT).item()
+            total = 0.0
+            for task in tasks:
+                phi_t, frozen = student.teacher(task, loop, start=start)
+                total += checked_loss(task.query_loss(student.at(phi_t, frozen)), QUERY_LOSS).item()
+        return total / len(tasks)
 
     return objective, flat(theta)
 
 
 def meta_gradient(
     model: nn.Module,
-    task: Task,
+    task_or_tasks: Tasks,
     steps: int,
     inner_lr: float,
+    *,
     adapt: Adapt = None,
-    eps: float = 1e-6,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
+    eps: float = 1e-6,
     max_parameters: int = 20_000,
 ) -> dict[str, Tensor]:
     """Central differences (F(θ + h eᵢ) − F(θ − h eᵢ)) / 2h for every coordinate, in float64.
 
-    Costs 2n evaluations of F (each K + 1 forward/backward passes): meant for small models;
-    above ``max_parameters`` use :func:`check`.
+    Costs 2n evaluations of F (each K + 1 forward/backward passes per task): meant for small
+    models; above ``max_parameters`` use :func:`check`.
     """
     theta = trainable(model)
     n = sum(p.numel() for p in theta.values())
@@ -86,7 +98,9 @@ def meta_gradient(
             f"{2 * n} meta-objective evaluations (limit max_parameters={max_parameters}): use "
             "finite_differences.check for a directional check"
         )
-    objective, x0 = meta_objective(model, task, steps, inner_lr, adapt, leap, inner_optimizer)
+    objective, x0 = meta_objective(
+        model, task_or_tasks, steps, inner_lr, adapt=adapt, leap=leap, inner_optimizer=inner_optimizer
+    )
     x, g = x0.clone(), torch.empty_like(x0)
     for i in range(n):
         x[i] = x0[i] + eps
@@ -162,15 +176,16 @@ def _as_vector(gradient: Mapping[str, Tensor], theta: Mapping[str, Tensor]) -> T
 def check(
     gradient: Mapping[str, Tensor],
     model: nn.Module,
-    task: Task,
+    task_or_tasks: Tasks,
     steps: int,
     inner_lr: float,
+    *,
     adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
     directions: int = 8,
     seed: int = 0,
     eps: float = 1e-6,
-    leap: float = 1.0,
-    inner_optimizer: InnerOptimizer = "sgd",
     rtol: float | None = None,
 ) -> DirectionalReport:
     """Compare ⟨g, u⟩ with central differences of F along ``directions`` seeded unit vectors.
@@ -184,7 +199,9 @@ def check(
     g = _as_vector(gradient, theta)
     if rtol is None:
         rtol = max(RTOL.get(t.dtype, 5e-2) for t in gradient.values())
-    objective, x0 = meta_objective(model, task, steps, inner_lr, adapt, leap, inner_optimizer)
+    objective, x0 = meta_objective(
+        model, task_or_tasks, steps, inner_lr, adapt=adapt, leap=leap, inner_optimizer=inner_optimizer
+    )
     generator = torch.Generator().manual_seed(seed)
     typical = g.norm().item() / math.sqrt(g.numel())
     f0 = abs(objective(x0))

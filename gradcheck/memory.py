@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+__all__ = ["SavedTensorMeter"]
+
 
 class _Held:
     __slots__ = ("meter", "nbytes", "tensor")

@@ -4,68 +4,101 @@
     T_k = I − α E_A ∇²L_S(φ_k),  v = ∇L_Q(φ_T)          (SGD inner loop)
 
 ``first_order=True`` treats every inner gradient as a constant (dφ_K/dθ = I), giving the
-first-order MAML gradient ∇L_Q(φ_T).
+first-order MAML gradient ∇L_Q(φ_T). For several tasks the result is the mean over them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ._higher import DIFFERENTIABLE, higher
-from .inner_loop import QUERY_WHAT, check_hyperparameters, checked, support_what
-from .parameters import Adapt, dense, resolve_adapt, trainable
+from .parameters import Adapt, dense, resolve_adapt, task_mean, trainable
+from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
-from .task import Task
+from .student import QUERY_LOSS, checked_loss, support_loss_at
+from .task import TaskLike, Tasks, as_tasks
+
+__all__ = ["meta_gradient"]
+
+
+class _Root(nn.Module):
+    """The user's model as the only child of a plain module, for ``higher`` to patch.
+
+    ``higher`` enumerates parameters with ``module.parameters()``; a model that overrides it (a
+    common hand-written MAML returns only ``self.vars``) would desynchronise higher's bookkeeping.
+    This root's ``parameters()`` is ``nn.Module``'s, which walks the registered tensors.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.model(*args, **kwargs)
 
 
 def _constant(grads: list[Tensor | None]) -> list[Tensor | None]:
     return [None if g is None else g.detach() for g in grads]
 
 
+def _task_gradient(
+    model: nn.Module,
+    task: TaskLike,
+    loop: InnerLoop,
+    theta: Mapping[str, Tensor],
+    adapted: tuple[str, ...],
+    first_order: bool,
+) -> list[Tensor | None]:
+    optimizer_class, differentiable_class = DIFFERENTIABLE[str(loop.inner_optimizer)]
+    root = _Root(model)
+    # copy_initial_weights=False: the fast weights start as clones *attached* to θ
+    # (higher's default detaches them and silently drops every term through θ).
+    fmodel = higher.monkeypatch(root, copy_initial_weights=False, track_higher_grads=True)
+    start = fmodel.fast_params
+    optimizer = differentiable_class(
+        optimizer_class([theta[n] for n in adapted], lr=loop.inner_lr),
+        list(root.parameters()),
+        fmodel=fmodel,
+        track_higher_grads=True,
+    )
+    for k in range(loop.steps):
+        loss = checked_loss(task.support_loss(fmodel), support_loss_at(k, loop.steps))
+        optimizer.step(loss, grad_callback=_constant if first_order else None)
+    if loop.leap != 1:
+        fmodel.update_params([p + loop.leap * (q - p) for p, q in zip(start, fmodel.fast_params)])
+    loss = checked_loss(task.query_loss(fmodel), QUERY_LOSS)
+    return list(torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
+
+
 @torch.enable_grad()  # also when the caller is inside torch.no_grad()
 def meta_gradient(
     model: nn.Module,
-    task: Task,
+    task_or_tasks: Tasks,
     steps: int,
     inner_lr: float,
+    *,
     adapt: Adapt = None,
-    first_order: bool = False,
     leap: float = 1.0,
-    inner_optimizer: str = "sgd",
+    first_order: bool = False,
+    inner_optimizer: InnerOptimizer = "sgd",
 ) -> dict[str, Tensor]:
     """The exact K-step MAML meta-gradient, keyed like ``model.named_parameters()``.
 
     Every trainable parameter is present (zeros where the objective does not depend on it);
     parameters outside ``adapt`` get their direct term and the cross terms through the inner
     loop. ``inner_optimizer`` is ``"sgd"`` or ``"adam"`` (identical trajectory to
-    ``torch.optim.Adam``). The model is left exactly as it was, also when this raises.
+    ``torch.optim.Adam``). For several tasks, the mean. The model is left exactly as it was,
+    also when this raises.
     """
-    check_hyperparameters(steps, inner_lr, leap)
-    if inner_optimizer not in DIFFERENTIABLE:
-        raise ValueError(
-            f"the oracle differentiates exactly through inner_optimizer in {sorted(DIFFERENTIABLE)}, "
-            f"not {inner_optimizer!r}"
-        )
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
+    loop.require(*DIFFERENTIABLE, by="the oracle")
+    tasks = as_tasks(task_or_tasks)
     theta = trainable(model)
     adapted = resolve_adapt(model, adapt)
-    optimizer_class, differentiable_class = DIFFERENTIABLE[inner_optimizer]
     with preserved(model):
-        # copy_initial_weights=False: the fast weights start as clones *attached* to θ
-        # (higher's default detaches them and silently drops every term through θ).
-        fmodel = higher.monkeypatch(model, copy_initial_weights=False, track_higher_grads=True)
-        start = fmodel.fast_params
-        optimizer = differentiable_class(
-            optimizer_class([theta[n] for n in adapted], lr=inner_lr),
-            model.parameters(),
-            fmodel=fmodel,
-            track_higher_grads=True,
+        return task_mean(
+            [dense(theta, _task_gradient(model, task, loop, theta, adapted, first_order)) for task in tasks]
         )
-        for k in range(steps):
-            loss = checked(task.support_loss(fmodel), support_what(k, steps))
-            optimizer.step(loss, grad_callback=_constant if first_order else None)
-        if leap != 1:
-            fmodel.update_params([p + leap * (q - p) for p, q in zip(start, fmodel.fast_params)])
-        loss = checked(task.query_loss(fmodel), QUERY_WHAT)
-        grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
-    return dense(theta, grads)

@@ -13,13 +13,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+__all__ = [
+    "PRESETS",
+    "Adapt",
+    "Functional",
+    "dense",
+    "flat",
+    "resolve_adapt",
+    "state",
+    "task_mean",
+    "trainable",
+    "unflat",
+]
+
 Adapt = None | str | Iterable[str] | Callable[[str], bool]
+"""What the inner loop adapts: ``None`` (all), a preset, names or prefixes, or a predicate."""
 PRESETS = ("head", "body")
 
 
@@ -89,18 +103,18 @@ def resolve_adapt(model: nn.Module, adapt: Adapt) -> tuple[str, ...]:
 
 
 def state(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Every parameter and buffer, detached, floating ones cast to ``dtype``.
+    """Copies of every parameter and every buffer, detached, floating ones cast to ``dtype``.
 
-    Parameters are detached views of the model's (copies only where cast): whoever updates
-    them must clone first. Buffers are always copies, so that BatchNorm running statistics
-    updated by an inner loop never reach the user's model.
+    Always copies, never views: a forward that writes its tensors in place (BatchNorm running
+    statistics, statistics kept as frozen parameters) then writes the copies, never the model.
     """
 
-    def cast(t: Tensor) -> Tensor:
-        return t.detach().to(dtype=dtype if dtype is not None and t.is_floating_point() else None)
+    def copy(t: Tensor) -> Tensor:
+        cast = dtype if dtype is not None and t.is_floating_point() else None
+        return t.detach().to(dtype=cast, copy=True)
 
-    params = {n: cast(p) for n, p in model.named_parameters()}
-    buffers = {n: cast(b).clone() for n, b in model.named_buffers()}
+    params = {n: copy(p) for n, p in model.named_parameters()}
+    buffers = {n: copy(b) for n, b in model.named_buffers()}
     return params, buffers
 
 
@@ -112,6 +126,7 @@ class Functional:
     """
 
     def __init__(self, model: nn.Module, *tensors: Mapping[str, Tensor]) -> None:
+        """``tensors``: mappings name → tensor, later ones overriding earlier ones."""
         self.model = model
         self.tensors: dict[str, Tensor] = {}
         for mapping in tensors:
@@ -127,6 +142,12 @@ def dense(like: Mapping[str, Tensor], grads: Iterable[Tensor | None]) -> dict[st
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(like.items(), grads)}
 
 
+def task_mean(gradients: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The mean over tasks of per-task gradients ``{name: tensor}`` (all with the same names)."""
+    first = gradients[0]
+    return {n: torch.stack([g[n] for g in gradients]).mean(0) for n in first}
+
+
 def flat(tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> Tensor:
     """One vector holding the given tensors in order."""
     values = tensors.values() if isinstance(tensors, Mapping) else tensors
@@ -135,7 +156,8 @@ def flat(tensors: Mapping[str, Tensor] | Iterable[Tensor]) -> Tensor:
 
 def unflat(vector: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The inverse of :func:`flat`: split ``vector`` into tensors shaped like ``like``."""
-    out, i = {}, 0
+    out: dict[str, Tensor] = {}
+    i = 0
     for name, t in like.items():
         out[name] = vector[i : i + t.numel()].view_as(t)
         i += t.numel()

@@ -18,6 +18,8 @@ from torch import nn
 
 from .task import Task
 
+__all__ = ["conv4", "few_shot", "mlp", "sinusoid"]
+
 
 def sinusoid(
     generator: torch.Generator,

@@ -1,148 +1,171 @@
 """The user's model is left exactly as it was: parameters, buffers, ``.grad``, train/eval mode.
 
 Nothing in this project writes to the model; :func:`preserved` is the guarantee that holds also
-when a user's closure or loss misbehaves or raises, and :class:`Snapshot` is how
-:func:`gradcheck.validate` tells a candidate implementation that modified the model.
+when a user's forward, closure or loss writes to it anyway, or raises. :class:`Snapshot` is how
+that is done, and how :func:`gradcheck.validate` reports what a candidate implementation changed.
+
+Everything is recorded *by value*: in-place writes (BatchNorm running statistics, statistics kept
+in frozen parameters, writes through ``.data``) do not bump the autograd version counter, so
+versions cannot be trusted. A tensor reachable under several names (a shared submodule) is
+recorded, restored and reported once, under its first name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+__all__ = ["Change", "Snapshot", "preserved"]
 
 
 def _clone(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().clone()
 
 
-def _same(a: Tensor | None, b: Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+def _difference(now: Tensor | None, then: Tensor | None) -> float | None:
+    """None if equal (shape, dtype, device and values, NaN where NaN); else max |now − then|,
+    inf where they cannot be compared."""
+    if now is None or then is None:
+        return None if now is then else float("inf")
+    if now.shape != then.shape or now.dtype != then.dtype or now.device != then.device:
+        return float("inf")
+    if not (now.is_floating_point() or now.is_complex()):
+        return None if torch.equal(now, then) else float((now.double() - then.double()).abs().max())
+    equal = (now == then) | (now.isnan() & then.isnan())
+    if bool(equal.all()):
+        return None
+    return float((now - then).abs()[~equal].nan_to_num(float("inf")).max())
 
 
-class _Param(NamedTuple):
+@dataclass(frozen=True)
+class Change:
+    """One thing that differs from the snapshot: ``what`` happened to ``name``, by ``max_abs``."""
+
+    kind: str  # "parameter", "buffer", "gradient", "mode" or "requires_grad"
     name: str
+    what: str  # "modified", "replaced", "changed" or "switched to train/eval"
+    max_abs: float | None = None  # max |new − old| where a value changed
+
+    def __str__(self) -> str:
+        by = f" (max |change| {self.max_abs:.3g})" if self.max_abs is not None else ""
+        subject = {"gradient": f"{self.name}.grad", "requires_grad": f"{self.name}.requires_grad"}.get(
+            self.kind, self.name
+        )
+        return f"{self.kind} {subject} {self.what}{by}"
+
+
+@dataclass
+class _Slot:
+    """One registration of a tensor: ``owner._parameters[key]`` or ``owner._buffers[key]``."""
+
     owner: nn.Module
     key: str
     tensor: Tensor
-    version: int
-    requires_grad: bool
-    value: Tensor | None
-    grad: Tensor | None
-    grad_value: Tensor | None
-
-
-class _Buffer(NamedTuple):
-    name: str
-    owner: nn.Module
-    key: str
-    tensor: Tensor
-    value: Tensor
 
 
 class Snapshot:
-    """What a model looks like now, to report (:meth:`differences`) or undo (:meth:`restore`) changes.
+    """What a model looks like now, to report (:meth:`changes`) or undo (:meth:`restore`) changes."""
 
-    Modes, buffers and gradients are recorded by value (BatchNorm updates its running statistics
-    without bumping the autograd version counter, so versions cannot be trusted for them);
-    parameters by identity and version counter, and by value too with ``copy_parameters=True``
-    (which catches writes through ``.data``, at the cost of one copy of the parameters).
-    """
-
-    def __init__(self, model: nn.Module, copy_parameters: bool = False) -> None:
+    def __init__(self, model: nn.Module) -> None:
         modules = list(model.named_modules(remove_duplicate=False))
-        self.modes = [(m, m.training) for _, m in modules]
-        self.params = [
-            _Param(
-                f"{prefix}.{n}".lstrip("."),
-                m,
-                n,
-                p,
-                p._version,
-                p.requires_grad,
-                _clone(p) if copy_parameters else None,
-                p.grad,
-                _clone(p.grad),
-            )
-            for prefix, m in modules
-            for n, p in m._parameters.items()
-            if p is not None
-        ]
-        self.buffers = [
-            _Buffer(f"{prefix}.{n}".lstrip("."), m, n, b, _clone(b))
-            for prefix, m in modules
-            for n, b in m._buffers.items()
-            if b is not None
-        ]
+        self.modes = [(prefix, m, m.training) for prefix, m in modules]
+        self.slots: dict[str, list[_Slot]] = {"parameter": [], "buffer": []}
+        self.names: dict[int, str] = {}  # id(tensor) -> first name, for reporting once
+        self.values: dict[int, Tensor] = {}
+        self.grads: dict[int, tuple[Tensor | None, Tensor | None]] = {}
+        self.requires_grad: dict[int, bool] = {}
+        for prefix, m in modules:
+            for kind, registry in (("parameter", m._parameters), ("buffer", m._buffers)):
+                for key, t in registry.items():
+                    if t is None:
+                        continue
+                    self.slots[kind].append(_Slot(m, key, t))
+                    if id(t) in self.names:
+                        continue
+                    self.names[id(t)] = f"{prefix}.{key}".lstrip(".")
+                    self.values[id(t)] = t.detach().clone()
+                    if kind == "parameter":
+                        self.grads[id(t)] = (t.grad, _clone(t.grad))
+                        self.requires_grad[id(t)] = t.requires_grad
 
-    def differences(self) -> list[str]:
-        """Human-readable list of everything that changed since the snapshot."""
-        out = [
-            f"module {type(m).__name__} switched to {'train' if m.training else 'eval'} mode"
-            for m, mode in self.modes
+    def _registry(self, kind: str, slot: _Slot) -> dict[str, Tensor | None]:
+        registry = slot.owner._parameters if kind == "parameter" else slot.owner._buffers
+        return registry  # type: ignore[return-value]
+
+    def changes(self) -> list[Change]:
+        """Everything that differs from the snapshot, each tensor once."""
+        out: list[Change] = []
+        seen: set[int] = set()
+        for kind, slots in self.slots.items():
+            for slot in slots:
+                t, name = slot.tensor, self.names[id(slot.tensor)]
+                if self._registry(kind, slot).get(slot.key) is not t:
+                    out.append(Change(kind, name, "replaced"))
+                if id(t) in seen:
+                    continue
+                seen.add(id(t))
+                delta = _difference(t.detach(), self.values[id(t)])
+                if delta is not None:
+                    out.append(Change(kind, name, "modified", delta))
+                if kind == "parameter":
+                    if t.requires_grad != self.requires_grad[id(t)]:
+                        out.append(Change("requires_grad", name, "changed"))
+                    grad, value = self.grads[id(t)]
+                    if t.grad is not grad or _difference(t.grad, value) is not None:
+                        out.append(Change("gradient", name, "changed", _difference(t.grad, value)))
+        out += [
+            Change("mode", prefix or type(m).__name__, f"switched to {'train' if m.training else 'eval'}")
+            for prefix, m, mode in self.modes
             if m.training != mode
         ]
-        for r in self.params:
-            p = r.tensor
-            if r.owner._parameters.get(r.key) is not p:
-                out.append(f"parameter {r.name} was replaced")
-            elif p._version != r.version or (r.value is not None and not _same(p.detach(), r.value)):
-                out.append(f"parameter {r.name} was modified")
-            if p.requires_grad != r.requires_grad:
-                out.append(f"parameter {r.name}.requires_grad changed")
-            if p.grad is not r.grad or not _same(_clone(p.grad), r.grad_value):
-                out.append(f"parameter {r.name}.grad changed")
-        for r in self.buffers:
-            if r.owner._buffers.get(r.key) is not r.tensor:
-                out.append(f"buffer {r.name} was replaced")
-            elif not _same(r.tensor.detach(), r.value):
-                out.append(f"buffer {r.name} was modified")
-        return sorted(set(out), key=out.index)
+        return list(dict.fromkeys(out))
+
+    def differences(self) -> list[str]:
+        """:meth:`changes`, as readable lines."""
+        return [str(c) for c in self.changes()]
 
     @torch.no_grad()
-    def restore(self) -> list[str]:
-        """Undo every change that can be undone; return the ones that cannot (parameter writes
-        when no copy was taken)."""
-        for m, mode in self.modes:
+    def restore(self) -> None:
+        """Undo every change: registrations, values, ``.grad``, ``requires_grad`` and modes."""
+        for _, m, mode in self.modes:
             m.training = mode
-        lost = []
-        for r in self.params:
-            p = r.owner._parameters[r.key] = r.tensor
-            p.requires_grad_(r.requires_grad)
-            if r.value is not None and not _same(p.detach(), r.value):
-                p.copy_(r.value)
-            elif r.value is None and p._version != r.version:
-                lost.append(f"parameter {r.name} was modified in place")
-            p.grad = r.grad
-            if r.grad is not None and not _same(r.grad, r.grad_value):
-                r.grad.copy_(r.grad_value)
-        for r in self.buffers:
-            r.owner._buffers[r.key] = r.tensor
-            if not _same(r.tensor, r.value):
-                r.tensor.copy_(r.value)
-        return lost
+        for kind, slots in self.slots.items():
+            for slot in slots:
+                self._registry(kind, slot)[slot.key] = slot.tensor
+        for kind, slots in self.slots.items():
+            for slot in slots:
+                t = slot.tensor
+                value = self.values[id(t)]
+                if t.shape != value.shape or t.dtype != value.dtype or t.device != value.device:
+                    t.data = value.clone()  # replaced through .data: put the original back
+                elif _difference(t.detach(), value) is not None:
+                    t.detach().copy_(value)
+                if kind == "parameter":
+                    t.requires_grad_(self.requires_grad[id(t)])
+                    grad, grad_value = self.grads[id(t)]
+                    t.grad = grad
+                    if (
+                        grad is not None
+                        and grad_value is not None
+                        and _difference(grad, grad_value) is not None
+                    ):
+                        grad.copy_(grad_value)
 
 
 @contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
     """Run a block with the guarantee that the model is exactly as before afterwards.
 
-    Modes, buffers and gradients are restored whatever the block did, also when it raises.
-    Parameters are never copied: an in-place write to one (which only a user closure could do)
-    is reported as a RuntimeError after the block.
+    Parameters (trainable and frozen), buffers, gradients, ``requires_grad`` and modes are
+    restored by value whatever the block did, also when it raises. Costs one copy of the model's
+    tensors.
     """
     snapshot = Snapshot(model)
     try:
         yield
     finally:
-        lost = snapshot.restore()
-    if lost:
-        raise RuntimeError(
-            "the model's parameters were written during the computation (a closure or loss "
-            f"modified them in place): {lost}"
-        )
+        snapshot.restore()

@@ -19,8 +19,11 @@ from torch import Tensor, nn
 from . import oracle
 from .compare import Report, compare
 from .parameters import Adapt, trainable
+from .settings import InnerOptimizer
 from .state import Snapshot
-from .task import Task
+from .task import Tasks, as_tasks
+
+__all__ = ["Candidate", "Validation", "validate"]
 
 Candidate = Callable[[nn.Module, Any, int, float], "Mapping[str, Tensor] | None"]
 
@@ -84,19 +87,22 @@ def _call(
     theta = trainable(model)
     for p in model.parameters():
         p.grad = None
-    snapshot = Snapshot(model, copy_parameters=True)
+    snapshot = Snapshot(model)
     try:
-        out = candidate_fn(model, arg, steps, inner_lr)
-        from_grad = out is None
-        if from_grad:
-            out = {
+        returned = candidate_fn(model, arg, steps, inner_lr)
+        from_grad = returned is None
+        out: Mapping[str, Tensor] = (
+            returned
+            if returned is not None
+            else {
                 n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
                 for n, p in theta.items()
             }
-        changes = snapshot.differences()
+        )
+        changes = snapshot.changes()
     finally:
         snapshot.restore()
-    side_effects += [f"{label}: {c}" for c in changes if not (from_grad and c.endswith(".grad changed"))]
+    side_effects += [f"{label}: {c}" for c in changes if not (from_grad and c.kind == "gradient")]
     return out
 
 
@@ -104,24 +110,34 @@ def _call(
 def validate(
     candidate_fn: Candidate,
     model: nn.Module,
-    tasks: Task | Sequence[Task],
+    task_or_tasks: Tasks,
     steps: int,
     inner_lr: float,
+    *,
     adapt: Adapt = None,
-    first_order: bool = False,
     leap: float = 1.0,
-    inner_optimizer: str = "sgd",
+    first_order: bool = False,
+    inner_optimizer: InnerOptimizer = "sgd",
     meta_batch: bool = False,
 ) -> Validation:
     """Compare ``candidate_fn`` with :func:`gradcheck.oracle.meta_gradient` on every task.
 
     The model is left exactly as it was, whatever the candidate does.
     """
-    tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
-    if not tasks:
-        raise ValueError("validate needs at least one task")
-    settings = dict(adapt=adapt, first_order=first_order, leap=leap, inner_optimizer=inner_optimizer)
-    references = [oracle.meta_gradient(model, t, steps, inner_lr, **settings) for t in tasks]
+    tasks = as_tasks(task_or_tasks)
+    references = [
+        oracle.meta_gradient(
+            model,
+            t,
+            steps,
+            inner_lr,
+            adapt=adapt,
+            leap=leap,
+            first_order=first_order,
+            inner_optimizer=inner_optimizer,
+        )
+        for t in tasks
+    ]
     reference = _mean(references)
     side_effects: list[str] = []
     outer = Snapshot(model)

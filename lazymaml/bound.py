@@ -18,21 +18,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gradcheck.inner_loop import Problem, check_hyperparameters, support_what
 from gradcheck.parameters import Adapt, flat, unflat
+from gradcheck.settings import InnerLoop, InnerOptimizer
 from gradcheck.state import preserved
-from gradcheck.task import Task
+from gradcheck.student import Student, converted, support_loss_at
+from gradcheck.task import TaskLike, Tasks, as_tasks
 
 from .derivatives import query_gradient, support_gradient
-from .lazy import JacobianStep, step_size
+from .lazy import JacobianStep, resolve_jacobian_step
+
+__all__ = ["BoundTerms", "bound_terms", "deviation_bound"]
 
 
-def _projected_hessian(problem: Problem, point: dict[str, Tensor], mask: Tensor, what: str) -> Tensor:
+def _projected_hessian(
+    student: Student, task: TaskLike, point: dict[str, Tensor], mask: Tensor, what: str
+) -> Tensor:
     """E_A ∇²L_S(point), one dense row per trainable coordinate (rows outside A are zero)."""
-    x = flat({n: point[n] for n in problem.trainable}).requires_grad_(True)
-    grads = support_gradient(problem, unflat(x, problem.theta), problem.fresh_buffers(), what)
+    x = flat({n: point[n] for n in student.theta}).requires_grad_(True)
+    grads = support_gradient(student, task, unflat(x, student.theta), student.fresh(), what)
     grad = flat(
-        torch.zeros_like(problem.params[n]) if g is None else g for n, g in zip(problem.adapted, grads)
+        torch.zeros_like(student.theta[n]) if g is None else g for n, g in zip(student.adapted, grads)
     )
     rows = torch.zeros(x.numel(), x.numel(), dtype=x.dtype, device=x.device)
     index = mask.nonzero().flatten()
@@ -49,63 +54,84 @@ def _projected_hessian(problem: Problem, point: dict[str, Tensor], mask: Tensor,
 class BoundTerms:
     """What the bound is made of, for one model, task, K, α and γ: it then costs nothing per η."""
 
-    inner_lr: float
-    leap: float
+    loop: InnerLoop
     t0_norm: float  # ‖T_0‖ = ‖I − α E_A H_0‖
     hessian_norms: tuple[float, ...]  # ‖E_A H_k‖ for k = 0 … K − 1
     v_norm: float  # ‖∇L_Q(φ_T)‖
 
-    def bound(self, eta: float) -> float:
-        """The bound on ‖g_exact − g_lazy‖ for the lazy Jacobian step η."""
+    def bound(self, jacobian_step: JacobianStep = "single") -> float:
+        """The bound on ‖g_exact − g_lazy‖ for the lazy Jacobian step ``jacobian_step`` (η)."""
+        eta = resolve_jacobian_step(jacobian_step, self.loop)
         if not self.hessian_norms:  # K = 0: no step, lazy is exact
             return 0.0
-        growth = math.prod(1 + self.inner_lr * h for h in self.hessian_norms[1:]) - 1
-        first = abs(eta - self.leap * self.inner_lr) * self.hessian_norms[0]
-        return (self.leap * self.t0_norm * growth + first) * self.v_norm
+        alpha, gamma = self.loop.inner_lr, self.loop.leap
+        growth = math.prod(1 + alpha * h for h in self.hessian_norms[1:]) - 1
+        first = abs(eta - gamma * alpha) * self.hessian_norms[0]
+        return (gamma * self.t0_norm * growth + first) * self.v_norm
 
 
 def bound_terms(
     model: nn.Module,
-    task: Task,
+    task: TaskLike,
     steps: int,
     inner_lr: float,
-    leap: float = 1.0,
+    *,
     adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
     max_parameters: int = 4000,
 ) -> BoundTerms:
     """Spectral norms of the projected Hessians along the SGD student's trajectory, and ‖v‖."""
-    check_hyperparameters(steps, inner_lr, leap)
-    problem = Problem.read(model, task, adapt, torch.float64)
-    n = sum(t.numel() for t in problem.theta.values())
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
+    loop.require("sgd", by="the deviation bound")
+    return _terms(model, task, loop, adapt, max_parameters)
+
+
+def _terms(
+    model: nn.Module, task: TaskLike, loop: InnerLoop, adapt: Adapt, max_parameters: int
+) -> BoundTerms:
+    student = Student.read(model, adapt, torch.float64)
+    (task,) = converted([task], model, torch.float64, "the bound's dense Hessians")
+    n = sum(t.numel() for t in student.theta.values())
     if n > max_parameters:
         raise ValueError(f"the bound needs dense {n}×{n} Hessians; limit max_parameters={max_parameters}")
-    mask = flat({k: torch.full_like(t, float(k in problem.adapted)) for k, t in problem.theta.items()})
+    mask = flat({k: torch.full_like(t, float(k in student.adapted)) for k, t in student.theta.items()})
     norms, t0 = [], 0.0
     with preserved(model):
-        for k, phi in enumerate(problem.trajectory(steps, inner_lr)):
-            if k == steps:
+        frozen = student.fresh()
+        for k, phi in enumerate(student.trajectory(task, loop, frozen)):
+            if k == loop.steps:
                 break
-            projected = _projected_hessian(problem, phi, mask, support_what(k, steps))
+            projected = _projected_hessian(student, task, phi, mask, support_loss_at(k, loop.steps))
             norms.append(torch.linalg.matrix_norm(projected, ord=2).item())
             if k == 0:
                 eye = torch.eye(n, dtype=projected.dtype, device=projected.device)
-                t0 = torch.linalg.matrix_norm(eye - inner_lr * projected, ord=2).item()
-        phi_t, buffers = problem.teacher(steps, inner_lr, leap)
-        v, _ = query_gradient(problem, phi_t, buffers)
-    return BoundTerms(inner_lr, leap, t0, tuple(norms), flat(v).norm().item())
+                t0 = torch.linalg.matrix_norm(eye - loop.inner_lr * projected, ord=2).item()
+        phi_t, frozen = student.teacher(task, loop)
+        v, _ = query_gradient(student, task, phi_t, frozen)
+    return BoundTerms(loop, t0, tuple(norms), flat(v).norm().item())
 
 
 def deviation_bound(
     model: nn.Module,
-    task: Task,
+    task_or_tasks: Tasks,
     steps: int,
     inner_lr: float,
+    *,
+    adapt: Adapt = None,
     leap: float = 1.0,
     jacobian_step: JacobianStep = "single",
-    adapt: Adapt = None,
+    inner_optimizer: InnerOptimizer = "sgd",
     max_parameters: int = 4000,
 ) -> float:
-    """The SPEC §2 bound on ‖g_exact − g_lazy‖ for this model and task (SGD student)."""
-    check_hyperparameters(steps, inner_lr, leap)
-    eta = step_size(jacobian_step, steps, inner_lr, leap)
-    return bound_terms(model, task, steps, inner_lr, leap, adapt, max_parameters).bound(eta)
+    """The SPEC §2 bound on ‖g_exact − g_lazy‖ for this model and task (SGD student).
+
+    For several tasks, the mean of their bounds: it bounds the deviation of the mean gradients
+    (triangle inequality).
+    """
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
+    loop.require("sgd", by="the deviation bound")
+    resolve_jacobian_step(jacobian_step, loop)  # refuse a bad η before any work
+    tasks = as_tasks(task_or_tasks)
+    bounds = [_terms(model, t, loop, adapt, max_parameters).bound(jacobian_step) for t in tasks]
+    return sum(bounds) / len(bounds)

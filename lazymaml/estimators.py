@@ -1,8 +1,9 @@
 """Approximate meta-gradients to set beside the lazy one, all measured against the same oracle.
 
-Each has ``lazymaml.meta_gradient``'s calling convention — ``(model, task, steps, inner_lr, *,
-leap, adapt, inner_optimizer)`` plus its own keyword options — returns ``{name: gradient}`` for
-every trainable parameter and leaves the model exactly as it was. v = ∇L_Q(φ_T).
+Each has the project's calling convention — ``(model, task_or_tasks, steps, inner_lr, *, adapt,
+leap, inner_optimizer)`` plus its own keyword options — returns ``{name: gradient}`` for every
+trainable parameter (for several tasks, the mean) and leaves the model exactly as it was.
+v = ∇L_Q(φ_T).
 
 * ``first_order``  g = v                                   (first-order MAML)
 * ``reptile``      g = (θ − φ_K) / (Kα)                    (Reptile's direction; ignores L_Q)
@@ -14,8 +15,6 @@ every trainable parameter and leaves the model exactly as it was. v = ∇L_Q(φ_
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 import warnings
 from collections.abc import Callable
@@ -23,69 +22,74 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from gradcheck.inner_loop import (
-    QUERY_WHAT,
-    InnerOptimizer,
-    Problem,
-    apply_leap,
-    check_hyperparameters,
-    checked,
-    support_what,
-)
-from gradcheck.parameters import Adapt, dense, flat, unflat
+from gradcheck.parameters import Adapt, dense, flat, task_mean, unflat
+from gradcheck.settings import InnerLoop, InnerOptimizer
 from gradcheck.state import preserved
-from gradcheck.task import Task
+from gradcheck.student import QUERY_LOSS, Student, apply_leap, checked_loss, support_loss_at
+from gradcheck.task import TaskLike, Tasks, as_tasks
 
 from .derivatives import hessian_vector_products, query_gradient
-from .lazy import meta_gradient, meta_gradient_and_loss
+from .lazy import lazy_gradient, meta_gradient
+
+__all__ = ["ESTIMATORS", "Estimator", "first_order", "imaml", "lazy_horizon", "reptile", "truncated"]
 
 Estimator = Callable[..., dict[str, Tensor]]
+PerTask = Callable[[Student, TaskLike], dict[str, Tensor]]
+
+
+def _mean(model: nn.Module, task_or_tasks: Tasks, adapt: Adapt, per_task: PerTask) -> dict[str, Tensor]:
+    """The mean over tasks of ``per_task(student, task)``, the model read once and left as it was."""
+    tasks = as_tasks(task_or_tasks)
+    student = Student.read(model, adapt)
+    with preserved(model):
+        return task_mean([per_task(student, task) for task in tasks])
 
 
 def first_order(
     model: nn.Module,
-    task: Task,
+    task_or_tasks: Tasks,
     steps: int,
     inner_lr: float,
     *,
-    leap: float = 1.0,
     adapt: Adapt = None,
-    inner_optimizer: InnerOptimizer = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
 ) -> dict[str, Tensor]:
     """First-order MAML: g = ∇L_Q(φ_T), the inner loop's Jacobian taken as the identity."""
-    return meta_gradient_and_loss(
-        model, task, steps, inner_lr, leap, adapt=adapt, inner_optimizer=inner_optimizer, first_order=True
-    )[0]
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
+    return _mean(model, task_or_tasks, adapt, lambda s, t: lazy_gradient(s, t, loop, 0.0)[0])
 
 
 def reptile(
     model: nn.Module,
-    task: Task,
+    task_or_tasks: Tasks,
     steps: int,
     inner_lr: float,
     *,
-    leap: float = 1.0,
     adapt: Adapt = None,
-    inner_optimizer: InnerOptimizer = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
 ) -> dict[str, Tensor]:
     """Reptile's direction g = (θ − φ_K)/(Kα) (γ cancels; zero outside A and at K = 0)."""
-    check_hyperparameters(steps, inner_lr, leap)
-    problem = Problem.read(model, task, adapt)
-    with preserved(model):
-        phi, _ = problem.student(steps, inner_lr, inner_optimizer)
-    scale = 1 / (steps * inner_lr) if steps else 0.0
-    return {n: (t - phi[n]) * scale for n, t in problem.theta.items()}
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
+    scale = 1 / (loop.steps * loop.inner_lr) if loop.steps else 0.0
+
+    def direction(student: Student, task: TaskLike) -> dict[str, Tensor]:
+        phi, _ = student.run(task, loop)
+        return {n: (t - phi[n]) * scale for n, t in student.theta.items()}
+
+    return _mean(model, task_or_tasks, adapt, direction)
 
 
-@torch.enable_grad()
 def truncated(
     model: nn.Module,
-    task: Task,
+    task_or_tasks: Tasks,
     steps: int,
     inner_lr: float,
     *,
-    leap: float = 1.0,
     adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
     horizon: int | None = None,
 ) -> dict[str, Tensor]:
     """Backpropagation through the last T = ``horizon`` SGD steps (default T = K: exact MAML).
@@ -93,29 +97,33 @@ def truncated(
     The first K − T steps run without a graph and count as the identity (T = 0 is first-order
     MAML); the last T are unrolled with ``torch.func.functional_call`` and differentiated.
     """
-    check_hyperparameters(steps, inner_lr, leap)
-    horizon = steps if horizon is None else horizon
-    if isinstance(horizon, bool) or not isinstance(horizon, int) or not 0 <= horizon <= steps:
-        raise ValueError(f"horizon must be an integer in [0, steps={steps}], got {horizon!r}")
-    problem = Problem.read(model, task, adapt)
-    with preserved(model):
-        buffers = problem.fresh_buffers()
-        student = problem.trajectory(steps, inner_lr, buffers=buffers)  # numbered out of K in errors
-        start = next(itertools.islice(student, steps - horizon, None))
-        theta = {n: t.detach().requires_grad_(True) for n, t in problem.theta.items()}
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
+    loop.require("sgd", by="truncated backpropagation")
+    horizon = loop.steps if horizon is None else horizon
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or not 0 <= horizon <= loop.steps:
+        raise ValueError(f"horizon must be an integer in [0, steps={loop.steps}], got {horizon!r}")
+
+    @torch.enable_grad()
+    def unrolled(student: Student, task: TaskLike) -> dict[str, Tensor]:
+        frozen = student.fresh()
+        trajectory = student.trajectory(task, loop, frozen)  # numbered out of K in errors
+        for _ in range(loop.steps - horizon + 1):
+            start = next(trajectory)
+        theta = {n: t.detach().requires_grad_(True) for n, t in student.theta.items()}
         phi = {n: t + (start[n] - t).detach() for n, t in theta.items()}  # value φ_{K−T}, Jacobian I
-        for k in range(steps - horizon, steps):
-            loss = checked(problem.task.support_loss(problem.at(phi, buffers)), support_what(k, steps))
+        for k in range(loop.steps - horizon, loop.steps):
+            loss = checked_loss(task.support_loss(student.at(phi, frozen)), support_loss_at(k, loop.steps))
             grads = torch.autograd.grad(
-                loss, [phi[n] for n in problem.adapted], create_graph=True, allow_unused=True
+                loss, [phi[n] for n in student.adapted], create_graph=True, allow_unused=True
             )
-            for n, g in zip(problem.adapted, grads):
+            for n, g in zip(student.adapted, grads):
                 if g is not None:
-                    phi[n] = phi[n] - inner_lr * g
-        phi_t = apply_leap(theta, phi, leap)
-        loss = checked(problem.task.query_loss(problem.at(phi_t, buffers)), QUERY_WHAT)
-        grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
-    return dense(theta, grads)
+                    phi[n] = phi[n] - loop.inner_lr * g
+        phi_t = apply_leap(theta, phi, loop.leap)
+        loss = checked_loss(task.query_loss(student.at(phi_t, frozen)), QUERY_LOSS)
+        return dense(theta, torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
+
+    return _mean(model, task_or_tasks, adapt, unrolled)
 
 
 def _conjugate_gradient(
@@ -146,13 +154,13 @@ def _conjugate_gradient(
 
 def imaml(
     model: nn.Module,
-    task: Task,
+    task_or_tasks: Tasks,
     steps: int,
     inner_lr: float,
     *,
-    leap: float = 1.0,
     adapt: Adapt = None,
-    inner_optimizer: InnerOptimizer = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
     lam: float = 1.0,
     cg_iterations: int = 20,
     cg_tol: float = 1e-10,
@@ -162,20 +170,20 @@ def imaml(
     Hessian-vector products at φ_K) and g_B = v_B − H_BA g_A / λ; with γ < 1 the result is
     (1 − γ) v + γ of that. Warns when CG stops above ``cg_tol`` (relative residual).
     """
-    check_hyperparameters(steps, inner_lr, leap)
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
         raise ValueError(f"lam (the proximal strength λ) must be > 0, got {lam!r}")
-    problem = Problem.read(model, task, adapt)
-    with preserved(model):
-        phi, buffers = problem.student(steps, inner_lr, inner_optimizer, proximal=lam)
-        phi_t = apply_leap(problem.theta, phi, leap)
-        v, _ = query_gradient(problem, phi_t, buffers)
-        products = hessian_vector_products(problem, phi, buffers)
-        like = {n: v[n] for n in problem.adapted}
+
+    def implicit(student: Student, task: TaskLike) -> dict[str, Tensor]:
+        phi, frozen = student.run(task, loop, proximal=lam)
+        phi_t = apply_leap(student.theta, phi, loop.leap)
+        v, _ = query_gradient(student, task, phi_t, frozen)
+        products = hessian_vector_products(student, task, phi, frozen)
+        like = {n: v[n] for n in student.adapted}
 
         def operator(x: Tensor) -> Tensor:  # x ↦ (I + H_AA/λ) x on the adapted coordinates
             h = products(unflat(x, like))
-            return x + flat(h[n] for n in problem.adapted) / lam
+            return x + flat(h[n] for n in student.adapted) / lam
 
         try:
             x, residual, used = _conjugate_gradient(operator, flat(like), cg_iterations, cg_tol)
@@ -189,12 +197,37 @@ def imaml(
                 f"iMAML: conjugate gradient stopped at relative residual {residual:.2e} > cg_tol={cg_tol:g} "
                 f"after {used} iterations; raise cg_iterations or lam",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=5,  # implicit ← comprehension ← _mean ← imaml ← caller
             )
         g_a = unflat(x, like)
         h = products(g_a, last=True)
-    implicit = {n: g_a[n] if n in g_a else v[n] - h[n] / lam for n in v}
-    return {n: (1 - leap) * v[n] + leap * implicit[n] for n in v}
+        g = {n: g_a[n] if n in g_a else v[n] - h[n] / lam for n in v}
+        return {n: (1 - loop.leap) * v[n] + loop.leap * g[n] for n in v}
+
+    return _mean(model, task_or_tasks, adapt, implicit)
+
+
+def lazy_horizon(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+) -> dict[str, Tensor]:
+    """The lazy meta-gradient with η = γKα (``jacobian_step="horizon"``)."""
+    return meta_gradient(
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        jacobian_step="horizon",
+        inner_optimizer=inner_optimizer,
+    )
 
 
 ESTIMATORS: dict[str, Estimator] = {
@@ -203,5 +236,5 @@ ESTIMATORS: dict[str, Estimator] = {
     "truncated": truncated,
     "imaml": imaml,
     "lazy": meta_gradient,
-    "lazy_horizon": functools.partial(meta_gradient, jacobian_step="horizon"),
+    "lazy_horizon": lazy_horizon,
 }

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from gradcheck.inner_loop import InnerOptimizer, Problem, check_hyperparameters
-from gradcheck.parameters import Adapt, resolve_adapt
+from gradcheck.parameters import Adapt
+from gradcheck.settings import InnerLoop, InnerOptimizer
 from gradcheck.state import preserved
-from gradcheck.task import Task
+from gradcheck.student import Student
+from gradcheck.task import TaskLike, Tasks, as_tasks
 
-from .lazy import JacobianStep, meta_gradient_and_loss, step_size
+from .lazy import JacobianStep, lazy_gradient, resolve_jacobian_step
+
+__all__ = ["LazyMAML"]
 
 
 class LazyMAML:
@@ -28,67 +30,49 @@ class LazyMAML:
     def __init__(
         self,
         model: nn.Module,
-        inner_lr: float,
         steps: int,
+        inner_lr: float,
+        *,
+        adapt: Adapt = None,
         leap: float = 1.0,
         jacobian_step: JacobianStep = "single",
-        adapt: Adapt = None,
         first_order: bool = False,
-        inner_optimizer: InnerOptimizer = None,
+        inner_optimizer: InnerOptimizer = "sgd",
     ) -> None:
-        check_hyperparameters(steps, inner_lr, leap)
-        step_size(jacobian_step, steps, inner_lr, leap)
-        resolve_adapt(model, adapt)
-        self.model, self.inner_lr, self.steps, self.leap = model, inner_lr, steps, leap
-        self.jacobian_step, self.first_order, self.inner_optimizer = (
-            jacobian_step,
-            first_order,
-            inner_optimizer,
-        )
-        self._adapt = adapt
+        self.model = model
+        self.loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
+        self.eta = 0.0 if first_order else resolve_jacobian_step(jacobian_step, self.loop)
+        self.adapt_spec = adapt
+        Student.read(model, adapt)  # refuse a bad adapt now, not at the first meta-batch
 
-    def meta_backward(self, tasks: Task | Sequence[Task]) -> Tensor:
-        """Accumulate the mean lazy meta-gradient over ``tasks`` into ``p.grad``; return the mean
+    def meta_backward(self, task_or_tasks: Tasks) -> Tensor:
+        """Accumulate the mean lazy meta-gradient over the tasks into ``p.grad``; return the mean
         query loss L_Q(φ_T). Nothing is written unless every task succeeds."""
-        tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
-        if not tasks:
-            raise ValueError("meta_backward needs at least one task")
-        results = [
-            meta_gradient_and_loss(
-                self.model,
-                task,
-                self.steps,
-                self.inner_lr,
-                self.leap,
-                self.jacobian_step,
-                self._adapt,
-                self.inner_optimizer,
-                self.first_order,
-            )
-            for task in tasks
-        ]
+        tasks = as_tasks(task_or_tasks)
+        student = Student.read(self.model, self.adapt_spec)
+        with preserved(self.model):
+            results = [lazy_gradient(student, task, self.loop, self.eta) for task in tasks]
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                if name not in results[0][0]:
+                if name not in student.theta:
                     continue
-                mean = sum(g[name] for g, _ in results) / len(tasks)
+                mean = torch.stack([g[name] for g, _ in results]).mean(0)
                 if p.grad is None:
                     p.grad = mean
                 else:
                     p.grad.add_(mean)
         return torch.stack([loss for _, loss in results]).mean()
 
-    def adapt(self, task: Task) -> nn.Module:
+    def adapt(self, task: TaskLike) -> nn.Module:
         """A copy of the model holding the student φ_K after K inner steps on ``task``."""
-        problem = Problem.read(self.model, task, self._adapt)
+        student = Student.read(self.model, self.adapt_spec)
         with preserved(self.model):
-            phi, buffers = problem.student(self.steps, self.inner_lr, self.inner_optimizer)
-        student = copy.deepcopy(self.model)
+            phi, frozen = student.run(task, self.loop)
+        adapted = copy.deepcopy(self.model)
+        tensors = {**dict(adapted.named_parameters()), **dict(adapted.named_buffers())}
         with torch.no_grad():
-            for name, value in phi.items():
-                student.get_parameter(name).copy_(value)
-            for name, value in buffers.items():
-                student.get_buffer(name).copy_(value)
-        for p in student.parameters():
+            for name, value in {**phi, **frozen}.items():
+                tensors[name].copy_(value)
+        for p in adapted.parameters():
             p.grad = None
-        return student
+        return adapted

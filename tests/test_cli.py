@@ -4,13 +4,14 @@ import json
 
 import pytest
 
-import gradcheck.report
 import lazymaml
-from gradcheck.__main__ import main
+import lazymaml.report
+from gradcheck.__main__ import main as gradcheck_main
+from lazymaml.__main__ import main
 
 
 def test_python_m_gradcheck_verifies_the_oracle(capsys):
-    assert main([]) == 0
+    assert gradcheck_main([]) == 0
     out = capsys.readouterr().out
     assert "oracle agrees with finite differences" in out
     assert "first-order MAML vs the oracle" in out
@@ -31,12 +32,12 @@ def test_report_writes_table_plot_and_json(tmp_path, capsys):
     assert lazy_k1["rel_error"] < 1e-12 and lazy_k1["violation"] is None
 
 
-def eta_doubled(model, task, steps, inner_lr, leap=1.0):
-    return lazymaml.meta_gradient(model, task, steps, inner_lr, leap, 2 * leap * inner_lr)
+def eta_doubled(model, task, steps, inner_lr, *, leap=1.0):
+    return lazymaml.meta_gradient(model, task, steps, inner_lr, leap=leap, jacobian_step=2 * leap * inner_lr)
 
 
-def inflated(model, task, steps, inner_lr, leap=1.0):
-    return {n: 100 * g for n, g in lazymaml.meta_gradient(model, task, steps, inner_lr, leap).items()}
+def inflated(model, task, steps, inner_lr, *, leap=1.0):
+    return {n: 100 * g for n, g in lazymaml.meta_gradient(model, task, steps, inner_lr, leap=leap).items()}
 
 
 @pytest.mark.parametrize(
@@ -44,8 +45,8 @@ def inflated(model, task, steps, inner_lr, leap=1.0):
     [(eta_doubled, "1", "K = 1 identity violated"), (inflated, "2", "bound violated")],
 )
 def test_report_fails_when_a_lazy_property_breaks(broken, steps, message, monkeypatch, tmp_path, capsys):
-    real = gradcheck.report.estimators
-    monkeypatch.setattr(gradcheck.report, "estimators", lambda *a: {**real(*a), "lazy": ("lazy", broken)})
+    real = lazymaml.report.estimators
+    monkeypatch.setattr(lazymaml.report, "estimators", lambda *a: {**real(*a), "lazy": ("lazy", broken)})
     args = [
         "report",
         "--ks",
@@ -66,4 +67,4 @@ def test_report_refuses_unknown_estimators(capsys):
         main(["report", "--estimators", "maml++"])
     assert "invalid choice: 'maml++'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"unknown estimators \['maml\+\+'\]"):
-        gradcheck.report.run(ks=[1], names=["maml++"], progress=False)
+        lazymaml.report.run(ks=[1], names=["maml++"], progress=False)

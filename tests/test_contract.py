@@ -34,8 +34,8 @@ ENTRY_POINTS = {
     "validate": lambda m, t, k, lr, **kw: validate(functional_maml, m, [t], k, lr, **kw),
     "lazymaml.meta_gradient": lazymaml.meta_gradient,
     "lazymaml.deviation_bound": lazymaml.deviation_bound,
-    "LazyMAML.meta_backward": lambda m, t, k, lr, **kw: lazymaml.LazyMAML(m, lr, k, **kw).meta_backward([t]),
-    "LazyMAML.adapt": lambda m, t, k, lr, **kw: lazymaml.LazyMAML(m, lr, k, **kw).adapt(t),
+    "LazyMAML.meta_backward": lambda m, t, k, lr, **kw: lazymaml.LazyMAML(m, k, lr, **kw).meta_backward([t]),
+    "LazyMAML.adapt": lambda m, t, k, lr, **kw: lazymaml.LazyMAML(m, k, lr, **kw).adapt(t),
     "estimators.first_order": estimators.first_order,
     "estimators.reptile": estimators.reptile,
     "estimators.truncated": lambda m, t, k, lr, **kw: estimators.truncated(
@@ -203,10 +203,9 @@ def test_a_closure_that_writes_to_the_real_model_is_undone():
 
 def test_straight_through_needs_every_trainable_parameter():
     model, task = conv_bn(), image_task()
-    theta = dict(model.named_parameters())
-    teacher = {n: p.detach() for n, p in theta.items() if n != "4.bias"}
+    teacher = {n: p.detach() for n, p in model.named_parameters() if n != "4.bias"}
     with pytest.raises(ValueError, match=r"missing \['4.bias'\]"):
-        lazymaml.straight_through(model, task, theta, teacher, 0.1)
+        lazymaml.straight_through(model, task, 1, 0.1, teacher=teacher)
 
 
 def test_task_construction_errors():

@@ -78,8 +78,18 @@ def test_state_copies_buffers_and_casts():
     assert buffers["1.num_batches_tracked"].dtype == torch.long
     buffers["1.running_mean"].add_(1)
     assert not torch.equal(buffers["1.running_mean"].float(), model[1].running_mean)
-    same, _ = state(model)
-    assert same["0.weight"].data_ptr() == model[0].weight.data_ptr()  # no cast: no copy
+
+
+def test_state_copies_without_a_cast_too():
+    """No cast is no excuse for a view: a forward writing in place must write the copies."""
+    model = conv_bn()
+    params, buffers = state(model)
+    assert params["0.weight"].data_ptr() != model[0].weight.data_ptr()
+    assert buffers["1.running_mean"].data_ptr() != model[1].running_mean.data_ptr()
+    buffers["1.running_mean"].add_(1)
+    params["0.weight"].add_(1)
+    assert not torch.equal(buffers["1.running_mean"], model[1].running_mean)
+    assert not torch.equal(params["0.weight"], model[0].weight)
 
 
 def test_functional_view_and_flat_roundtrip():

@@ -60,7 +60,7 @@ def test_batchnorm_statistics_leaked_into_the_model_are_reported_and_undone():
     before = model_state(model)
     leaky = lambda m, t, k, lr: functional_maml(m, t, k, lr, share_buffers=True)  # noqa: E731
     result = validate(leaky, model, [image_task(0), image_task(1)], STEPS, LR)
-    assert any("running_mean was modified" in s for s in result.side_effects)
+    assert any("running_mean modified" in s for s in result.side_effects)
     assert not result.ok(**LOOSE)
     assert "side effect on the model" in str(result)
     assert_same_state(before, model_state(model))
@@ -86,7 +86,7 @@ def test_a_candidate_that_steps_the_model_is_reported():
     model, tasks = problem()
     before = model_state(model)
     result = validate(steps_the_model, model, tasks, STEPS, LR)
-    assert any("parameter 0.weight was modified" in s for s in result.side_effects)
+    assert any("parameter 0.weight modified" in s for s in result.side_effects)
     assert_same_state(before, model_state(model))
 
 
@@ -121,5 +121,5 @@ def test_candidate_exception_propagates_and_model_is_restored():
 def test_single_task_and_empty_list():
     model, tasks = problem()
     validate(CORRECT["functional (torch.func)"], model, tasks[0], STEPS, LR).assert_close(**EXACT)
-    with pytest.raises(ValueError, match="at least one task"):
+    with pytest.raises(ValueError, match="at least one task is needed"):
         validate(CORRECT["functional (torch.func)"], model, [], STEPS, LR)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import lazymaml
 from gradcheck import Task, compare, finite_differences, oracle
-from gradcheck.inner_loop import Problem
+from gradcheck.settings import InnerLoop
+from gradcheck.student import Student
 from lazymaml.derivatives import query_gradient
 from tests.helpers import conv_bn, image_task, mlp, mlp_problems, regression_task
 
@@ -22,21 +23,23 @@ ADAPT = st.sampled_from([None, "head", "body"])
 
 
 def lazy(model, task, steps, inner_lr, leap=1.0, eta=None, adapt=None):
-    return lazymaml.meta_gradient(model, task, steps, inner_lr, leap, "single" if eta is None else eta, adapt)
+    return lazymaml.meta_gradient(
+        model, task, steps, inner_lr, adapt=adapt, leap=leap, jacobian_step="single" if eta is None else eta
+    )
 
 
 # Deliberately broken variants, assembled from the same building blocks as the real thing.
 def _blocks(model, task, steps, inner_lr, leap, adapt):
-    problem = Problem.read(model, task, adapt)
-    phi_t, buffers = problem.teacher(steps, inner_lr, leap)
-    return problem, phi_t, buffers
+    student = Student.read(model, adapt)
+    phi_t, frozen = student.teacher(task, InnerLoop(steps, inner_lr, leap))
+    return student, phi_t, frozen
 
 
 def hvp_at_student(model, task, steps, inner_lr, leap=1.0, eta=None, adapt=None):
-    problem, phi_t, buffers = _blocks(model, task, steps, inner_lr, leap, adapt)
-    v, _ = query_gradient(problem, phi_t, buffers)
-    phi_k, _ = problem.student(steps, inner_lr)
-    h = lazymaml.hvp(problem, phi_k, v)  # wrong: the Jacobian is the one of a step taken at θ
+    student, phi_t, frozen = _blocks(model, task, steps, inner_lr, leap, adapt)
+    v, _ = query_gradient(student, task, phi_t, frozen)
+    phi_k, _ = student.run(task, InnerLoop(steps, inner_lr))
+    h = lazymaml.hvp(student, task, phi_k, v)  # wrong: the Jacobian is the one of a step taken at θ
     return {n: v[n] - (eta or leap * inner_lr) * h[n] for n in v}
 
 
@@ -45,16 +48,16 @@ def eta_doubled(model, task, steps, inner_lr, leap=1.0, eta=None, adapt=None):
 
 
 def leap_applied_twice(model, task, steps, inner_lr, leap=1.0, eta=None, adapt=None):
-    problem, phi_t, buffers = _blocks(model, task, steps, inner_lr, leap, adapt)
-    twice = {n: t + leap * (phi_t[n] - t) for n, t in problem.theta.items()}
-    v, _ = query_gradient(problem, twice, buffers)
-    h = lazymaml.hvp(problem, problem.theta, v)
+    student, phi_t, frozen = _blocks(model, task, steps, inner_lr, leap, adapt)
+    twice = {n: t + leap * (phi_t[n] - t) for n, t in student.theta.items()}
+    v, _ = query_gradient(student, task, twice, frozen)
+    h = lazymaml.hvp(student, task, student.theta, v)
     return {n: v[n] - (eta or leap * inner_lr) * h[n] for n in v}
 
 
 def create_graph_missing(model, task, steps, inner_lr, leap=1.0, eta=None, adapt=None):
-    problem, phi_t, buffers = _blocks(model, task, steps, inner_lr, leap, adapt)
-    return query_gradient(problem, phi_t, buffers)[0]  # the HVP term silently vanishes
+    student, phi_t, frozen = _blocks(model, task, steps, inner_lr, leap, adapt)
+    return query_gradient(student, task, phi_t, frozen)[0]  # the HVP term silently vanishes
 
 
 BROKEN = [hvp_at_student, eta_doubled, leap_applied_twice, create_graph_missing]
@@ -69,7 +72,9 @@ def deviation_within_bound(estimator, model, task, steps, inner_lr, leap, eta, a
     got = estimator(model, task, steps, inner_lr, leap, eta, adapt)
     exact = oracle.meta_gradient(model, task, steps, inner_lr, adapt=adapt, leap=leap)
     deviation = torch.cat([(exact[n] - got[n]).reshape(-1) for n in exact]).norm().item()
-    bound = lazymaml.deviation_bound(model, task, steps, inner_lr, leap, eta or "single", adapt)
+    bound = lazymaml.deviation_bound(
+        model, task, steps, inner_lr, adapt=adapt, leap=leap, jacobian_step=eta or "single"
+    )
     return deviation, bound, deviation <= bound * (1 + 1e-9) + 1e-12
 
 
@@ -115,7 +120,7 @@ def test_deviation_within_bound_conv_batchnorm(adapt):
 
 def test_bound_is_zero_at_k1_and_tight_for_a_float_eta():
     model, task = mlp([2, 4, 1]), regression_task()
-    assert lazymaml.deviation_bound(model, task, 1, 0.3, 0.5) == 0.0
+    assert lazymaml.deviation_bound(model, task, 1, 0.3, leap=0.5) == 0.0
     deviation, bound, ok = deviation_within_bound(lazy, model, task, 1, 0.3, 0.5, 0.05, None)
     assert ok and 0 < deviation <= bound  # K = 1: deviation = |η − γα| ‖H_0 E_Aᵀ v‖, bound uses ‖E_A H_0‖‖v‖
 
@@ -136,8 +141,8 @@ def test_quadratic_deviation_closed_form(steps, adapt, leap):
     zs = torch.cat([xs, torch.ones(n, 1, dtype=torch.float64)], 1)
     mask = torch.tensor([1.0] * d + [float(adapt is None)], dtype=torch.float64)
     transition = torch.eye(d + 1, dtype=torch.float64) - alpha * mask[:, None] * (2 * zs.T @ zs / n)
-    problem = Problem.read(model, task, adapt)
-    v, _ = query_gradient(problem, *problem.teacher(steps, alpha, leap))
+    student = Student.read(model, adapt)
+    v, _ = query_gradient(student, task, *student.teacher(task, InnerLoop(steps, alpha, leap)))
     v = torch.cat([v["weight"].reshape(-1), v["bias"]])
     closed = (
         leap
@@ -154,17 +159,17 @@ def test_quadratic_deviation_closed_form(steps, adapt, leap):
 
 def test_hvp_equals_finite_differences_of_the_support_gradient():
     model, task = mlp([3, 6, 2], "softplus"), regression_task(inputs=3, outputs=2)
-    problem = Problem.read(model, task, "head")
+    student = Student.read(model, "head")
     g = torch.Generator().manual_seed(0)
-    u = {n: torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in problem.theta.items()}
-    h = lazymaml.hvp(problem, problem.theta, u)
+    u = {n: torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in student.theta.items()}
+    h = lazymaml.hvp(student, task, student.theta, u)
 
     def gradient(shift):  # ∇L_S at θ + shift·E_Aᵀu, first order only
         point = {
-            n: (t + shift * u[n] if n in problem.adapted else t).requires_grad_()
-            for n, t in problem.theta.items()
+            n: (t + shift * u[n] if n in student.adapted else t).requires_grad_()
+            for n, t in student.theta.items()
         }
-        loss = task.support_loss(problem.at(point, problem.fresh_buffers()))
+        loss = task.support_loss(student.at(point, student.fresh()))
         return dict(zip(point, torch.autograd.grad(loss, list(point.values()))))
 
     eps = 1e-6
@@ -187,18 +192,14 @@ def test_lazy_at_k1_equals_finite_differences(adapt):
 def test_straight_through_graph_equals_hvp_form(steps, adapt, eta):
     model, task = conv_bn().train(), image_task()
     alpha, leap = 0.2, 0.7
-    phi_t, buffers = Problem.read(model, task, adapt).teacher(steps, alpha, leap)
+    phi_t, _ = Student.read(model, adapt).teacher(task, InnerLoop(steps, alpha, leap))
     theta = dict(model.named_parameters())
-    psi = lazymaml.straight_through(
-        model, task, theta, phi_t, lazymaml.step_size(eta, steps, alpha, leap), adapt
-    )
-    for n in psi:
-        torch.testing.assert_close(psi[n], phi_t[n], rtol=0, atol=1e-15)  # value: the teacher
-    loss = task.query_loss(lambda x: torch.func.functional_call(model, {**psi, **buffers}, (x,)))
-    graph = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
-    compare(graph, lazymaml.meta_gradient(model, task, steps, alpha, leap, eta, adapt)).assert_close(
-        RTOL, ATOL
-    )
+    f = lazymaml.straight_through(model, task, steps, alpha, adapt=adapt, leap=leap, jacobian_step=eta)
+    for n in theta:
+        torch.testing.assert_close(f.tensors[n], phi_t[n], rtol=0, atol=1e-15)  # value: the teacher
+    graph = dict(zip(theta, torch.autograd.grad(task.query_loss(f), list(theta.values()))))
+    lazy_g = lazymaml.meta_gradient(model, task, steps, alpha, adapt=adapt, leap=leap, jacobian_step=eta)
+    compare(graph, lazy_g).assert_close(RTOL, ATOL)
 
 
 @pytest.mark.parametrize("broken", BROKEN, ids=lambda f: f.__name__)
@@ -220,8 +221,8 @@ def test_other_inner_optimizers_drive_only_the_student():
         model, task, 5, 0.05, inner_optimizer=lambda p: torch.optim.Adam(p, lr=0.05)
     )
     compare(adam, factory).assert_close(0, 0)
-    problem = Problem.read(model, task)
-    phi_t, buffers = problem.teacher(5, 0.05, 1.0, "adam")
-    v, _ = query_gradient(problem, phi_t, buffers)
-    h = lazymaml.hvp(problem, problem.theta, v)
+    student = Student.read(model)
+    phi_t, frozen = student.teacher(task, InnerLoop(5, 0.05, inner_optimizer="adam"))
+    v, _ = query_gradient(student, task, phi_t, frozen)
+    h = lazymaml.hvp(student, task, student.theta, v)
     compare(adam, {n: v[n] - 0.05 * h[n] for n in v}).assert_close(RTOL, ATOL)

@@ -1,4 +1,4 @@
-"""``python -m gradcheck report``: every estimator against the oracle, for several K.
+"""``python -m lazymaml report``: every estimator against the oracle, for several K.
 
 On built-in generated problems (a tanh MLP on sinusoid regression, a small 4-conv few-shot
 classifier with BatchNorm), in float64, it measures for each estimator and K: cosine similarity
@@ -18,14 +18,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import oracle, problems
-from .compare import compare
-from .memory import SavedTensorMeter
-from .task import Task
+from gradcheck import compare, oracle, problems
+from gradcheck.memory import SavedTensorMeter
+from gradcheck.task import Task
+
+from .bound import bound_terms
+from .estimators import ESTIMATORS, Estimator, imaml, truncated
+
+__all__ = ["KS", "PROBLEMS", "Measurement", "estimators", "main", "plot", "run", "table"]
 
 KS = (1, 2, 5, 10, 20)
 IDENTITY_RTOL = 1e-8  # lazy at K = 1 vs the oracle, float64 (measured ~1e-16)
@@ -58,32 +63,25 @@ PROBLEMS: dict[str, Callable[[int, str], tuple[nn.Module, Task]]] = {
 }
 
 
-ESTIMATORS = ("first_order", "reptile", "truncated", "imaml", "lazy", "lazy_horizon")
+def estimators(truncation: int, lam: float) -> dict[str, tuple[str, Estimator]]:
+    """name → (label, estimator): :data:`lazymaml.estimators.ESTIMATORS`, configured."""
 
+    def truncated_t(model: nn.Module, task: Task, steps: int, inner_lr: float, **kwargs: Any) -> dict:
+        return truncated(model, task, steps, inner_lr, horizon=min(truncation, steps), **kwargs)
 
-def estimators(truncation: int, lam: float) -> dict[str, tuple[str, Callable[..., dict]]]:
-    """name → (label, estimator), configured (imported here: gradcheck does not need lazymaml)."""
-    import lazymaml
-    from lazymaml import estimators as e
-
-    def truncated(model: nn.Module, task: Task, steps: int, inner_lr: float, **kwargs: object) -> dict:
-        return e.truncated(model, task, steps, inner_lr, horizon=min(truncation, steps), **kwargs)
-
-    return {
-        "first_order": ("first_order", e.first_order),
-        "reptile": ("reptile", e.reptile),
-        "truncated": (f"truncated(T={truncation})", truncated),
-        "imaml": (f"imaml(λ={lam:g})", functools.partial(e.imaml, lam=lam, cg_iterations=100)),
-        "lazy": ("lazy", lazymaml.meta_gradient),
-        "lazy_horizon": ("lazy_horizon", functools.partial(lazymaml.meta_gradient, jacobian_step="horizon")),
-    }
+    configured: dict[str, tuple[str, Estimator]] = {name: (name, fn) for name, fn in ESTIMATORS.items()}
+    configured["truncated"] = (f"truncated(T={truncation})", truncated_t)
+    configured["imaml"] = (f"imaml(λ={lam:g})", functools.partial(imaml, lam=lam, cg_iterations=100))
+    return configured
 
 
 BOUNDED = {"lazy": "single", "lazy_horizon": "horizon"}
 
 
 @dataclass(frozen=True)
-class Row:
+class Measurement:
+    """One estimator on one problem at one K, against the oracle."""
+
     problem: str
     estimator: str
     steps: int
@@ -126,11 +124,9 @@ def run(
     truncation: int = 2,
     lam: float = 20.0,
     progress: bool = True,
-) -> list[Row]:
+) -> list[Measurement]:
     """Measure every estimator (or ``names``) against the oracle for each K and problem."""
     from tqdm import tqdm
-
-    from lazymaml import bound_terms, step_size
 
     unknown = sorted(set(names or ()) - set(ESTIMATORS))
     if unknown:
@@ -147,14 +143,16 @@ def run(
                 oracle.meta_gradient(model, task, 1, inner_lr)
             terms = None  # the bound's Hessian norms, shared by both lazy variants
             exact, seconds, mib = _measured(oracle.meta_gradient, model, task, k, inner_lr, leap=leap)
-            rows.append(Row(problem, "exact (oracle)", k, 1.0, 0.0, 0.0, None, seconds, mib))
+            rows.append(Measurement(problem, "exact (oracle)", k, 1.0, 0.0, 0.0, None, seconds, mib))
             bar.update()
             for name, (label, fn) in chosen.items():
                 try:
                     g, seconds, mib = _measured(fn, model, task, k, inner_lr, leap=leap)
                 except ValueError as error:  # e.g. iMAML on an indefinite system: reported, not fatal
                     rows.append(
-                        Row(problem, label, k, math.nan, math.nan, math.nan, None, 0.0, 0.0, str(error))
+                        Measurement(
+                            problem, label, k, math.nan, math.nan, math.nan, None, 0.0, 0.0, str(error)
+                        )
                     )
                     bar.update()
                     continue
@@ -162,10 +160,10 @@ def run(
                 deviation = report.overall.abs_error
                 bound = None
                 if name in BOUNDED:
-                    terms = terms or bound_terms(model, task, k, inner_lr, leap)
-                    bound = terms.bound(step_size(BOUNDED[name], k, inner_lr, leap))
+                    terms = terms or bound_terms(model, task, k, inner_lr, leap=leap)
+                    bound = terms.bound(BOUNDED[name])
                 rows.append(
-                    Row(
+                    Measurement(
                         problem,
                         label,
                         k,
@@ -181,7 +179,7 @@ def run(
     return rows
 
 
-def table(rows: Sequence[Row]) -> str:
+def table(rows: Sequence[Measurement]) -> str:
     head = (
         f"{'problem':<14} {'estimator':<16} {'K':>3} {'cosine':>9} {'rel.err':>9} {'bound':>9} "
         f"{'dev/bound':>9} {'time ms':>8} {'graph MiB':>9}"
@@ -201,7 +199,7 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[Row], path: Path, title: str) -> None:
+def plot(rows: Sequence[Measurement], path: Path, title: str) -> None:
     """Relative error vs K per estimator (log scale), one panel per problem."""
     import matplotlib
 
@@ -236,14 +234,14 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradcheck report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lazymaml report", description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="inner horizons K")
     parser.add_argument("--inner-lr", type=float, default=0.01, help="α")
     parser.add_argument("--leap", type=float, default=1.0, help="γ, the teacher's fraction")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("gradcheck-report"), help="output directory")
-    parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, help="subset (default: all)")
+    parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), help="subset (default: all)")
     parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
     parser.add_argument("--truncation", type=int, default=2, help="T for truncated backprop")
     parser.add_argument(

@@ -1,0 +1,157 @@
+"""The inner learner without a graph (the "student"), and the loss checks every estimator applies.
+
+Student: φ_0 = θ, φ_{k+1} = φ_k − α E_A ∇L_S(φ_k) for plain SGD, or one step of any
+``torch.optim`` optimizer over the adapted parameters A. Teacher's leap: φ_T = θ + γ(φ_K − θ).
+No graph is kept between steps, so memory does not grow with K; this is the forward trajectory
+that the finite-difference checks evaluate and that the lazy meta-gradient starts from.
+
+A :class:`Student` reads the user's model once — copies of θ, of the frozen parameters and of the
+buffers, and the adapted set A — and from then on evaluates it functionally: the model itself is
+only ever read, and every run of the inner loop starts from fresh copies of the non-trainable
+tensors, so a forward that writes them in place (BatchNorm statistics) cannot leak between runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .parameters import Adapt, Functional, resolve_adapt, state, trainable
+from .settings import InnerLoop
+from .task import TaskLike
+
+__all__ = ["QUERY_LOSS", "Student", "apply_leap", "checked_loss", "converted", "support_loss_at"]
+
+QUERY_LOSS = "query loss L_Q(φ_T)"
+
+
+def support_loss_at(k: int, steps: int) -> str:
+    """How inner step k's support loss is named in error messages."""
+    return f"support loss L_S(φ_{k}) at inner step {k + 1} of {steps}"
+
+
+def checked_loss(loss: object, what: str) -> Tensor:
+    """``loss`` if it is a finite scalar tensor; otherwise an exception that says ``what`` it was."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(loss).__name__}")
+    if loss.ndim != 0:
+        raise ValueError(
+            f"{what} must be a scalar (0-dim) tensor, got shape {tuple(loss.shape)}; "
+            "reduce it, e.g. with .mean()"
+        )
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} is {loss.item()}")
+    return loss
+
+
+def apply_leap(theta: Mapping[str, Tensor], phi: Mapping[str, Tensor], leap: float) -> dict[str, Tensor]:
+    """The teacher φ_T = θ + γ(φ_K − θ) (exactly φ_K when γ = 1); differentiable if its inputs are."""
+    if leap == 1:
+        return {n: phi[n] for n in theta}
+    return {n: t + leap * (phi[n] - t) for n, t in theta.items()}
+
+
+def converted(tasks: list[TaskLike], model: nn.Module, dtype: torch.dtype, why: str) -> list[TaskLike]:
+    """``tasks`` with their data in ``dtype`` when ``model`` is not in ``dtype`` already (it will be
+    evaluated on a converted copy); a closure task cannot be converted and is refused, naming ``why``."""
+    other = [n for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype]
+    if not other:
+        return tasks
+    try:
+        return [t.to(dtype) for t in tasks]
+    except TypeError as error:
+        raise ValueError(
+            f"{why} need {dtype}, and parameters {other[:3]} are not {dtype}: use a converted copy "
+            f"of the model (copy.deepcopy(model).to({dtype})) with data of that dtype; {error}"
+        ) from error
+
+
+@dataclass(frozen=True)
+class Student:
+    """A model read once: θ, copies of its other tensors, and the adapted set A ⊆ θ.
+
+    ``theta`` holds the trainable parameters (names of ``model.named_parameters()``), ``frozen``
+    every other parameter and every buffer; ``adapted`` names A.
+    """
+
+    model: nn.Module
+    theta: dict[str, Tensor]
+    frozen: dict[str, Tensor]
+    adapted: tuple[str, ...]
+
+    @classmethod
+    def read(cls, model: nn.Module, adapt: Adapt = None, dtype: torch.dtype | None = None) -> Student:
+        """Copy ``model``'s tensors (cast to ``dtype`` if given) and resolve ``adapt``."""
+        names = trainable(model)
+        adapted = resolve_adapt(model, adapt)
+        params, buffers = state(model, dtype)
+        theta = {n: params.pop(n) for n in names}
+        return cls(model, theta, {**params, **buffers}, adapted)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.theta.values())).dtype
+
+    def fresh(self) -> dict[str, Tensor]:
+        """New copies of the non-trainable tensors, for one run of the inner loop to update."""
+        return {n: t.clone() for n, t in self.frozen.items()}
+
+    def at(self, point: Mapping[str, Tensor], frozen: Mapping[str, Tensor]) -> Functional:
+        """The model evaluated at ``point`` (trainable tensors) with ``frozen`` (the others)."""
+        return Functional(self.model, self.theta, frozen, point)
+
+    @torch.enable_grad()
+    def trajectory(
+        self,
+        task: TaskLike,
+        loop: InnerLoop,
+        frozen: dict[str, Tensor],
+        start: Mapping[str, Tensor] | None = None,
+        proximal: float = 0.0,
+    ) -> Iterator[dict[str, Tensor]]:
+        """Yield the student's parameters φ_0, φ_1, …, φ_K on ``task``, computed without a graph.
+
+        φ_0 is θ, or ``start`` where given. The adapted tensors are copied before the optimizer
+        writes them; ``frozen`` is updated in place, as BatchNorm running statistics are.
+        ``proximal`` = λ > 0 minimises L_S(φ) + (λ/2)‖φ_A − φ_0,A‖² instead (iMAML). The yielded
+        dict is live: it holds φ_k until the next step.
+        """
+        phi = {n: t.detach() for n, t in {**self.theta, **(start or {})}.items()}
+        anchors = [phi[n] for n in self.adapted]
+        leaves = [phi[n].clone().requires_grad_(True) for n in self.adapted]
+        phi.update(zip(self.adapted, leaves))
+        optimizer = loop.optimizer(leaves)
+        f = self.at(phi, frozen)
+        yield phi
+        for k in range(loop.steps):
+            loss = checked_loss(task.support_loss(f), support_loss_at(k, loop.steps))
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            for leaf, grad, anchor in zip(leaves, grads, anchors):
+                if proximal:
+                    pull = proximal * (leaf.detach() - anchor)
+                    grad = pull if grad is None else grad + pull
+                leaf.grad = grad
+            optimizer.step()
+            yield phi
+
+    def run(
+        self,
+        task: TaskLike,
+        loop: InnerLoop,
+        start: Mapping[str, Tensor] | None = None,
+        proximal: float = 0.0,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """φ_K (detached, every trainable name) and the non-trainable tensors as K steps left them."""
+        frozen = self.fresh()
+        *_, phi = self.trajectory(task, loop, frozen, start, proximal)
+        return {n: t.detach() for n, t in phi.items()}, frozen
+
+    def teacher(
+        self, task: TaskLike, loop: InnerLoop, start: Mapping[str, Tensor] | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """φ_T = θ + γ(φ_K − θ) (exactly φ_K when γ = 1), and the tensors as the student left them."""
+        phi, frozen = self.run(task, loop, start)
+        return apply_leap({**self.theta, **(start or {})}, phi, loop.leap), frozen
