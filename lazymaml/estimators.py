@@ -31,9 +31,24 @@ from gradcheck.task import TaskLike, Tasks, as_tasks
 from .derivatives import hessian_vector_products, query_gradient
 from .lazy import lazy_gradient, meta_gradient
 
-__all__ = ["ESTIMATORS", "Estimator", "first_order", "imaml", "lazy_horizon", "reptile", "truncated"]
+__all__ = [
+    "ESTIMATORS",
+    "ConvergenceWarning",
+    "Estimator",
+    "first_order",
+    "imaml",
+    "lazy_horizon",
+    "reptile",
+    "truncated",
+]
 
 Estimator = Callable[..., dict[str, Tensor]]
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An iterative solve (iMAML's conjugate gradient) stopped before reaching its tolerance."""
+
+
 PerTask = Callable[[Student, TaskLike], dict[str, Tensor]]
 
 
@@ -196,7 +211,7 @@ def imaml(
             warnings.warn(
                 f"iMAML: conjugate gradient stopped at relative residual {residual:.2e} > cg_tol={cg_tol:g} "
                 f"after {used} iterations; raise cg_iterations or lam",
-                RuntimeWarning,
+                ConvergenceWarning,
                 stacklevel=5,  # implicit ← comprehension ← _mean ← imaml ← caller
             )
         g_a = unflat(x, like)

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 import lazymaml
 from gradcheck import Task, compare, oracle
-from lazymaml.estimators import ESTIMATORS, first_order, imaml, reptile, truncated
+from lazymaml.estimators import (
+    ESTIMATORS,
+    ConvergenceWarning,
+    _conjugate_gradient,
+    first_order,
+    imaml,
+    reptile,
+    truncated,
+)
 from tests.helpers import (
     Flat,
     conv_bn,
@@ -118,12 +126,25 @@ def test_imaml_matches_dense_linear_solve(adapt, leap, lam):
 def test_imaml_warns_when_cg_does_not_converge():
     model, task = mlp([2, 6, 6, 1], "tanh"), regression_task()
     with pytest.warns(
-        RuntimeWarning, match="conjugate gradient stopped at relative residual .* after 1 iterations"
+        ConvergenceWarning, match="conjugate gradient stopped at relative residual .* after 1 iterations"
     ):
         imaml(model, task, 3, 0.1, lam=2.0, cg_iterations=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         imaml(model, task, 3, 0.1, lam=2.0, cg_iterations=200)
+
+
+def test_conjugate_gradient_converges_in_n_steps_on_an_ill_conditioned_system():
+    """CG solves an n×n SPD system in at most n iterations (exact arithmetic); steepest descent
+    needs ~κ·log(1/tol) of them. With eigenvalues spread over six decades (κ = 1e6), n = 12 and a
+    budget of 3n, only genuine conjugate directions reach a 1e-10 relative residual."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.logspace(0, 6, 12, dtype=torch.float64)) @ q.T
+    b = torch.randn(12, generator=g, dtype=torch.float64)
+    x, residual, used = _conjugate_gradient(lambda v: a @ v, b, iterations=36, tol=1e-10)
+    assert residual <= 1e-10 and used <= 36
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-8, atol=0)
 
 
 def test_imaml_refuses_an_indefinite_system():
@@ -147,8 +168,14 @@ def test_lazy_horizon_is_the_lazy_gradient_with_eta_gamma_k_alpha():
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
-def test_every_estimator_shares_the_calling_convention(name):
-    model, task = conv_bn().train(), image_task()
-    g = ESTIMATORS[name](model, task, 2, 0.1, leap=0.8, adapt="head")
-    assert list(g) == [n for n, _ in model.named_parameters()]
-    assert all(g[n].shape == p.shape for n, p in model.named_parameters())
+def test_every_estimator_averages_a_meta_batch_however_it_is_given(name):
+    """One task, a list and Task.stack(...) are the same call: the list's gradient is the mean of
+    the single-task gradients (to rounding), for every parameter and in named_parameters() order."""
+    model, tasks = conv_bn().train(), [image_task(0), image_task(1)]
+    options = dict(leap=0.8, adapt="head")
+    single = [ESTIMATORS[name](model, t, 2, 0.1, **options) for t in tasks]
+    assert list(single[0]) == [n for n, _ in model.named_parameters()]
+    mean = {n: (single[0][n] + single[1][n]) / 2 for n in single[0]}
+    compare(ESTIMATORS[name](model, tasks, 2, 0.1, **options), mean).assert_close(1e-12, 1e-15)
+    compare(ESTIMATORS[name](model, Task.stack(tasks), 2, 0.1, **options), mean).assert_close(1e-12, 1e-15)
+    assert compare(single[0], single[1]).overall.rel_error > 1e-3  # the two tasks do differ
