@@ -101,3 +101,37 @@ def test_functional_view_and_flat_roundtrip():
     assert vector.numel() == sum(p.numel() for p in model.parameters())
     back = unflat(vector, params)
     assert all(torch.equal(back[n], params[n]) for n in params)
+
+
+class PrefixNames(nn.Module):
+    """Module names that are string prefixes of one another: ``block1`` / ``block10``, ``head_proj``
+    registered before ``head`` (so the preset "head" is ``head``, whose name prefixes ``head_proj``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block10 = nn.Linear(2, 2)
+        self.block1 = nn.Linear(2, 2)
+        self.head_proj = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.head(self.head_proj(self.block1(self.block10(x))))
+
+
+def test_prefixes_match_whole_name_components_only():
+    model = PrefixNames()
+    assert resolve_adapt(model, "block1") == ("block1.weight", "block1.bias")
+    assert resolve_adapt(model, ["block10"]) == ("block10.weight", "block10.bias")
+    assert resolve_adapt(model, "head_proj") == ("head_proj.weight", "head_proj.bias")
+
+
+def test_head_preset_owns_only_its_own_module():
+    model = PrefixNames()
+    assert resolve_adapt(model, "head") == ("head.weight", "head.bias")
+    assert "head_proj.weight" in resolve_adapt(model, "body")
+
+
+def test_sequential_with_ten_and_more_layers():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])
+    assert resolve_adapt(model, ["1"]) == ("1.weight", "1.bias")
+    assert resolve_adapt(model, "head") == ("10.weight", "10.bias")

@@ -16,7 +16,7 @@ from gradcheck import Task, compare, finite_differences, oracle
 from gradcheck.settings import InnerLoop
 from gradcheck.student import Student
 from lazymaml.derivatives import query_gradient
-from tests.helpers import conv_bn, image_task, mlp, mlp_problems, regression_task
+from tests.helpers import Flat, conv_bn, image_task, mlp, mlp_problems, regression_task
 
 RTOL, ATOL = 1e-10, 1e-13
 ADAPT = st.sampled_from([None, "head", "body"])
@@ -118,11 +118,55 @@ def test_deviation_within_bound_conv_batchnorm(adapt):
     assert deviation_within_bound(lazy, conv_bn().train(), image_task(), 4, 0.2, 1.0, None, adapt)[2]
 
 
-def test_bound_is_zero_at_k1_and_tight_for_a_float_eta():
+def test_bound_is_zero_at_k1_with_the_single_step():
     model, task = mlp([2, 4, 1]), regression_task()
     assert lazymaml.deviation_bound(model, task, 1, 0.3, leap=0.5) == 0.0
+    assert lazymaml.deviation_bound(model, task, 1, 0.3, leap=0.5, jacobian_step="horizon") == 0.0
+
+
+def test_bound_is_attained_at_k1_by_a_one_parameter_model():
+    """At K = 1 with η ≠ γα, g_exact − g_lazy = (η − γα) H_0 E_Aᵀ v, so the deviation is
+    |η − γα| ‖H_0 v‖ and the bound |η − γα| ‖H_0‖ ‖v‖: equal when H_0 is a scalar. The ratio is
+    asserted to 1e-9 (both sides are the same float64 quantities computed two ways)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.Tanh()).double()
+    x = torch.linspace(-1, 1, 7, dtype=torch.float64).view(-1, 1)
+    task = Task((x, torch.sin(2 * x)), (x + 0.1, torch.cos(x)), torch.nn.functional.mse_loss)
     deviation, bound, ok = deviation_within_bound(lazy, model, task, 1, 0.3, 0.5, 0.05, None)
-    assert ok and 0 < deviation <= bound  # K = 1: deviation = |η − γα| ‖H_0 E_Aᵀ v‖, bound uses ‖E_A H_0‖‖v‖
+    assert ok and deviation > 1e-4
+    assert deviation / bound == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(("adapt", "leap"), [(None, 1.0), ("head", 0.6), ("body", 0.8)])
+def test_bound_terms_are_the_norms_a_dense_computation_gives(adapt, leap):
+    """‖T_0‖, ‖E_A H_k‖ and ‖v‖ recomputed here from dense Hessians of a flat-vector model
+    (tests.helpers.Flat: no project code), along an SGD trajectory written here; and the bound
+    assembled from them by the SPEC formula. Agreement to 1e-10 relative (float64, the same
+    eigenproblems solved twice); a ‖I + αH‖ or an unprojected H would be off by O(α‖H‖)."""
+    model, task = mlp([2, 4, 3, 1], "softplus"), regression_task()
+    steps, alpha, eta = 3, 0.4, 0.05
+    flat = Flat(model, task, adapt)
+    mask = flat.mask
+    phi, norms = flat.theta.clone(), []
+    for k in range(steps):
+        hessian = torch.autograd.functional.hessian(flat.support, phi)
+        projected = mask[:, None] * hessian
+        norms.append(torch.linalg.matrix_norm(projected, ord=2).item())
+        if k == 0:
+            t0 = torch.linalg.matrix_norm(torch.eye(len(phi), dtype=phi.dtype) - alpha * projected, ord=2)
+        point = phi.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(flat.support(point), point)
+        phi = phi - alpha * mask * grad
+    teacher = (flat.theta + leap * (phi - flat.theta)).requires_grad_()
+    (v,) = torch.autograd.grad(flat.query(teacher), teacher)
+
+    terms = lazymaml.bound_terms(model, task, steps, alpha, adapt=adapt, leap=leap)
+    assert terms.t0_norm == pytest.approx(t0.item(), rel=1e-10)
+    assert terms.hessian_norms == pytest.approx(norms, rel=1e-10)
+    assert terms.v_norm == pytest.approx(v.norm().item(), rel=1e-10)
+    growth = (1 + alpha * norms[1]) * (1 + alpha * norms[2]) - 1
+    want = (leap * t0.item() * growth + abs(eta - leap * alpha) * norms[0]) * v.norm().item()
+    assert terms.bound(eta) == pytest.approx(want, rel=1e-10)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 10])
