@@ -1,0 +1,316 @@
+"""The curated mutants run by ``tools/mutants.py``: single-point edits a careless developer could make.
+
+Each names the file, the exact snippet (it must occur once), its replacement, why it is a
+plausible mistake, and the test files that mirror the module (run first, for speed; the whole
+suite runs when they miss it). ``equivalent`` explains why a mutant cannot be told apart from the
+original by any behaviour; such mutants are listed but not run or counted. Keep this list current:
+a new code path gets the mutants a careless edit would make there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MUTANTS", "Mutant"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    path: str
+    find: str
+    replace: str
+    why: str
+    tests: tuple[str, ...] = ("tests",)
+    equivalent: str = ""
+
+
+GC = "tests/gradcheck"
+LM = "tests/lazymaml"
+CONTRACT = "tests/test_contract.py"
+
+MUTANTS = [
+    # gradcheck/task.py
+    Mutant(
+        "task-support-reads-query",
+        "gradcheck/task.py",
+        "        x, y = self.support\n        return self.loss(f(x), y)",
+        "        x, y = self.query\n        return self.loss(f(x), y)",
+        "copy-paste between support_loss and query_loss",
+        (f"{GC}/test_oracle.py",),
+    ),
+    Mutant(
+        "task-stack-concatenates",
+        "gradcheck/task.py",
+        "(torch.stack(parts) for parts in",
+        "(torch.cat(parts) for parts in",
+        "cat instead of stack: tasks merged into one",
+        (f"{LM}/test_estimators.py",),
+    ),
+    Mutant(
+        "as-tasks-first-only",
+        "gradcheck/task.py",
+        'not a task")\n    return tasks',
+        'not a task")\n    return tasks[:1]',
+        "a meta-batch silently reduced to its first task",
+        (f"{LM}/test_estimators.py",),
+    ),
+    # gradcheck/settings.py
+    Mutant(
+        "settings-leap-zero-allowed",
+        "gradcheck/settings.py",
+        "if not 0 < self.leap <= 1:",
+        "if not 0 <= self.leap <= 1:",
+        "off-by-one interval: γ = 0 (no teacher at all) accepted",
+        (CONTRACT,),
+    ),
+    Mutant(
+        "settings-negative-steps",
+        "gradcheck/settings.py",
+        "        if steps < 0:",
+        "        if steps < -1:",
+        "K = −1 accepted",
+        (CONTRACT,),
+    ),
+    Mutant(
+        "settings-zero-inner-lr",
+        "gradcheck/settings.py",
+        "if self.inner_lr <= 0:",
+        "if self.inner_lr < 0:",
+        "α = 0 accepted",
+        (CONTRACT,),
+    ),
+    # gradcheck/parameters.py
+    Mutant(
+        "adapt-prefix-startswith",
+        "gradcheck/parameters.py",
+        'return name == key or name.startswith(key + ".")',
+        "return name.startswith(key)",
+        "prefix matched as a string: '1' selects '10.weight', 'head' selects 'head_proj.weight'",
+        (f"{GC}/test_parameters.py",),
+    ),
+    Mutant(
+        "head-owner-startswith",
+        "gradcheck/parameters.py",
+        'return [n for n in names if n.rpartition(".")[0] == head]',
+        "return [n for n in names if n.startswith(head)]",
+        "the head preset's owner matched as a string prefix",
+        (f"{GC}/test_parameters.py",),
+    ),
+    Mutant(
+        "head-first-owner",
+        "gradcheck/parameters.py",
+        "head = owners[-1]",
+        "head = owners[0]",
+        "ANIL's head taken from the wrong end",
+        (f"{GC}/test_parameters.py",),
+    ),
+    Mutant(
+        "state-views-without-cast",
+        "gradcheck/parameters.py",
+        "return t.detach().to(dtype=cast, copy=True)",
+        "return t.detach().to(dtype=cast)",
+        "no copy when no cast is needed: in-place writes in forward reach the model",
+        (f"{GC}/test_parameters.py",),
+    ),
+    Mutant(
+        "dense-ones",
+        "gradcheck/parameters.py",
+        "{n: torch.zeros_like(t) if g is None else g for",
+        "{n: torch.ones_like(t) if g is None else g for",
+        "unused parameters get a non-zero gradient",
+        (f"{GC}/test_oracle.py",),
+    ),
+    Mutant(
+        "task-mean-sums",
+        "gradcheck/parameters.py",
+        "torch.stack([g[n] for g in gradients]).mean(0)",
+        "torch.stack([g[n] for g in gradients]).sum(0)",
+        "the meta-batch summed instead of averaged",
+        (f"{LM}/test_estimators.py",),
+    ),
+    # gradcheck/student.py
+    Mutant(
+        "leap-from-the-wrong-end",
+        "gradcheck/student.py",
+        "return {n: t + leap * (phi[n] - t) for n, t in theta.items()}",
+        "return {n: phi[n] + leap * (t - phi[n]) for n, t in theta.items()}",
+        "γ measured from φ_K instead of θ",
+        (f"{LM}/test_lazy.py",),
+    ),
+    Mutant(
+        "leap-ignored",
+        "gradcheck/student.py",
+        "    if leap == 1:\n        return {n: phi[n] for n in theta}",
+        "    if leap > 0:\n        return {n: phi[n] for n in theta}",
+        "the teacher is always the student",
+        (f"{LM}/test_lazy.py",),
+    ),
+    Mutant(
+        "loss-check-nan-only",
+        "gradcheck/student.py",
+        "if not torch.isfinite(loss):",
+        "if torch.isnan(loss):",
+        "inf losses pass the check",
+        (CONTRACT,),
+    ),
+    Mutant(
+        "loss-name-zero-based",
+        "gradcheck/student.py",
+        "at inner step {k + 1} of {steps}",
+        "at inner step {k} of {steps}",
+        "error messages name the wrong inner step",
+        (CONTRACT,),
+    ),
+    Mutant(
+        "proximal-pull-sign",
+        "gradcheck/student.py",
+        "pull = proximal * (leaf.detach() - anchor)",
+        "pull = proximal * (anchor - leaf.detach())",
+        "iMAML's proximal term pushes away from θ",
+        (f"{LM}/test_estimators.py",),
+    ),
+    Mutant(
+        "fresh-shares-tensors",
+        "gradcheck/student.py",
+        "return {n: t.clone() for n, t in self.frozen.items()}",
+        "return dict(self.frozen)",
+        "runs share BatchNorm statistics: one run's in-place writes leak into the next",
+        (f"{GC}/test_finite_differences.py", CONTRACT),
+    ),
+    # gradcheck/oracle.py and gradcheck/_higher.py
+    Mutant(
+        "oracle-copy-initial-weights",
+        "gradcheck/oracle.py",
+        "copy_initial_weights=False, track_higher_grads=True",
+        "copy_initial_weights=True, track_higher_grads=True",
+        "higher's default: θ detached, every term through θ dropped",
+        (f"{GC}/test_oracle.py",),
+    ),
+    Mutant(
+        "oracle-first-order-ignored",
+        "gradcheck/oracle.py",
+        "grad_callback=_constant if first_order else None",
+        "grad_callback=None",
+        "first_order=True silently second order",
+        (f"{GC}/test_oracle.py",),
+    ),
+    Mutant(
+        "oracle-leap-ignored",
+        "gradcheck/oracle.py",
+        "    if loop.leap != 1:",
+        "    if loop.leap > 1:",
+        "the oracle scores φ_K whatever γ is",
+        (f"{GC}/test_oracle.py",),
+    ),
+    Mutant(
+        "adam-no-bias-correction",
+        "gradcheck/_higher.py",
+        'denom = _sqrt(v) / math.sqrt(1 - beta2**step) + group["eps"]',
+        'denom = _sqrt(v) + group["eps"]',
+        "the second-moment bias correction forgotten",
+        (f"{GC}/test_higher_defects.py",),
+    ),
+    Mutant(
+        "adam-eps-before-correction",
+        "gradcheck/_higher.py",
+        'denom = _sqrt(v) / math.sqrt(1 - beta2**step) + group["eps"]',
+        'denom = (_sqrt(v) + group["eps"]) / math.sqrt(1 - beta2**step)',
+        "higher 0.2.1's own defect: ε added before the bias correction",
+        (f"{GC}/test_higher_defects.py",),
+    ),
+    # gradcheck/memory.py
+    Mutant(
+        "meter-never-releases",
+        "gradcheck/memory.py",
+        "        self.meter.live -= self.nbytes",
+        "        self.meter.live -= 0",
+        "saved tensors never counted as released",
+        (f"{LM}/test_memory.py",),
+    ),
+    # lazymaml/lazy.py
+    Mutant(
+        "eta-without-gamma",
+        "lazymaml/lazy.py",
+        "eta = loop.leap * loop.inner_lr * (",
+        "eta = loop.inner_lr * (",
+        "η = α instead of γα: exact only when γ = 1",
+        (f"{LM}/test_lazy.py",),
+    ),
+    Mutant(
+        "eta-horizon-is-single",
+        "lazymaml/lazy.py",
+        '(loop.steps if jacobian_step == "horizon" else 1)',
+        '(1 if jacobian_step == "horizon" else 1)',
+        '"horizon" silently the same as "single"',
+        (f"{LM}/test_estimators.py",),
+    ),
+    Mutant(
+        "eta-at-k0",
+        "lazymaml/lazy.py",
+        "return eta if loop.steps > 0 else 0.0",
+        "return eta",
+        "a Jacobian step taken although no inner step was",
+        (f"{LM}/test_lazy.py",),
+    ),
+    Mutant(
+        "lazy-hvp-sign",
+        "lazymaml/lazy.py",
+        "return {n: v[n] - eta * h[n] for n in v}, loss",
+        "return {n: v[n] + eta * h[n] for n in v}, loss",
+        "the Jacobian I + ηH instead of I − ηH",
+        (f"{LM}/test_lazy.py",),
+    ),
+    # lazymaml/derivatives.py
+    Mutant(
+        "support-gradient-no-graph",
+        "lazymaml/derivatives.py",
+        "return list(torch.autograd.grad(loss, adapted, create_graph=True, allow_unused=True))",
+        "return list(torch.autograd.grad(loss, adapted, create_graph=False, allow_unused=True))",
+        "create_graph forgotten: the HVP silently vanishes",
+        (f"{LM}/test_lazy.py",),
+    ),
+    # lazymaml/bound.py
+    Mutant(
+        "bound-t0-plus",
+        "lazymaml/bound.py",
+        "matrix_norm(eye - loop.inner_lr * projected, ord=2)",
+        "matrix_norm(eye + loop.inner_lr * projected, ord=2)",
+        "‖T₀‖ computed as ‖I + αH‖",
+        (f"{LM}/test_lazy.py",),
+    ),
+    Mutant(
+        "bound-growth-from-h0",
+        "lazymaml/bound.py",
+        "for h in self.hessian_norms[1:]) - 1",
+        "for h in self.hessian_norms) - 1",
+        "the product over k = 0 … K−1 instead of 1 … K−1 (looser, still a bound)",
+        (f"{LM}/test_lazy.py",),
+    ),
+    Mutant(
+        "bound-unprojected",
+        "lazymaml/bound.py",
+        "torch.full_like(t, float(k in student.adapted))",
+        "torch.full_like(t, 1.0)",
+        "E_A forgotten: the Hessian of every parameter, not just the adapted ones",
+        (f"{LM}/test_lazy.py",),
+    ),
+    # lazymaml/graph.py
+    Mutant(
+        "straight-through-undetached",
+        "lazymaml/graph.py",
+        "psi[n] = psi[n] - eta * (g - g.detach())",
+        "psi[n] = psi[n] - eta * g",
+        "stop-gradient forgotten: ψ no longer has the teacher's value",
+        (f"{LM}/test_lazy.py",),
+    ),
+    # lazymaml/report.py
+    Mutant(
+        "report-identity-unchecked",
+        "lazymaml/report.py",
+        'if self.estimator == "lazy" and self.steps == 1 and self.rel_error > IDENTITY_RTOL:',
+        'if self.estimator == "lazy" and self.steps == 0 and self.rel_error > IDENTITY_RTOL:',
+        "the K = 1 identity never checked by the report",
+        ("tests/test_cli.py",),
+    ),
+]
