@@ -11,11 +11,17 @@ v = ∇L_Q(φ_T).
 * ``imaml``        g_A = (I + H_AA/λ)⁻¹ v_A, g_B = v_B − H_BA g_A / λ at the proximal φ_K
 * ``lazy``         g = v − γα ∇⟨E_A∇L_S(θ), v⟩             (:func:`lazymaml.meta_gradient`)
 * ``lazy_horizon`` g = v − γKα ∇⟨E_A∇L_S(θ), v⟩
+
+Their per-task building blocks (:data:`PerTask`: one task, an already-read student, checked
+settings) are what :class:`lazymaml.MetaLearner` runs on its sequential path:
+:func:`lazymaml.lazy.lazy_gradient` (lazy, and first-order with η = 0), :func:`reptile_direction`,
+:func:`truncated_gradient` and :func:`implicit_gradient`.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -35,6 +41,7 @@ __all__ = [
     "ESTIMATORS",
     "ConvergenceWarning",
     "Estimator",
+    "PerTask",
     "first_order",
     "imaml",
     "lazy_horizon",
@@ -49,15 +56,83 @@ class ConvergenceWarning(RuntimeWarning):
     """An iterative solve (iMAML's conjugate gradient) stopped before reaching its tolerance."""
 
 
-PerTask = Callable[[Student, TaskLike], dict[str, Tensor]]
+PerTask = Callable[[Student, TaskLike], tuple[dict[str, Tensor], Tensor]]
+"""One task's estimate for an already-read student: ``{name: gradient}`` for every trainable
+parameter, and the query loss L_Q(φ_T) (detached). The building block the learner runs per task."""
 
 
-def _mean(model: nn.Module, task_or_tasks: Tasks, adapt: Adapt, per_task: PerTask) -> dict[str, Tensor]:
-    """The mean over tasks of ``per_task(student, task)``, the model read once and left as it was."""
+def _mean(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    adapt: Adapt,
+    gradient: Callable[[Student, TaskLike], dict[str, Tensor]],
+) -> dict[str, Tensor]:
+    """The mean over tasks of ``gradient(student, task)``, the model read once and left as it was."""
     tasks = as_tasks(task_or_tasks)
     student = Student.read(model, adapt)
     with preserved(model):
-        return task_mean([per_task(student, task) for task in tasks])
+        return task_mean([gradient(student, task) for task in tasks])
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a warning issued by the caller of this function: the first frame
+    outside the ``lazymaml`` package (the user's line), however deep the call came from."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("lazymaml"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _displacement(
+    student: Student, task: TaskLike, loop: InnerLoop
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """(θ − φ_K)/(Kα) on one task (zero at K = 0), with φ_K and the tensors the run left."""
+    phi, frozen = student.run(task, loop)
+    scale = 1 / (loop.steps * loop.inner_lr) if loop.steps else 0.0
+    return {n: (t - phi[n]) * scale for n, t in student.theta.items()}, phi, frozen
+
+
+def reptile_direction(student: Student, task: TaskLike, loop: InnerLoop) -> tuple[dict[str, Tensor], Tensor]:
+    """Reptile's direction on one task, and L_Q(φ_T): Reptile itself never reads the query set,
+    but the learner reports the same loss for every estimator."""
+    direction, phi, frozen = _displacement(student, task, loop)
+    with torch.no_grad():
+        phi_t = apply_leap(student.theta, phi, loop.leap)
+        loss = checked_loss(task.query_loss(student.at(phi_t, frozen)), QUERY_LOSS)
+    return direction, loss
+
+
+def check_horizon(horizon: int | None, loop: InnerLoop) -> int:
+    """T for ``horizon`` (None → K), refused unless an integer in [0, K]."""
+    horizon = loop.steps if horizon is None else horizon
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or not 0 <= horizon <= loop.steps:
+        raise ValueError(f"horizon must be an integer in [0, steps={loop.steps}], got {horizon!r}")
+    return horizon
+
+
+@torch.enable_grad()
+def truncated_gradient(
+    student: Student, task: TaskLike, loop: InnerLoop, horizon: int
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Backpropagation through the last ``horizon`` SGD steps on one task, and L_Q(φ_T)."""
+    frozen = student.fresh()
+    trajectory = student.trajectory(task, loop, frozen)  # numbered out of K in errors
+    for _ in range(loop.steps - horizon + 1):
+        start = next(trajectory)
+    theta = {n: t.detach().requires_grad_(True) for n, t in student.theta.items()}
+    phi = {n: t + (start[n] - t).detach() for n, t in theta.items()}  # value φ_{K−T}, Jacobian I
+    for k in range(loop.steps - horizon, loop.steps):
+        loss = checked_loss(task.support_loss(student.at(phi, frozen)), support_loss_at(k, loop.steps))
+        grads = torch.autograd.grad(
+            loss, [phi[n] for n in student.adapted], create_graph=True, allow_unused=True
+        )
+        for n, g in zip(student.adapted, grads):
+            if g is not None:
+                phi[n] = phi[n] - loop.inner_lr * g
+    phi_t = apply_leap(theta, phi, loop.leap)
+    loss = checked_loss(task.query_loss(student.at(phi_t, frozen)), QUERY_LOSS)
+    gradient = dense(theta, torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
+    return gradient, loss.detach()
 
 
 def first_order(
@@ -87,13 +162,7 @@ def reptile(
 ) -> dict[str, Tensor]:
     """Reptile's direction g = (θ − φ_K)/(Kα) (γ cancels; zero outside A and at K = 0)."""
     loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-    scale = 1 / (loop.steps * loop.inner_lr) if loop.steps else 0.0
-
-    def direction(student: Student, task: TaskLike) -> dict[str, Tensor]:
-        phi, _ = student.run(task, loop)
-        return {n: (t - phi[n]) * scale for n, t in student.theta.items()}
-
-    return _mean(model, task_or_tasks, adapt, direction)
+    return _mean(model, task_or_tasks, adapt, lambda s, t: _displacement(s, t, loop)[0])
 
 
 def truncated(
@@ -114,31 +183,8 @@ def truncated(
     """
     loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
     loop.require("sgd", by="truncated backpropagation")
-    horizon = loop.steps if horizon is None else horizon
-    if isinstance(horizon, bool) or not isinstance(horizon, int) or not 0 <= horizon <= loop.steps:
-        raise ValueError(f"horizon must be an integer in [0, steps={loop.steps}], got {horizon!r}")
-
-    @torch.enable_grad()
-    def unrolled(student: Student, task: TaskLike) -> dict[str, Tensor]:
-        frozen = student.fresh()
-        trajectory = student.trajectory(task, loop, frozen)  # numbered out of K in errors
-        for _ in range(loop.steps - horizon + 1):
-            start = next(trajectory)
-        theta = {n: t.detach().requires_grad_(True) for n, t in student.theta.items()}
-        phi = {n: t + (start[n] - t).detach() for n, t in theta.items()}  # value φ_{K−T}, Jacobian I
-        for k in range(loop.steps - horizon, loop.steps):
-            loss = checked_loss(task.support_loss(student.at(phi, frozen)), support_loss_at(k, loop.steps))
-            grads = torch.autograd.grad(
-                loss, [phi[n] for n in student.adapted], create_graph=True, allow_unused=True
-            )
-            for n, g in zip(student.adapted, grads):
-                if g is not None:
-                    phi[n] = phi[n] - loop.inner_lr * g
-        phi_t = apply_leap(theta, phi, loop.leap)
-        loss = checked_loss(task.query_loss(student.at(phi_t, frozen)), QUERY_LOSS)
-        return dense(theta, torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
-
-    return _mean(model, task_or_tasks, adapt, unrolled)
+    horizon = check_horizon(horizon, loop)
+    return _mean(model, task_or_tasks, adapt, lambda s, t: truncated_gradient(s, t, loop, horizon)[0])
 
 
 def _conjugate_gradient(
@@ -167,6 +213,47 @@ def _conjugate_gradient(
     return x, rr.sqrt().item() / norm_b, iterations
 
 
+def check_lam(lam: float) -> float:
+    """λ, refused unless a finite real > 0."""
+    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and math.isfinite(lam) and lam > 0):
+        raise ValueError(f"lam (the proximal strength λ) must be > 0, got {lam!r}")
+    return float(lam)
+
+
+def implicit_gradient(
+    student: Student, task: TaskLike, loop: InnerLoop, lam: float, cg_iterations: int, cg_tol: float
+) -> tuple[dict[str, Tensor], Tensor]:
+    """iMAML's meta-gradient on one task (see :func:`imaml`), and L_Q(φ_T)."""
+    phi, frozen = student.run(task, loop, proximal=lam)
+    phi_t = apply_leap(student.theta, phi, loop.leap)
+    v, loss = query_gradient(student, task, phi_t, frozen)
+    products = hessian_vector_products(student, task, phi, frozen)
+    like = {n: v[n] for n in student.adapted}
+
+    def operator(x: Tensor) -> Tensor:  # x ↦ (I + H_AA/λ) x on the adapted coordinates
+        h = products(unflat(x, like))
+        return x + flat(h[n] for n in student.adapted) / lam
+
+    try:
+        x, residual, used = _conjugate_gradient(operator, flat(like), cg_iterations, cg_tol)
+    except ValueError as error:
+        raise ValueError(
+            "iMAML: I + H/λ is not positive definite at the adapted parameters (the support loss "
+            f"has curvature below −λ there); increase lam (now {lam})"
+        ) from error
+    if residual > cg_tol:
+        warnings.warn(
+            f"iMAML: conjugate gradient stopped at relative residual {residual:.2e} > cg_tol={cg_tol:g} "
+            f"after {used} iterations; raise cg_iterations or lam",
+            ConvergenceWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+    g_a = unflat(x, like)
+    h = products(g_a, last=True)
+    g = {n: g_a[n] if n in g_a else v[n] - h[n] / lam for n in v}
+    return {n: (1 - loop.leap) * v[n] + loop.leap * g[n] for n in v}, loss
+
+
 def imaml(
     model: nn.Module,
     task_or_tasks: Tasks,
@@ -186,40 +273,10 @@ def imaml(
     (1 − γ) v + γ of that. Warns when CG stops above ``cg_tol`` (relative residual).
     """
     loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
-        raise ValueError(f"lam (the proximal strength λ) must be > 0, got {lam!r}")
-
-    def implicit(student: Student, task: TaskLike) -> dict[str, Tensor]:
-        phi, frozen = student.run(task, loop, proximal=lam)
-        phi_t = apply_leap(student.theta, phi, loop.leap)
-        v, _ = query_gradient(student, task, phi_t, frozen)
-        products = hessian_vector_products(student, task, phi, frozen)
-        like = {n: v[n] for n in student.adapted}
-
-        def operator(x: Tensor) -> Tensor:  # x ↦ (I + H_AA/λ) x on the adapted coordinates
-            h = products(unflat(x, like))
-            return x + flat(h[n] for n in student.adapted) / lam
-
-        try:
-            x, residual, used = _conjugate_gradient(operator, flat(like), cg_iterations, cg_tol)
-        except ValueError as error:
-            raise ValueError(
-                "iMAML: I + H/λ is not positive definite at the adapted parameters (the support loss "
-                f"has curvature below −λ there); increase lam (now {lam})"
-            ) from error
-        if residual > cg_tol:
-            warnings.warn(
-                f"iMAML: conjugate gradient stopped at relative residual {residual:.2e} > cg_tol={cg_tol:g} "
-                f"after {used} iterations; raise cg_iterations or lam",
-                ConvergenceWarning,
-                stacklevel=5,  # implicit ← comprehension ← _mean ← imaml ← caller
-            )
-        g_a = unflat(x, like)
-        h = products(g_a, last=True)
-        g = {n: g_a[n] if n in g_a else v[n] - h[n] / lam for n in v}
-        return {n: (1 - loop.leap) * v[n] + loop.leap * g[n] for n in v}
-
-    return _mean(model, task_or_tasks, adapt, implicit)
+    lam = check_lam(lam)
+    return _mean(
+        model, task_or_tasks, adapt, lambda s, t: implicit_gradient(s, t, loop, lam, cg_iterations, cg_tol)[0]
+    )
 
 
 def lazy_horizon(
