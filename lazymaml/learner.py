@@ -1,8 +1,35 @@
-"""Lazy-MAML in a meta-training loop: gradients into ``p.grad`` for any outer optimizer."""
+"""Meta-training with any estimator: ``meta_backward(tasks)`` fills ``p.grad`` for an outer optimizer.
+
+:class:`MetaLearner` runs every estimator of :mod:`lazymaml.estimators` — and exact second-order
+MAML, ``"maml"``, by a ``torch.func`` unroll — through the same machinery, so that methods are
+compared on their maths alone. A meta-batch of data tasks of equal shapes runs as one batched
+computation (:mod:`lazymaml.batched`); anything else runs task by task on the building blocks of
+:mod:`lazymaml.estimators`. With ``process_group`` the mean is over every task of every rank
+(:mod:`lazymaml.distributed`).
+
+Batching (``batched=``):
+
+* ``"auto"`` (default) — batched when it applies, otherwise sequential, saying why with one
+  :class:`SequentialFallback` warning per reason and learner;
+* ``True`` — batched or an exception naming why not (at construction where that is known then);
+* ``False`` — always sequential.
+
+It applies to the estimators "maml", "truncated", "first_order", "lazy", "lazy_horizon" and
+"reptile" (not "imaml": its conjugate gradient stops per task), with ``inner_optimizer="sgd"``
+(or ``"adam"`` for the estimators that do not differentiate the student), to data tasks
+(:class:`~gradcheck.task.Task`, the same loss, equal shapes, or ``Task.stack``), on models that
+:func:`lazymaml.batched.refusal` accepts. When the batched result is not finite, or the batched
+computation raises, the tasks rerun sequentially: a user's error then surfaces with the
+sequential path's message; if the sequential run succeeds, the learner says so and stays
+sequential.
+"""
 
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -11,15 +38,38 @@ from gradcheck.parameters import Adapt
 from gradcheck.settings import InnerLoop, InnerOptimizer
 from gradcheck.state import preserved
 from gradcheck.student import Student
-from gradcheck.task import TaskLike, Tasks, as_tasks
+from gradcheck.task import Task, TaskBatch, TaskLike, Tasks, as_tasks
 
+from . import batched as batching
+from . import distributed
+from .estimators import (
+    PerTask,
+    check_horizon,
+    check_lam,
+    implicit_gradient,
+    reptile_direction,
+    truncated_gradient,
+)
 from .lazy import JacobianStep, lazy_gradient, resolve_jacobian_step
 
-__all__ = ["LazyMAML"]
+__all__ = ["ESTIMATOR_NAMES", "LazyMAML", "MetaLearner", "SequentialFallback"]
+
+ESTIMATOR_NAMES = ("maml", "first_order", "lazy", "lazy_horizon", "reptile", "truncated", "imaml")
+_OPTIONS = {"horizon": "truncated", "lam": "imaml", "cg_iterations": "imaml", "cg_tol": "imaml"}
+_PARTS = ("support inputs", "support targets", "query inputs", "query targets")
 
 
-class LazyMAML:
+class SequentialFallback(UserWarning):
+    """``batched="auto"`` ran a meta-batch task by task; the message says why."""
+
+
+class MetaLearner:
     """Meta-learner around ``model``: ``meta_backward(tasks)`` then ``outer_optimizer.step()``.
+
+    ``estimator``: "maml" (exact second order, differentiating all K SGD steps), "truncated"
+    (the last ``horizon`` steps), "first_order", "lazy" (η from ``jacobian_step``),
+    "lazy_horizon" (η = γKα), "reptile", "imaml" (``lam``, ``cg_iterations``, ``cg_tol``).
+    ANIL and BOIL are ``adapt="head"`` and ``adapt="body"``. Settings are checked here, once.
 
     The model's buffers are never written by the inner loop: BatchNorm running statistics stay
     as they were (like ``higher`` and learn2learn clones, the inner loop runs on copies), so
@@ -33,41 +83,166 @@ class LazyMAML:
         steps: int,
         inner_lr: float,
         *,
+        estimator: str = "lazy",
         adapt: Adapt = None,
         leap: float = 1.0,
         jacobian_step: JacobianStep = "single",
-        first_order: bool = False,
         inner_optimizer: InnerOptimizer = "sgd",
+        batched: bool | Literal["auto"] = "auto",
+        process_group: distributed.ProcessGroup | None = None,
+        horizon: int | None = None,
+        lam: float | None = None,
+        cg_iterations: int | None = None,
+        cg_tol: float | None = None,
     ) -> None:
-        self.model = model
-        self.loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-        self.eta = 0.0 if first_order else resolve_jacobian_step(jacobian_step, self.loop)
-        self.adapt_spec = adapt
-        Student.read(model, adapt)  # refuse a bad adapt now, not at the first meta-batch
+        if estimator not in ESTIMATOR_NAMES:
+            raise ValueError(f"unknown estimator {estimator!r}; use one of {list(ESTIMATOR_NAMES)}")
+        given = {"horizon": horizon, "lam": lam, "cg_iterations": cg_iterations, "cg_tol": cg_tol}
+        wrong = [name for name, value in given.items() if value is not None and _OPTIONS[name] != estimator]
+        if wrong:
+            raise ValueError(
+                f"{wrong[0]}= is an option of estimator={_OPTIONS[wrong[0]]!r}, not {estimator!r}"
+            )
+        if jacobian_step != "single" and estimator != "lazy":
+            raise ValueError(f"jacobian_step= sets η of estimator='lazy'; estimator={estimator!r} has none")
+        if batched not in (True, False, "auto"):
+            raise ValueError(f'batched must be True, False or "auto", got {batched!r}')
+        self.model, self.estimator, self.adapt_spec, self.batched = model, estimator, adapt, batched
+        self.loop = loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
+        self.proximal = 0.0
+        self.per_task: PerTask
+        self.batched_task: batching.PerTask | None = None
+        if estimator in ("maml", "truncated"):
+            loop.require("sgd", by=f"estimator={estimator!r}")
+            depth = check_horizon(horizon, loop) if estimator == "truncated" else loop.steps
+            self.per_task = lambda s, t: truncated_gradient(s, t, loop, depth)
+            self.batched_task = batching.unrolled(depth)
+        elif estimator == "reptile":
+            self.per_task = lambda s, t: reptile_direction(s, t, loop)
+            self.batched_task = batching.reptile
+        elif estimator == "imaml":
+            self.proximal = check_lam(1.0 if lam is None else lam)
+            iterations, tol = (
+                20 if cg_iterations is None else cg_iterations,
+                1e-10 if cg_tol is None else cg_tol,
+            )
+            self.per_task = lambda s, t: implicit_gradient(s, t, loop, self.proximal, iterations, tol)
+        else:
+            step = "horizon" if estimator == "lazy_horizon" else jacobian_step
+            eta = 0.0 if estimator == "first_order" else resolve_jacobian_step(step, loop)
+            self.per_task = lambda s, t: lazy_gradient(s, t, loop, eta)
+            self.batched_task = batching.lazy(eta)
+        self.cannot_batch = self._static_refusal()
+        if batched is True and self.cannot_batch:
+            raise ValueError(f"batched=True, but {self.cannot_batch}")
+        self.process_group = process_group
+        student = Student.read(model, adapt)  # refuse a bad adapt now, not at the first meta-batch
+        if process_group is not None:
+            distributed.check_group(process_group)
+            distributed.check_same_parameters(student.theta, process_group)
+        self._said: set[str] = set()
+
+    def _static_refusal(self) -> str | None:
+        """Why no meta-batch can be batched with these settings, or None."""
+        if self.batched_task is None:
+            return f"estimator={self.estimator!r} is not batched (its conjugate gradient stops per task)"
+        optimizer = self.loop.inner_optimizer
+        graph_free = self.estimator not in ("maml", "truncated")
+        if not (optimizer == "sgd" or (optimizer == "adam" and graph_free)):
+            return f"inner_optimizer={optimizer!r} is not batched (only 'sgd', and 'adam' without a graph)"
+        return None
+
+    def _batch(
+        self, tasks: Sequence[TaskLike] | TaskBatch, model_refusal: str | None
+    ) -> TaskBatch | tuple[str, str]:
+        """The meta-batch stacked for the batched path, or (kind, message): why it runs sequentially."""
+        if self.batched is False:
+            return "off", "batched=False"
+        if self.cannot_batch:
+            return "settings", self.cannot_batch
+        if model_refusal:
+            return "model", model_refusal
+        if isinstance(tasks, TaskBatch):
+            return tasks
+        data = [t for t in tasks if isinstance(t, Task)]
+        if len(data) < len(tasks):
+            return "tasks", "the meta-batch holds tasks that are not data tasks (Task), e.g. closure tasks"
+        try:
+            return Task.stack(data)  # the message names the first task that differs
+        except ValueError as error:
+            return "tasks", f"the tasks cannot be stacked: {error}"
+
+    def _say(self, kind: str, message: str) -> None:
+        if self.batched is True:
+            raise ValueError(f"batched=True, but {message}")
+        if kind != "off" and kind not in self._said:
+            self._said.add(kind)
+            warnings.warn(f"MetaLearner runs sequentially: {message}", SequentialFallback, stacklevel=4)
+
+    def _sequential(self, student: Student, tasks: Sequence[TaskLike]) -> tuple[dict[str, Tensor], Tensor]:
+        results = [self.per_task(student, task) for task in tasks]
+        gradients = {n: torch.stack([g[n] for g, _ in results]) for n in student.theta}
+        return gradients, torch.stack([loss for _, loss in results])
+
+    def _estimate(
+        self, student: Student, tasks: list[TaskLike] | TaskBatch
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-task gradients and query losses, stacked over tasks, batched where possible."""
+        model_refusal, primitive = batching.refusal(self.model)
+        batch = self._batch(tasks, model_refusal)
+        if not isinstance(batch, TaskBatch):
+            self._say(*batch)
+            return self._sequential(student, list(tasks))
+        assert self.batched_task is not None
+        try:
+            result = batching.estimate(student, batch, self.loop, self.batched_task, primitive)
+            failure = (
+                None if result.finite() else "the batched result is not finite where the sequential one is"
+            )
+        except Exception as error:  # the sequential rerun below reports a user's error clearly
+            failure = f"the batched computation raised {type(error).__name__}: {error}"
+        if failure is None:
+            return result.gradients, result.losses
+        gradients, losses = self._sequential(student, list(batch))  # raises a user's error clearly
+        self.cannot_batch = failure
+        self._say("failed", failure)
+        return gradients, losses
 
     def meta_backward(self, task_or_tasks: Tasks) -> Tensor:
-        """Accumulate the mean lazy meta-gradient over the tasks into ``p.grad``; return the mean
-        query loss L_Q(φ_T). Nothing is written unless every task succeeds."""
-        tasks = as_tasks(task_or_tasks)
+        """Accumulate the mean meta-gradient over the tasks into ``p.grad``; return the mean query
+        loss L_Q(φ_T) (also for Reptile, which never uses it). With ``process_group``, both are means
+        over every task of every rank. Nothing is written unless every task (every rank) succeeds."""
+        tasks = task_or_tasks if isinstance(task_or_tasks, TaskBatch) else as_tasks(task_or_tasks)
         student = Student.read(self.model, self.adapt_spec)
-        with preserved(self.model):
-            results = [lazy_gradient(student, task, self.loop, self.eta) for task in tasks]
+        try:
+            _check_devices(tasks, student)
+            with preserved(self.model):
+                gradients, losses = self._estimate(student, tasks)
+        except Exception:
+            if self.process_group is not None:
+                distributed.withdraw(student.theta, self.process_group)
+            raise
+        sums, loss = {n: g.sum(0) for n, g in gradients.items()}, losses.sum()
+        if self.process_group is None:
+            mean, loss = {n: s / len(losses) for n, s in sums.items()}, loss / len(losses)
+        else:
+            mean, loss = distributed.mean_over_ranks(sums, loss, len(losses), self.process_group)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                if name not in student.theta:
-                    continue
-                mean = torch.stack([g[name] for g, _ in results]).mean(0)
-                if p.grad is None:
-                    p.grad = mean
-                else:
-                    p.grad.add_(mean)
-        return torch.stack([loss for _, loss in results]).mean()
+                if name in mean:
+                    if p.grad is None:
+                        p.grad = mean[name].to(p.dtype)
+                    else:
+                        p.grad.add_(mean[name].to(p.dtype))
+        return loss.detach()
 
     def adapt(self, task: TaskLike) -> nn.Module:
-        """A copy of the model holding the student φ_K after K inner steps on ``task``."""
+        """A copy of the model holding the student φ_K after K inner steps on ``task`` (the proximal
+        student for "imaml"), with the buffers those steps produced."""
         student = Student.read(self.model, self.adapt_spec)
+        _check_devices([task], student)
         with preserved(self.model):
-            phi, frozen = student.run(task, self.loop)
+            phi, frozen = student.run(task, self.loop, proximal=self.proximal)
         adapted = copy.deepcopy(self.model)
         tensors = {**dict(adapted.named_parameters()), **dict(adapted.named_buffers())}
         with torch.no_grad():
@@ -76,3 +251,50 @@ class LazyMAML:
         for p in adapted.parameters():
             p.grad = None
         return adapted
+
+
+class LazyMAML(MetaLearner):
+    """The lazy preset: ``MetaLearner(model, steps, inner_lr, estimator="lazy", …)``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        steps: int,
+        inner_lr: float,
+        *,
+        adapt: Adapt = None,
+        leap: float = 1.0,
+        jacobian_step: JacobianStep = "single",
+        inner_optimizer: InnerOptimizer = "sgd",
+        batched: bool | Literal["auto"] = "auto",
+        process_group: distributed.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            steps,
+            inner_lr,
+            estimator="lazy",
+            adapt=adapt,
+            leap=leap,
+            jacobian_step=jacobian_step,
+            inner_optimizer=inner_optimizer,
+            batched=batched,
+            process_group=process_group,
+        )
+
+
+def _check_devices(tasks: Sequence[TaskLike] | TaskBatch, student: Student) -> None:
+    """Refuse data on another device than the model's (when the model lives on one device)."""
+    devices = {t.device for t in student.theta.values()}
+    if len(devices) != 1:
+        return
+    (device,) = devices
+    batches = [tasks] if isinstance(tasks, TaskBatch) else tasks
+    for i, task in enumerate(batches):
+        if isinstance(task, (Task, TaskBatch)):
+            for tensor, part in zip((*task.support, *task.query), _PARTS):
+                if tensor.device != device:
+                    raise ValueError(
+                        f"task {i}'s {part} are on {tensor.device}, the model's parameters on {device}: "
+                        f"move the task (task.to(device={str(device)!r})) or the model"
+                    )

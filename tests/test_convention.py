@@ -46,11 +46,12 @@ ENTRY_POINTS = {
     "lazymaml.deviation_bound": lazymaml.deviation_bound,
     "lazymaml.bound_terms": lazymaml.bound_terms,
     "LazyMAML": lazymaml.LazyMAML.__init__,
+    "MetaLearner": lazymaml.MetaLearner.__init__,
     **{f"estimators.{name}": getattr(estimators, name) for name in estimators.__all__ if name.islower()},
 }
 CANDIDATE_FIRST = {"finite_differences.check": "gradient", "validate": "candidate_fn"}
 SINGLE_TASK = {"lazymaml.straight_through", "lazymaml.bound_terms"}
-LEARNERS = {"LazyMAML"}  # tasks come later, to meta_backward(task_or_tasks) and adapt(task)
+LEARNERS = {"LazyMAML", "MetaLearner"}  # tasks come later, to meta_backward(task_or_tasks) and adapt(task)
 
 
 def _positional(name: str, fn) -> list[str]:

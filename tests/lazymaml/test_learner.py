@@ -38,7 +38,7 @@ def test_meta_backward_at_k1_validates_against_the_oracle():
 
 def test_first_order_learner_is_first_order_maml_at_the_teacher():
     model, tasks = mlp([2, 5, 1]), [regression_task(s) for s in range(2)]
-    lazymaml.LazyMAML(model, 6, 0.1, leap=0.5, first_order=True).meta_backward(tasks)
+    lazymaml.MetaLearner(model, 6, 0.1, estimator="first_order", leap=0.5).meta_backward(tasks)
     want = [oracle.meta_gradient(model, t, 6, 0.1, leap=0.5, first_order=True) for t in tasks]
     got = {n: p.grad for n, p in model.named_parameters()}
     compare(got, {n: (want[0][n] + want[1][n]) / 2 for n in got}).assert_close(RTOL, ATOL)
