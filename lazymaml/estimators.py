@@ -24,6 +24,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable
+from types import FrameType
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +78,8 @@ def _mean(
 def _caller_stacklevel() -> int:
     """``stacklevel`` for a warning issued by the caller of this function: the first frame
     outside the ``lazymaml`` package (the user's line), however deep the call came from."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith("lazymaml"):
         frame, level = frame.f_back, level + 1
     return level

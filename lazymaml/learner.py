@@ -159,7 +159,7 @@ class MetaLearner:
         if self.batched is False:
             return "off", "batched=False"
         if self.cannot_batch:
-            return "settings", self.cannot_batch
+            return "learner", self.cannot_batch
         if model_refusal:
             return "model", model_refusal
         if isinstance(tasks, TaskBatch):
@@ -205,7 +205,7 @@ class MetaLearner:
             return result.gradients, result.losses
         gradients, losses = self._sequential(student, list(batch))  # raises a user's error clearly
         self.cannot_batch = failure
-        self._say("failed", failure)
+        self._say("learner", failure)  # and from now on, sequential
         return gradients, losses
 
     def meta_backward(self, task_or_tasks: Tasks) -> Tensor:

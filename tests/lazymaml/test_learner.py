@@ -1,3 +1,9 @@
+"""The meta-learner: what meta_backward writes and returns, adapt, settings — on either path.
+
+Tolerances: float64 identities to rtol 1e-10 (rounding measured below 1e-14); see test_batched
+for the batched path's derivation.
+"""
+
 import copy
 
 import pytest
@@ -5,6 +11,7 @@ import torch
 
 import lazymaml
 from gradcheck import Task, compare, oracle, problems, validate
+from lazymaml.estimators import ESTIMATORS
 from tests.helpers import assert_same_state, conv_bn, image_task, mlp, model_state, regression_task
 
 RTOL, ATOL = 1e-10, 1e-13
@@ -21,6 +28,67 @@ def test_meta_backward_accumulates_the_mean_into_grad():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, existing[n] + sum(g[n] for g in grads) / 3, rtol=RTOL, atol=ATOL)
     assert loss.shape == () and not loss.requires_grad and loss.item() > 0
+
+
+def teacher_query_loss(model, task, steps, inner_lr, leap):
+    """L_Q(φ_T) the way a user would compute it: torch.optim.SGD on a copy, then the leap."""
+    student = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(student.parameters(), lr=inner_lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        task.support_loss(student).backward()
+        optimizer.step()
+    with torch.no_grad():
+        for p, theta in zip(student.parameters(), model.parameters()):
+            p.copy_(theta + leap * (p - theta))
+        return task.query_loss(student)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_meta_backward_returns_the_mean_query_loss_and_writes_the_mean_gradient(batched):
+    """Pinned by value against independent computations: a sum over tasks (or a mean of the wrong
+    thing) fails both, as does a loss taken at φ_K instead of the teacher."""
+    model, tasks = mlp([2, 5, 1]), [regression_task(s) for s in range(3)]
+    learner = lazymaml.MetaLearner(model, 4, 0.1, estimator="maml", leap=0.6, batched=batched)
+    loss = learner.meta_backward(tasks)
+    want = [teacher_query_loss(model, t, 4, 0.1, 0.6) for t in tasks]
+    torch.testing.assert_close(loss, sum(want) / 3, rtol=RTOL, atol=0)
+    assert abs(loss - teacher_query_loss(model, tasks[0], 4, 0.1, 1.0)) > 1e-3  # the leap matters here
+    compare(
+        {n: p.grad for n, p in model.named_parameters()}, oracle.meta_gradient(model, tasks, 4, 0.1, leap=0.6)
+    ).assert_close(RTOL, ATOL)
+
+
+@pytest.mark.filterwarnings("ignore::lazymaml.SequentialFallback")  # "imaml" runs sequentially
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+@pytest.mark.parametrize("batched", ["auto", False])
+def test_the_learner_of_each_estimator_writes_its_functions_mean(name, batched):
+    """One machinery for every estimator: MetaLearner(estimator=name) == lazymaml.estimators[name]."""
+    model, tasks = conv_bn().train(), [image_task(s) for s in range(3)]
+    options = dict(leap=0.8, adapt="body") | (dict(lam=3.0) if name == "imaml" else {})
+    learner = lazymaml.MetaLearner(model, 2, 0.1, estimator=name, batched=batched, **options)
+    learner.meta_backward(tasks)
+    got = {n: p.grad for n, p in model.named_parameters()}
+    want = ESTIMATORS[name](model, tasks, 2, 0.1, **options)
+    report = compare(got, want)
+    report.assert_close(RTOL, RTOL * report.overall.reference_norm)
+
+
+@pytest.mark.filterwarnings("ignore::lazymaml.SequentialFallback")
+def test_imaml_learner_adapts_with_the_proximal_student():
+    model, task = mlp([2, 5, 1]), regression_task()
+    adapted = lazymaml.MetaLearner(model, 5, 0.1, estimator="imaml", lam=4.0).adapt(task)
+    plain = lazymaml.MetaLearner(model, 5, 0.1, estimator="lazy").adapt(task)
+    reference = copy.deepcopy(model)  # the proximal student by hand: steps on L_S + (λ/2)‖φ − θ‖²
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(5):
+        optimizer.zero_grad()
+        proximal = sum(((p - q) ** 2).sum() for p, q in zip(reference.parameters(), model.parameters()))
+        (task.support_loss(reference) + 2.0 * proximal).backward()
+        optimizer.step()
+    for p, q in zip(adapted.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(adapted[0].weight, plain[0].weight)
 
 
 def test_meta_backward_at_k1_validates_against_the_oracle():
@@ -51,6 +119,7 @@ def test_batchnorm_buffers_never_touched_by_meta_backward():
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
 
 
+@pytest.mark.filterwarnings("ignore::lazymaml.SequentialFallback")  # closure tasks run sequentially
 def test_nothing_is_written_when_a_task_fails():
     model = mlp([2, 5, 1])
     before = model_state(model)
@@ -107,12 +176,32 @@ def test_meta_training_reduces_post_adaptation_loss():
         (dict(jacobian_step="double"), ValueError, 'jacobian_step must be "single", "horizon" or a float'),
         (dict(jacobian_step=-0.1), ValueError, "must be finite and >= 0"),
         (dict(adapt="nothing"), ValueError, "unknown parameters"),
+        (dict(estimator="maml2"), ValueError, "unknown estimator 'maml2'"),
+        (dict(estimator="lazy", horizon=2), ValueError, "horizon= is an option of estimator='truncated'"),
+        (dict(estimator="truncated", lam=1.0), ValueError, "lam= is an option of estimator='imaml'"),
+        (dict(estimator="maml", jacobian_step="horizon"), ValueError, "estimator='maml' has none"),
+        (
+            dict(estimator="maml", inner_optimizer="adam"),
+            ValueError,
+            "estimator='maml' differentiates exactly",
+        ),
+        (dict(estimator="truncated", horizon=3), ValueError, r"horizon must be an integer in \[0, steps=2\]"),
+        (dict(estimator="imaml", lam=0.0), ValueError, "lam"),
+        (dict(batched="yes"), ValueError, 'batched must be True, False or "auto"'),
+        (
+            dict(estimator="imaml", batched=True),
+            ValueError,
+            "batched=True, but estimator='imaml' is not batched",
+        ),
     ],
 )
 def test_learner_refuses_bad_settings_at_construction(kwargs, error, pattern):
     args = dict(steps=2, inner_lr=0.1) | kwargs
+    model = mlp([2, 3, 1])
+    before = model_state(model)
     with pytest.raises(error, match=pattern):
-        lazymaml.LazyMAML(mlp([2, 3, 1]), args.pop("steps"), args.pop("inner_lr"), **args)
+        lazymaml.MetaLearner(model, args.pop("steps"), args.pop("inner_lr"), **args)
+    assert_same_state(before, model_state(model))
 
 
 def test_meta_backward_needs_tasks():
