@@ -1,26 +1,65 @@
 """How far a candidate meta-gradient is from a reference, parameter by parameter.
 
-For candidate c and reference r (both computed in float64):
+For candidate c and reference r (both computed in float64), per parameter and for all of them
+together (the row ``overall``):
 
     cosine = ⟨c, r⟩ / (‖c‖ ‖r‖)        relative error = ‖c − r‖ / ‖r‖
-    max abs error = max |c − r|
+    |c − r| = ‖c − r‖                  max |c − r| = max over entries
 
-A parameter passes ``ok(rtol, atol)`` when ‖c − r‖ ≤ atol + rtol ‖r‖ (the norm-wise analogue of
-``torch.allclose``: small entries of a gradient are not held to a relative standard of their
-own) and every entry is finite. Mismatched keys and shapes are listed, never crashed on, and
-always fail.
+A row passes ``ok(rtol, atol)`` when every entry is finite and ‖c − r‖ ≤ atol + rtol ‖r‖ (the
+norm-wise analogue of ``torch.allclose``: small entries of a gradient are not held to a relative
+standard of their own). Mismatched keys and shapes are listed, never crashed on, and always fail.
+
+**Rows whose reference is ≈0.** A parameter whose true meta-gradient is 0 — the bias of a
+convolution followed by BatchNorm, which the normalisation subtracts out — gets a computed
+reference of pure rounding noise (~1e-16), and its relative error is a ratio of two noises
+(seen: 5e12 on a passing row). With N entries in all and ε the machine epsilon of the coarser of
+the two dtypes, a row of n entries has an ≈0 reference when
+
+    ‖r_row‖ ≤ √ε ‖r‖,
+
+i.e. when leaving the row out changes ‖r‖² by at most ε ‖r‖², and ‖r‖ by at most half a unit in
+the last place: the row is invisible in the gradient as a whole at working precision. Such a row
+shows "≈0 reference" and its absolute error instead of a relative one, and is held to its share
+of the overall tolerance instead of to its own norm,
+
+    ‖c_row − r_row‖ ≤ atol + rtol max(‖r_row‖, ‖r‖ √(n/N)),
+
+‖r‖ √(n/N) being the size the row's reference would have if ‖r‖ were spread evenly over the
+entries (the same device as the typical size ‖g‖/√n in :mod:`gradcheck.finite_differences`).
+A wrong value on such a row (a conv bias gradient of 2e-4 where the truth is 0) still fails.
+
+:func:`default_rtol` is the tolerance matched to the candidate's precision that
+:func:`gradcheck.validate` and :func:`gradcheck.diagnose` use unless told otherwise.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["Report", "Row", "compare"]
+__all__ = ["RTOL", "Report", "Row", "compare", "default_rtol"]
+
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+"""Default relative tolerance by the candidate's dtype: float64 implementations of the same
+quantity agree to ~1e-14 (rounding, amplified by the inner loop), float32 ones to ~1e-5."""
+
+
+def default_rtol(gradient: Mapping[str, Tensor]) -> float:
+    """The relative tolerance :data:`RTOL` gives the coarsest floating dtype in ``gradient``."""
+    return max((RTOL.get(t.dtype, 5e-2) for t in gradient.values() if t.is_floating_point()), default=1e-9)
+
+
+def _eps(tensors: Iterable[Tensor]) -> float:
+    """The machine epsilon of the coarsest floating dtype among ``tensors`` (float64's if none)."""
+    return max(
+        (torch.finfo(t.dtype).eps for t in tensors if t.is_floating_point()),
+        default=torch.finfo(torch.float64).eps,
+    )
 
 
 @dataclass(frozen=True)
@@ -46,13 +85,19 @@ class Row:
         return cls(name, tuple(candidate.shape), cosine, diff.norm().item(), max_abs, cn, rn)
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def rel_error(self) -> float:
         if self.reference_norm == 0:
             return 0.0 if self.abs_error == 0 else math.inf
         return self.abs_error / self.reference_norm
 
-    def ok(self, rtol: float, atol: float) -> bool:
-        return math.isfinite(self.abs_error) and self.abs_error <= atol + rtol * self.reference_norm
+    def ok(self, rtol: float, atol: float, scale: float | None = None) -> bool:
+        """‖c − r‖ ≤ atol + rtol · scale, finite; ``scale`` defaults to ‖r‖."""
+        scale = self.reference_norm if scale is None else scale
+        return math.isfinite(self.abs_error) and self.abs_error <= atol + rtol * scale
 
 
 def _vector(t: Tensor) -> Tensor:
@@ -65,36 +110,72 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 
 @dataclass(frozen=True)
 class Report:
-    """Per-parameter comparison of a candidate with a reference; ``str(report)`` is a table."""
+    """Per-parameter comparison of a candidate with a reference; ``str(report)`` is a table.
+
+    ``eps`` is the machine epsilon of the coarser of the two dtypes (it defines ≈0 references).
+    """
 
     rows: list[Row]
     overall: Row
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    eps: float = torch.finfo(torch.float64).eps
 
     @property
     def keys_match(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
+    def negligible(self, row: Row) -> bool:
+        """Whether ``row``'s reference is ≈0: ‖r_row‖ ≤ √ε ‖r‖ (never for the overall row)."""
+        return (
+            row is not self.overall
+            and row.reference_norm <= math.sqrt(self.eps) * self.overall.reference_norm
+        )
+
+    def scale(self, row: Row) -> float:
+        """The norm ``rtol`` multiplies for ``row``: ‖r_row‖, or for an ≈0 reference its share of
+        the whole, max(‖r_row‖, ‖r‖ √(n/N))."""
+        if not self.negligible(row):
+            return row.reference_norm
+        share = self.overall.reference_norm * math.sqrt(row.numel / max(self.overall.numel, 1))
+        return max(row.reference_norm, share)
+
+    def passes(self, row: Row, rtol: float, atol: float) -> bool:
+        """``row`` is within ``atol + rtol · scale(row)`` of its reference."""
+        return row.ok(rtol, atol, self.scale(row))
+
+    def failing(self, rtol: float, atol: float) -> list[str]:
+        """The names of the rows (``overall`` included) that fail."""
+        return [r.name for r in (*self.rows, self.overall) if not self.passes(r, rtol, atol)]
+
     def ok(self, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
-        return self.keys_match and all(r.ok(rtol, atol) for r in (*self.rows, self.overall))
+        return self.keys_match and all(self.passes(r, rtol, atol) for r in (*self.rows, self.overall))
 
     def table(self, rtol: float | None = None, atol: float | None = None) -> str:
         """The aligned table; with tolerances, failing rows are marked."""
         width = max([len("parameter"), len(self.overall.name)] + [len(r.name) for r in self.rows])
         head = (
-            f"{'parameter':<{width}}  {'shape':<14} {'cosine':>10} {'rel.err':>9} "
+            f"{'parameter':<{width}}  {'shape':<14} {'cosine':>10} {'rel.err':>12} {'|c-r|':>9} "
             f"{'max|c-r|':>9} {'|c|':>10} {'|r|':>10}"
         )
         lines = [head, "-" * len(head)]
         for r in (*self.rows, self.overall):
-            mark = "" if rtol is None or r.ok(rtol, atol or 0.0) else "  FAIL"
+            mark = "" if rtol is None or self.passes(r, rtol, atol or 0.0) else "  FAIL"
             if r is self.overall:
                 lines.append("-" * len(head))
+            cosine, rel = (
+                ("—", "≈0 reference") if self.negligible(r) else (f"{r.cosine:.7f}", f"{r.rel_error:.2e}")
+            )
             lines.append(
-                f"{r.name:<{width}}  {_fmt_shape(r.shape):<14} {r.cosine:>10.7f} {r.rel_error:>9.2e} "
+                f"{r.name:<{width}}  {_fmt_shape(r.shape):<14} {cosine:>10} {rel:>12} {r.abs_error:>9.2e} "
                 f"{r.max_abs_error:>9.2e} {r.candidate_norm:>10.3e} {r.reference_norm:>10.3e}{mark}"
+            )
+        if any(self.negligible(r) for r in self.rows):
+            threshold = math.sqrt(self.eps) * self.overall.reference_norm
+            lines.append(
+                f"≈0 reference: |r| ≤ √ε·|r overall| = {threshold:.1e} (ε = {self.eps:.1e}), a ratio of "
+                "rounding noises;\n  judged by |c-r| ≤ atol + rtol·|r overall|·√(n/N) instead"
             )
         if self.missing:
             lines.append(f"missing from candidate: {', '.join(self.missing)}")
@@ -112,7 +193,7 @@ class Report:
     def assert_close(self, rtol: float = 1e-5, atol: float = 1e-8) -> None:
         """Raise an AssertionError carrying the table unless ``ok(rtol, atol)``."""
         if not self.ok(rtol, atol):
-            failing = [r.name for r in (*self.rows, self.overall) if not r.ok(rtol, atol)]
+            failing = self.failing(rtol, atol)
             why = f"failing: {', '.join(failing)}" if failing else "keys or shapes differ"
             raise AssertionError(
                 f"meta-gradients differ (rtol={rtol:g}, atol={atol:g}; {why})\n{self.table(rtol, atol)}"
@@ -146,4 +227,5 @@ def compare(candidate: Mapping[str, Tensor], reference: Mapping[str, Tensor]) ->
         missing=[k for k in reference if k not in candidate],
         unexpected=[k for k in candidate if k not in reference],
         mismatched=mismatched,
+        eps=_eps([*candidate.values(), *reference.values()]),
     )

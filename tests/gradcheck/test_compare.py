@@ -1,11 +1,20 @@
+"""compare(): the figures, the norm-wise verdict, and rows whose reference is ≈0.
+
+≈0 is ‖r_row‖ ≤ √ε ‖r‖ (see gradcheck.compare); the tests place references just either side of
+that threshold, put rounding noise (1e-16 relative) on a zero-gradient row, and check that a
+wrong value on such a row (1e-4) still fails at rtol = 1e-9.
+"""
+
 import math
 
 import pytest
 import torch
 
 from gradcheck import compare
+from gradcheck.compare import default_rtol
 
 F64 = torch.float64
+EPS64 = torch.finfo(F64).eps
 
 
 def grads(seed=0):
@@ -103,3 +112,94 @@ def test_bad_arguments():
         compare([torch.zeros(1)], grads())
     with pytest.raises(TypeError, match=r"reference values must be tensors; not for \['w'\]"):
         compare(grads(), {"w": 1.0})
+
+
+def test_ok_checks_the_overall_row_too():
+    """Two rows with zero references, each error just under atol: every row passes, the
+    overall error √2 · 0.9 atol does not (kills ``Report.ok`` ignoring the overall row)."""
+    atol = 1e-6
+    zeros = {"a": torch.zeros(1, dtype=F64), "b": torch.zeros(1, dtype=F64)}
+    cand = {k: torch.full((1,), 0.9 * atol, dtype=F64) for k in zeros}
+    report = compare(cand, zeros)
+    assert all(report.passes(r, 0.0, atol) for r in report.rows)
+    assert report.overall.abs_error == pytest.approx(math.sqrt(2) * 0.9 * atol)
+    assert not report.ok(rtol=0.0, atol=atol)
+    assert report.failing(0.0, atol) == ["overall"]
+    assert report.ok(rtol=0.0, atol=1.3 * atol)
+
+
+def conv_bias_before_batchnorm(noise=1e-16, error=0.0):
+    """A gradient whose "bias" row is 0 in truth and rounding noise as computed."""
+    g = torch.Generator().manual_seed(0)
+    ref = {
+        "w": torch.randn(50, generator=g, dtype=F64),
+        "bias": noise * torch.randn(4, generator=g, dtype=F64),
+    }
+    cand = {"w": ref["w"] * (1 + 1e-15), "bias": noise * torch.randn(4, generator=g, dtype=F64) + error}
+    return cand, ref
+
+
+def test_a_zero_gradient_row_shows_its_absolute_error_not_a_ratio_of_noises():
+    cand, ref = conv_bias_before_batchnorm()
+    report = compare(cand, ref)
+    bias = report.rows[1]
+    assert bias.rel_error > 0.5  # noise over noise: the figure that alarmed users
+    assert report.negligible(bias) and not report.negligible(report.rows[0])
+    assert report.ok(rtol=1e-9, atol=0.0)  # judged against its share of the overall tolerance
+    line = next(line for line in report.table().splitlines() if line.startswith("bias"))
+    assert "≈0 reference" in line and f"{bias.abs_error:.2e}" in line and "—" in line
+    assert f"{bias.rel_error:.2e}" not in line
+    assert "≈0 reference: |r| ≤ √ε·|r overall|" in report.table()
+
+
+def test_a_wrong_value_on_a_zero_gradient_row_still_fails():
+    cand, ref = conv_bias_before_batchnorm(error=1e-4)
+    report = compare(cand, ref)
+    assert report.negligible(report.rows[1])
+    assert not report.ok(rtol=1e-9, atol=0.0) and report.failing(1e-9, 0.0) == ["bias", "overall"]
+    # its share of the tolerance: rtol · ‖r‖ · √(4/54) for 4 of 54 entries
+    bias = report.rows[1]
+    share = report.overall.reference_norm * math.sqrt(4 / 54)
+    assert report.scale(bias) == pytest.approx(share)
+    assert report.passes(bias, rtol=1.01 * bias.abs_error / share, atol=0.0)
+    assert not report.passes(bias, rtol=0.99 * bias.abs_error / share, atol=0.0)
+
+
+@pytest.mark.parametrize("factor", [0.99, 1.01])
+def test_negligible_is_exactly_below_sqrt_eps_of_the_overall_norm(factor):
+    w = torch.zeros(100, dtype=F64)
+    w[0] = 1.0
+    b = torch.zeros(1, dtype=F64)
+    b[0] = factor * math.sqrt(EPS64) * 1.0  # ‖r‖ is 1 to within ε
+    report = compare({"w": w, "b": b}, {"w": w, "b": b})
+    assert report.negligible(report.rows[1]) == (factor < 1)
+    assert not report.negligible(report.overall)
+
+
+def test_negligible_uses_the_coarser_dtype():
+    ref = {"w": torch.ones(4, dtype=F64), "b": torch.full((1,), 1e-5, dtype=F64)}
+    assert not compare(ref, ref).negligible(compare(ref, ref).rows[1])  # 1e-5 > √ε64 = 1.5e-8
+    cand = {k: v.float() for k, v in ref.items()}
+    report = compare(cand, ref)
+    assert report.eps == torch.finfo(torch.float32).eps
+    assert report.negligible(report.rows[1])  # 1e-5 < 2 · √ε32 = 6.9e-4
+
+
+def test_all_zero_reference_rows_are_held_to_atol():
+    zeros = {"w": torch.zeros(3, dtype=F64)}
+    report = compare({"w": torch.full((3,), 1e-12, dtype=F64)}, zeros)
+    assert report.negligible(report.rows[0]) and report.scale(report.rows[0]) == 0.0
+    assert not report.ok(rtol=1.0, atol=0.0) and report.ok(rtol=0.0, atol=1e-11)
+
+
+def test_table_is_aligned_with_zero_reference_rows():
+    cand, ref = conv_bias_before_batchnorm()
+    lines = compare(cand, ref).table(1e-9, 0.0).splitlines()
+    rows = [line for line in lines if not line.startswith(("≈0", " "))]
+    assert len({len(line) for line in rows}) == 1
+
+
+def test_default_rtol_follows_the_coarsest_dtype():
+    assert default_rtol({"a": torch.zeros(1, dtype=F64)}) == 1e-9
+    assert default_rtol({"a": torch.zeros(1, dtype=F64), "b": torch.zeros(1)}) == 1e-3
+    assert default_rtol({"a": torch.zeros(1, dtype=torch.bfloat16)}) == 5e-2
