@@ -1,10 +1,26 @@
-"""Run a user's meta-gradient implementation against the oracle on a list of tasks.
+"""Run a user's meta-gradient implementation against the oracle: the gradient's verdict, what the
+candidate did to the model, and what it computes instead — reported separately.
 
-``candidate_fn(model, task, steps, inner_lr)`` returns ``{name: gradient}``, or ``None`` to have
-the gradient read from ``p.grad`` (cleared before each call). With ``meta_batch=True`` it is
-called once as ``candidate_fn(model, tasks, steps, inner_lr)`` and must produce the meta-batch
-gradient, the *mean* over tasks. Whatever the candidate does to the model (BatchNorm statistics,
-parameters, train/eval mode) is reported as a failure and undone.
+**The candidate** is ``candidate_fn(model, task_or_tasks, steps, inner_lr)`` returning
+``{name: gradient}``, or ``None`` to have the gradient read from ``p.grad`` (cleared before each
+call). It is called once per task, with that task. With ``meta_batch=True`` it takes a meta-batch
+and must return the *mean* over its tasks: it is called once per task with a one-task meta-batch
+(``[task]``, or ``Task.stack([task])`` when given a ``TaskBatch``) for the per-task rows, and once
+with the whole meta-batch as given, for the overall verdict — B + 1 calls for B tasks.
+
+**The gradient verdict** (``gradient_ok``) holds when every per-task report and the report of
+the mean over tasks pass :meth:`gradcheck.Report.ok` at ``rtol``/``atol`` (by default matched to
+the candidate's precision, :func:`gradcheck.compare.default_rtol`, and 0).
+
+**Side effects**: whatever the candidate changed on the model (BatchNorm running statistics,
+parameters, ``.grad`` when it returned a dict, ``requires_grad``, train/eval mode), each tensor or
+module once under its first name — a shared submodule is not listed twice — with the largest
+change over all calls and in how many calls it happened. All of it is undone. ``ok`` is strict
+(gradient and no side effects); ``assert_close(..., allow_side_effects=True)`` checks the gradient
+alone.
+
+**The diagnosis** (:func:`gradcheck.diagnose`) of the mean over tasks — or, when some tasks pass
+and others fail, of the first failing task alone: what the candidate computes instead.
 """
 
 from __future__ import annotations
@@ -17,31 +33,76 @@ import torch
 from torch import Tensor, nn
 
 from . import oracle
-from .compare import Report, compare
+from .compare import Report, compare, default_rtol
+from .diagnose import Diagnosis, diagnose
 from .parameters import Adapt, trainable
 from .settings import InnerOptimizer
-from .state import Snapshot
-from .task import Tasks, as_tasks
+from .state import Change, Snapshot
+from .task import Task, TaskBatch, TaskLike, Tasks, as_tasks
 
-__all__ = ["Candidate", "Validation", "validate"]
+__all__ = ["Candidate", "SideEffect", "Validation", "validate"]
 
 Candidate = Callable[[nn.Module, Any, int, float], "Mapping[str, Tensor] | None"]
 
 
 @dataclass(frozen=True)
+class SideEffect:
+    """One thing the candidate changed on the model, over all its calls: ``change`` (the largest
+    ``max_abs`` seen) and in how many of the ``of`` calls it happened."""
+
+    change: Change
+    calls: int
+    of: int
+
+    @property
+    def name(self) -> str:
+        return self.change.name
+
+    def __str__(self) -> str:
+        return f"{self.change}, in {self.calls} of {self.of} candidate calls"
+
+
+@dataclass(frozen=True)
 class Validation:
-    """Per-task reports (empty with ``meta_batch=True``), the mean over tasks, and side effects."""
+    """Per-task reports, the report of the mean over tasks, side effects and the diagnosis.
+
+    ``rtol`` and ``atol`` are the tolerances the verdict and the diagnosis used (the methods take
+    others); the diagnosis is of the mean over tasks, or of task ``diagnosed_task`` alone when
+    some tasks pass and others fail.
+    """
 
     tasks: list[Report]
     overall: Report
-    side_effects: list[str]
+    side_effects: list[SideEffect]
+    diagnosis: Diagnosis | None
+    rtol: float
+    atol: float
+    diagnosed_task: int | None = None
 
-    def ok(self, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
-        reports = (*self.tasks, self.overall)
-        return not self.side_effects and all(r.ok(rtol, atol) for r in reports)
+    def _tolerances(self, rtol: float | None, atol: float | None) -> tuple[float, float]:
+        return (self.rtol if rtol is None else rtol, self.atol if atol is None else atol)
 
-    def summary(self, rtol: float = 1e-5, atol: float = 1e-8) -> str:
-        lines = []
+    def gradient_ok(self, rtol: float | None = None, atol: float | None = None) -> bool:
+        """Every per-task report and the mean's pass (side effects aside)."""
+        rtol, atol = self._tolerances(rtol, atol)
+        return all(r.ok(rtol, atol) for r in (*self.tasks, self.overall))
+
+    def ok(self, rtol: float | None = None, atol: float | None = None) -> bool:
+        """Strict: the gradient passes and the candidate left no side effect."""
+        return self.gradient_ok(rtol, atol) and not self.side_effects
+
+    def headline(self, rtol: float | None = None, atol: float | None = None) -> str:
+        """One line: "gradient PASS, side effects none" or "gradient FAIL, side effects 3"."""
+        gradient = "PASS" if self.gradient_ok(rtol, atol) else "FAIL"
+        return f"gradient {gradient}, side effects {len(self.side_effects) or 'none'}"
+
+    def summary(self, rtol: float | None = None, atol: float | None = None) -> str:
+        """The headline, the diagnosis, the per-task lines, the mean's table and the side effects."""
+        rtol, atol = self._tolerances(rtol, atol)
+        lines = [f"{self.headline(rtol, atol)}  (rtol={rtol:g}, atol={atol:g})"]
+        if self.diagnosis is not None:
+            scope = "" if self.diagnosed_task is None else f" of task {self.diagnosed_task} (some tasks pass)"
+            lines.append(str(self.diagnosis).replace("diagnosis", f"diagnosis{scope}", 1))
         for i, r in enumerate(self.tasks):
             verdict = "ok" if r.ok(rtol, atol) else "FAIL"
             lines.append(
@@ -55,8 +116,13 @@ class Validation:
     def __str__(self) -> str:
         return self.summary()
 
-    def assert_close(self, rtol: float = 1e-5, atol: float = 1e-8) -> None:
-        if not self.ok(rtol, atol):
+    def assert_close(
+        self, rtol: float | None = None, atol: float | None = None, *, allow_side_effects: bool = False
+    ) -> None:
+        """Raise an AssertionError carrying :meth:`summary` unless the gradient passes and, unless
+        ``allow_side_effects``, the candidate left no side effect."""
+        if not (self.gradient_ok(rtol, atol) if allow_side_effects else self.ok(rtol, atol)):
+            rtol, atol = self._tolerances(rtol, atol)
             raise AssertionError(
                 f"candidate disagrees with the oracle (rtol={rtol:g}, atol={atol:g})\n"
                 f"{self.summary(rtol, atol)}"
@@ -74,23 +140,46 @@ def _mean(grads: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     }
 
 
+def _module_names(model: nn.Module) -> dict[str, str]:
+    """Each name a module is reachable under (as :class:`Change` names modes) -> its first name."""
+    first: dict[int, str] = {}
+    out = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        name = prefix or type(m).__name__
+        out[name] = first.setdefault(id(m), name)
+    return out
+
+
+def _side_effects(model: nn.Module, calls: list[list[Change]]) -> list[SideEffect]:
+    """Each change once — modes of a shared module under one name — aggregated over the calls."""
+    modules = _module_names(model)
+    seen: dict[tuple[str, str, str], list[Change]] = {}
+    for changes in calls:
+        once: dict[tuple[str, str, str], Change] = {}
+        for c in changes:
+            name = modules.get(c.name, c.name) if c.kind == "mode" else c.name
+            once.setdefault((c.kind, name, c.what), Change(c.kind, name, c.what, c.max_abs))
+        for key, c in once.items():
+            seen.setdefault(key, []).append(c)
+    out = []
+    for changes in seen.values():
+        sizes = [c.max_abs for c in changes if c.max_abs is not None]
+        first = changes[0]
+        largest = Change(first.kind, first.name, first.what, max(sizes) if sizes else None)
+        out.append(SideEffect(largest, len(changes), len(calls)))
+    return out
+
+
 def _call(
-    candidate_fn: Candidate,
-    model: nn.Module,
-    arg: Any,
-    steps: int,
-    inner_lr: float,
-    side_effects: list[str],
-    label: str,
-) -> Mapping[str, Tensor]:
-    """One candidate call on a model with cleared gradients; its changes are recorded and undone."""
+    candidate_fn: Candidate, model: nn.Module, arg: Any, steps: int, inner_lr: float
+) -> tuple[Mapping[str, Tensor], list[Change]]:
+    """One candidate call on a model with cleared gradients: its gradient and its changes (undone)."""
     theta = trainable(model)
     for p in model.parameters():
         p.grad = None
     snapshot = Snapshot(model)
     try:
         returned = candidate_fn(model, arg, steps, inner_lr)
-        from_grad = returned is None
         out: Mapping[str, Tensor] = (
             returned
             if returned is not None
@@ -102,8 +191,16 @@ def _call(
         changes = snapshot.changes()
     finally:
         snapshot.restore()
-    side_effects += [f"{label}: {c}" for c in changes if not (from_grad and c.kind == "gradient")]
-    return out
+    if returned is None:  # writing p.grad is how such a candidate answers
+        changes = [c for c in changes if c.kind != "gradient"]
+    return out, changes
+
+
+def _one_task_batches(task_or_tasks: Tasks, tasks: list[TaskLike]) -> list[Any]:
+    """Each task as a meta-batch of one, in the form the candidate was given the meta-batch."""
+    if isinstance(task_or_tasks, TaskBatch):
+        return [Task.stack([t]) for t in task_or_tasks]
+    return [[t] for t in tasks]
 
 
 @torch.enable_grad()  # the candidate differentiates, whatever the caller's grad mode
@@ -119,10 +216,15 @@ def validate(
     first_order: bool = False,
     inner_optimizer: InnerOptimizer = "sgd",
     meta_batch: bool = False,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    diagnosis: bool = True,
 ) -> Validation:
     """Compare ``candidate_fn`` with :func:`gradcheck.oracle.meta_gradient` on every task.
 
-    The model is left exactly as it was, whatever the candidate does.
+    ``rtol`` defaults to the candidate's precision (1e-9 for float64); ``diagnosis=False`` skips
+    the diagnosis (the oracle calls it makes when the gradient fails). The model is left exactly
+    as it was, whatever the candidate does.
     """
     tasks = as_tasks(task_or_tasks)
     references = [
@@ -139,17 +241,42 @@ def validate(
         for t in tasks
     ]
     reference = _mean(references)
-    side_effects: list[str] = []
     outer = Snapshot(model)
     try:
+        arguments: list[Any] = _one_task_batches(task_or_tasks, tasks) if meta_batch else list(tasks)
+        results = [_call(candidate_fn, model, a, steps, inner_lr) for a in arguments]
+        candidates = [g for g, _ in results]
         if meta_batch:
-            candidate = _call(candidate_fn, model, tasks, steps, inner_lr, side_effects, "meta-batch")
-            return Validation([], compare(candidate, reference), side_effects)
-        candidates = [
-            _call(candidate_fn, model, t, steps, inner_lr, side_effects, f"task {i}")
-            for i, t in enumerate(tasks)
-        ]
+            whole = task_or_tasks if isinstance(task_or_tasks, (TaskBatch, Sequence)) else tasks
+            results.append(_call(candidate_fn, model, whole, steps, inner_lr))
+            mean = results[-1][0]
+        else:
+            mean = _mean(candidates)
     finally:
         outer.restore()
     reports = [compare(c, r) for c, r in zip(candidates, references)]
-    return Validation(reports, compare(_mean(candidates), reference), side_effects)
+    overall = compare(mean, reference)
+    rtol = default_rtol(mean) if rtol is None else rtol
+    found, task = None, None
+    if diagnosis:
+        failing = [i for i, r in enumerate(reports) if not r.ok(rtol, atol)]
+        target = (mean, tasks, reference)
+        if failing and len(failing) < len(tasks):  # a bug some tasks escape: diagnose one alone
+            task = failing[0]
+            target = (candidates[task], [tasks[task]], references[task])
+        found = diagnose(
+            target[0],
+            model,
+            target[1],
+            steps,
+            inner_lr,
+            adapt=adapt,
+            leap=leap,
+            first_order=first_order,
+            inner_optimizer=inner_optimizer,
+            rtol=rtol,
+            atol=atol,
+            reference=target[2],
+        )
+    effects = _side_effects(model, [changes for _, changes in results])
+    return Validation(reports, overall, effects, found, rtol, atol, task)

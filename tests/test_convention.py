@@ -41,6 +41,7 @@ ENTRY_POINTS = {
     "finite_differences.meta_objective": finite_differences.meta_objective,
     "finite_differences.check": finite_differences.check,
     "validate": validate,
+    "diagnose": gradcheck.diagnose,
     "lazymaml.meta_gradient": lazymaml.meta_gradient,
     "lazymaml.straight_through": lazymaml.straight_through,
     "lazymaml.deviation_bound": lazymaml.deviation_bound,
@@ -49,7 +50,11 @@ ENTRY_POINTS = {
     "MetaLearner": lazymaml.MetaLearner.__init__,
     **{f"estimators.{name}": getattr(estimators, name) for name in estimators.__all__ if name.islower()},
 }
-CANDIDATE_FIRST = {"finite_differences.check": "gradient", "validate": "candidate_fn"}
+CANDIDATE_FIRST = {
+    "finite_differences.check": "gradient",
+    "validate": "candidate_fn",
+    "diagnose": "candidate_gradient",
+}
 SINGLE_TASK = {"lazymaml.straight_through", "lazymaml.bound_terms"}
 LEARNERS = {"LazyMAML", "MetaLearner"}  # tasks come later, to meta_backward(task_or_tasks) and adapt(task)
 

@@ -13,6 +13,7 @@ import functools
 import torch
 from torch.func import functional_call
 
+from gradcheck import Task, TaskBatch
 from gradcheck._higher import higher
 
 
@@ -27,8 +28,18 @@ def functional_maml(
     lr_scale=1.0,
     swap=False,
     share_buffers=False,
+    adapt=None,
+    extra_steps=0,
+    lr_dtype=None,
+    leap=1.0,
 ):
-    """MAML with ``torch.func``; each keyword other than the defaults plants one bug."""
+    """MAML with ``torch.func``; each keyword other than the defaults plants one bug.
+
+    ``adapt``: a predicate on names, the parameters the inner loop updates (others stay θ);
+    ``extra_steps``: K + extra_steps inner steps; ``lr_dtype``: α held as a 0-dim tensor of that
+    dtype (float32: α rounded, the product promoted back to float64); ``leap``: the query loss
+    scored at θ + γ(φ_K − θ).
+    """
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     if not share_buffers:  # running statistics must stay out of the user's model
@@ -40,20 +51,26 @@ def functional_maml(
     def at(tensors):
         return lambda x: functional_call(model, {**tensors, **buffers}, (x,))
 
+    lr = inner_lr * lr_scale if lr_dtype is None else torch.tensor(inner_lr * lr_scale, dtype=lr_dtype)
+    adapted = adapt or (lambda name: True)
     phi = params
-    for _ in range(steps):
+    for _ in range(steps + extra_steps):
         grads = torch.autograd.grad(support(at(phi)), list(phi.values()), create_graph=create_graph)
-        phi = {n: p + sign * inner_lr * lr_scale * g for (n, p), g in zip(phi.items(), grads)}
-    return dict(zip(params, torch.autograd.grad(query(at(phi)), list(params.values()))))
+        phi = {n: p + sign * lr * g if adapted(n) else p for (n, p), g in zip(phi.items(), grads)}
+    teacher = phi if leap == 1 else {n: t + leap * (phi[n] - t) for n, t in params.items()}
+    return dict(zip(params, torch.autograd.grad(query(at(teacher)), list(params.values()))))
 
 
-def _clone(module):
-    """learn2learn's ``clone_module`` idea: a copy whose parameters are differentiable clones."""
+def _clone(module, share_buffers=False):
+    """learn2learn's ``clone_module`` idea: a copy whose parameters are differentiable clones;
+    ``share_buffers=True`` keeps the original's buffers, so BatchNorm statistics land in them."""
     twin = copy.deepcopy(module)
     for mine, theirs in zip(twin.modules(), module.modules()):
         for key, p in theirs._parameters.items():
             if p is not None:
                 mine._parameters[key] = p.clone()
+        if share_buffers:
+            mine._buffers.update(theirs._buffers)
     return twin
 
 
@@ -66,9 +83,9 @@ def _update(module, grads, lr):
                 m._parameters[key] = p - lr * next(grads)
 
 
-def clone_adapt_maml(model, task, steps, inner_lr):
+def clone_adapt_maml(model, task, steps, inner_lr, share_buffers=False):
     """learn2learn-style clone/adapt in plain torch; the meta-gradient lands in ``p.grad``."""
-    learner = _clone(model)
+    learner = _clone(model, share_buffers)
     for _ in range(steps):
         loss = task.support_loss(learner)
         _update(learner, torch.autograd.grad(loss, list(learner.parameters()), create_graph=True), inner_lr)
@@ -98,8 +115,32 @@ def higher_default_maml(model, task, steps, inner_lr):
 
 
 def meta_batch_mean(model, tasks, steps, inner_lr, reduce=torch.mean):
+    """A meta-batch candidate looping over the tasks; ``reduce=torch.sum`` is the classic bug."""
     grads = [functional_maml(model, t, steps, inner_lr) for t in tasks]
     return {n: reduce(torch.stack([g[n] for g in grads]), 0) for n in grads[0]}
+
+
+def vmap_maml(model, tasks, steps, inner_lr):
+    """A meta-batch MAML as written with ``torch.func``: the inner loop of every task at once with
+    ``grad`` inside ``vmap`` (over the stacked tasks), the meta-gradient by ordinary autograd
+    through it. Exact without normalisation; wrong with ``BatchNorm2d`` (torch's batching rule for
+    batch_norm's backward, see notebook 02)."""
+    batch = tasks if isinstance(tasks, TaskBatch) else Task.stack(list(tasks))
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+
+    def loss(p, x, y):
+        return batch.loss(functional_call(model, {**p, **buffers}, (x,)), y)
+
+    def query_after_inner_loop(p, xs, ys, xq, yq):
+        for _ in range(steps):
+            g = torch.func.grad(loss)(p, xs, ys)
+            p = {n: p[n] - inner_lr * g[n] for n in p}
+        return loss(p, xq, yq)
+
+    (xs, ys), (xq, yq) = batch.support, batch.query
+    losses = torch.func.vmap(query_after_inner_loop, in_dims=(None, 0, 0, 0, 0))(params, xs, ys, xq, yq)
+    return dict(zip(params, torch.autograd.grad(losses.mean(), list(params.values()))))
 
 
 CORRECT = {

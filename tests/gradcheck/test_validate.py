@@ -2,9 +2,17 @@
 
 import pytest
 import torch
+from torch import nn
 
-from gradcheck import validate
-from tests.gradcheck.implementations import BROKEN, CORRECT, functional_maml, meta_batch_mean
+from gradcheck import Task, TaskBatch, finite_differences, oracle, validate
+from tests.gradcheck.implementations import (
+    BROKEN,
+    CORRECT,
+    clone_adapt_maml,
+    functional_maml,
+    meta_batch_mean,
+    vmap_maml,
+)
 from tests.helpers import (
     assert_same_state,
     conv_bn,
@@ -55,26 +63,6 @@ def test_clone_adapt_passes_with_batchnorm_in_train_mode():
     result.assert_close(**EXACT)
 
 
-def test_batchnorm_statistics_leaked_into_the_model_are_reported_and_undone():
-    model = conv_bn().train()
-    before = model_state(model)
-    leaky = lambda m, t, k, lr: functional_maml(m, t, k, lr, share_buffers=True)  # noqa: E731
-    result = validate(leaky, model, [image_task(0), image_task(1)], STEPS, LR)
-    assert any("running_mean modified" in s for s in result.side_effects)
-    assert not result.ok(**LOOSE)
-    assert "side effect on the model" in str(result)
-    assert_same_state(before, model_state(model))
-
-
-def test_meta_batch_mean_passes_and_sum_fails():
-    model, tasks = problem()
-    validate(meta_batch_mean, model, tasks, STEPS, LR, meta_batch=True).assert_close(**EXACT)
-    summed = lambda m, ts, k, lr: meta_batch_mean(m, ts, k, lr, reduce=torch.sum)  # noqa: E731
-    result = validate(summed, model, tasks, STEPS, LR, meta_batch=True)
-    assert not result.ok(**LOOSE)
-    assert result.overall.overall.rel_error == pytest.approx(2.0)  # 3 tasks: sum = 3 × mean
-
-
 def test_a_candidate_that_steps_the_model_is_reported():
     def steps_the_model(model, task, steps, inner_lr):
         grads = functional_maml(model, task, steps, inner_lr)
@@ -86,7 +74,9 @@ def test_a_candidate_that_steps_the_model_is_reported():
     model, tasks = problem()
     before = model_state(model)
     result = validate(steps_the_model, model, tasks, STEPS, LR)
-    assert any("parameter 0.weight modified" in s for s in result.side_effects)
+    assert [str(e.change).split(" (")[0] for e in result.side_effects] == [
+        f"parameter {n} modified" for n in ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")
+    ]
     assert_same_state(before, model_state(model))
 
 
@@ -123,3 +113,155 @@ def test_single_task_and_empty_list():
     validate(CORRECT["functional (torch.func)"], model, tasks[0], STEPS, LR).assert_close(**EXACT)
     with pytest.raises(ValueError, match="at least one task is needed"):
         validate(CORRECT["functional (torch.func)"], model, [], STEPS, LR)
+
+
+class SharedFeatures(nn.Module):
+    """A network that reaches its conv → BatchNorm → tanh block under two names (``features`` and
+    ``alias``), as wrapped models do: every tensor in it has two names."""
+
+    def __init__(self):
+        super().__init__()
+        net = conv_bn()
+        self.features = net[:3]
+        self.alias = self.features
+        self.head = net[3:]
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def leaky(model, task, steps, inner_lr):
+    """Exact MAML whose clone shares the model's buffers: BatchNorm statistics land in the model.
+
+    (Not ``functional_maml``: ``torch.func.functional_call`` on a model that registers a module
+    twice leaves the passed tensors in the model on torch 2.13, which validate reports as
+    "replaced" — a side effect of another kind.)
+    """
+    return clone_adapt_maml(model, task, steps, inner_lr, share_buffers=True)
+
+
+def test_batchnorm_side_effects_are_reported_apart_from_an_exact_gradient():
+    model = SharedFeatures().train()
+    before = model_state(model)
+    result = validate(leaky, model, [image_task(seed) for seed in range(4)], STEPS, LR)
+    assert result.gradient_ok() and not result.ok()
+    assert result.diagnosis.label == "exact"
+    # each tensor once, under its first name: never also as alias.1.…, never once per task
+    assert [e.name for e in result.side_effects] == [
+        "features.1.running_mean",
+        "features.1.running_var",
+        "features.1.num_batches_tracked",
+    ]
+    assert all(e.calls == e.of == 4 and e.change.what == "modified" for e in result.side_effects)
+    assert all(e.change.max_abs > 0 for e in result.side_effects)
+    lines = str(result).splitlines()
+    assert lines[0] == "gradient PASS, side effects 3  (rtol=1e-09, atol=0)"
+    effects = [line for line in lines if line.startswith("side effect on the model: ")]
+    assert len(effects) == 3
+    assert effects[0].startswith(
+        "side effect on the model: buffer features.1.running_mean modified (max |change|"
+    )
+    assert effects[0].endswith("in 4 of 4 candidate calls")
+    result.assert_close(allow_side_effects=True)
+    with pytest.raises(AssertionError, match="candidate disagrees with the oracle"):
+        result.assert_close()
+    assert_same_state(before, model_state(model))
+
+
+def test_torchopt_on_the_model_itself_is_exact_with_batchnorm_side_effects():
+    pytest.importorskip("torchopt")
+    model = conv_bn().train()
+    result = validate(CORRECT["torchopt MetaSGD"], model, [image_task(0), image_task(1)], STEPS, LR)
+    assert result.gradient_ok(**EXACT)
+    assert {e.name for e in result.side_effects} == {
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
+    }
+
+
+def test_a_shared_module_switched_to_eval_is_reported_once():
+    model = SharedFeatures().train()
+
+    def switches(model, task, steps, inner_lr):
+        clone_adapt_maml(model, task, steps, inner_lr)
+        model.alias[2].eval()  # the tanh, reachable as features.2 and alias.2
+
+    result = validate(switches, model, [image_task(0), image_task(1)], STEPS, LR)
+    assert [str(e.change) for e in result.side_effects] == ["mode features.2 switched to eval"]
+    assert result.side_effects[0].calls == 2 and model.features[2].training
+
+
+def test_headline_and_diagnosis_lead_the_summary():
+    model, tasks = problem()
+    result = validate(BROKEN["missing create_graph"], model, tasks, STEPS, LR)
+    lines = str(result).splitlines()
+    assert lines[0] == "gradient FAIL, side effects none  (rtol=1e-09, atol=0)"
+    assert lines[1].startswith("diagnosis: first_order — the candidate equals first-order MAML")
+    assert result.summary(rtol=1e3).startswith("gradient PASS, side effects none  (rtol=1000, atol=0)")
+
+
+def test_meta_batch_keeps_per_task_rows_and_calls_b_plus_one_times():
+    model, tasks = problem()
+    calls = []
+
+    def recording(model, batch, steps, inner_lr):
+        calls.append(batch)
+        return meta_batch_mean(model, batch, steps, inner_lr)
+
+    result = validate(recording, model, Task.stack(tasks), STEPS, LR, meta_batch=True)
+    result.assert_close(**EXACT)
+    assert len(result.tasks) == 3 and all(r.ok(**EXACT) for r in result.tasks)
+    assert [len(b) for b in calls] == [1, 1, 1, 3] and all(isinstance(b, TaskBatch) for b in calls)
+    calls.clear()
+    validate(recording, model, tasks, STEPS, LR, meta_batch=True)
+    assert [type(b) for b in calls] == [list] * 4 and [len(b) for b in calls] == [1, 1, 1, 3]
+
+
+def test_meta_batch_sum_passes_per_task_and_fails_overall():
+    model, tasks = problem()
+    summed = lambda m, ts, k, lr: meta_batch_mean(m, ts, k, lr, reduce=torch.sum)  # noqa: E731
+    result = validate(summed, model, tasks, STEPS, LR, meta_batch=True)
+    assert all(r.ok(**EXACT) for r in result.tasks)  # a sum over one task is its mean
+    assert not result.gradient_ok(**LOOSE)
+    assert result.overall.overall.rel_error == pytest.approx(2.0)  # 3 tasks: sum = 3 × mean
+    assert result.diagnosis.label == "scaled" and result.diagnosis.scale == pytest.approx(3.0, rel=1e-9)
+
+
+def test_a_bug_only_some_tasks_hit_is_diagnosed_on_one_of_them():
+    model, tasks = problem()
+
+    def off_by_one_on_task_1(model, task, steps, inner_lr):
+        return functional_maml(model, task, steps, inner_lr, extra_steps=int(task is tasks[1]))
+
+    result = validate(off_by_one_on_task_1, model, tasks, STEPS, LR)
+    assert [r.ok(**EXACT) for r in result.tasks] == [True, False, True]
+    assert result.diagnosed_task == 1
+    assert result.diagnosis.label == "steps" and result.diagnosis.settings == {"steps": STEPS + 1}
+    assert str(result).splitlines()[1].startswith("diagnosis of task 1 (some tasks pass): steps — ")
+
+
+@pytest.mark.parametrize(
+    ("norm", "exact"),
+    [
+        pytest.param(lambda c: nn.BatchNorm2d(c, track_running_stats=False), False, id="BatchNorm2d"),
+        pytest.param(lambda c: nn.GroupNorm(1, c), True, id="GroupNorm"),
+    ],
+)
+def test_vmap_maml_through_batchnorm_is_flagged_and_finite_differences_side_with_the_oracle(norm, exact):
+    """torch.func.grad inside vmap through BatchNorm2d gives a wrong meta-gradient (torch 2.13);
+    the same vmap MAML through GroupNorm is exact. Finite differences are the independent witness."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), norm(3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)).double()
+    tasks = Task.stack([image_task(seed) for seed in range(3)])
+    result = validate(vmap_maml, model, tasks, STEPS, LR, meta_batch=True)
+    assert result.gradient_ok() == exact
+    candidate = vmap_maml(model, tasks, STEPS, LR)
+    witness = finite_differences.check(candidate, model, tasks, STEPS, LR, directions=4)
+    assert witness.ok() == exact
+    if not exact:
+        assert result.overall.overall.rel_error > 1e-4
+        assert finite_differences.check(
+            oracle.meta_gradient(model, tasks, STEPS, LR), model, tasks, STEPS, LR, directions=4
+        ).ok()
+        assert result.diagnosis.label == "unexplained"
