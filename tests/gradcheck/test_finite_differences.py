@@ -2,7 +2,15 @@
 
 Tolerance: with h = 1e-6 in float64 the central difference is off by ~ε|F|/h + h²|F'''|/6
 ≈ 1e-10 for these O(1) objectives; rtol 1e-6 leaves four orders of magnitude of headroom and
-still rejects every wrong meta-gradient below (errors of 1e-3 relative and up).
+still rejects every wrong meta-gradient below.
+
+The smallest error rejected: a gradient off by 1e-5 relative, in n = 2,690 dimensions. Along a
+random unit u, ⟨δg, u⟩ ≈ 1e-5 ‖g‖/√n ≈ 2·10⁻⁷ ‖g‖ (for g(1 + 1e-5) it is exactly 1e-5 ⟨g, u⟩),
+while the check allows its error bound E ≈ δ/h = 64 ε max|F| / h ≈ 10⁻⁸ (the rounding term
+dominates at h = 1e-6; F ≈ 0.5 here) plus rtol · max(|D(h)|, ‖g‖/√n) ≈ 1e-6 · 0.02: an error of
+10 rtol relative to ⟨g, u⟩ exceeds the allowance 3 to 8 times (measured, on every direction).
+n is large enough for the typical size ‖g‖/√n to matter: with ‖g‖ in its place the allowance
+would be √n ≈ 52 times larger and both perturbations would pass.
 """
 
 import pytest
@@ -11,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gradcheck import Task, compare, finite_differences, oracle
+from gradcheck.parameters import flat
 from tests.helpers import conv_bn, image_task, mlp, mlp_problems, regression_task
 
 RTOL, ATOL = 1e-6, 1e-9
@@ -42,6 +51,8 @@ def test_directional_check_accepts_oracle():
     report = finite_differences.check(g, model, task, 5, 0.2, leap=0.5, directions=6, seed=3)
     report.assert_close()
     assert len(report.directions) == 6 and report.rtol == 1e-6
+    assert all(d.ok and d.step == 1e-6 for d in report.directions)
+    assert "ok — 6 agree, 0 disagree, 0 inconclusive of 6" in str(report)
 
 
 @pytest.mark.parametrize(
@@ -57,9 +68,34 @@ def test_directional_check_rejects_wrong_gradients(corrupt):
     g = oracle.meta_gradient(model, task, 5, 0.2)
     fo = oracle.meta_gradient(model, task, 5, 0.2, first_order=True)
     report = finite_differences.check(corrupt(g, fo), model, task, 5, 0.2, directions=4)
-    assert not report.ok()
-    with pytest.raises(AssertionError, match="numerical"):
+    assert not report.ok() and report.failed and not report.inconclusive
+    assert "MISMATCH" in str(report) and "FAIL" in str(report)
+    with pytest.raises(AssertionError, match=r"u \d+: numerical .* vs analytical .*: \|difference\|"):
         report.assert_close()
+
+
+def _perturbed(g, seed=1):
+    """g plus a random vector of norm 1e-5 ‖g‖ (seeded apart from the check's directions)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = {n: torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in g.items()}
+    scale = 1e-5 * flat(g).norm() / flat(noise).norm()
+    return {n: t + scale * noise[n] for n, t in g.items()}
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        pytest.param(lambda g: {n: (1 + 1e-5) * t for n, t in g.items()}, id="scaled-by-1+1e-5"),
+        pytest.param(_perturbed, id="plus-1e-5-relative-noise"),
+    ],
+)
+def test_directional_check_rejects_a_gradient_off_by_1e_5_relative(corrupt):
+    model, task = mlp([4, 48, 48, 2]), regression_task(inputs=4, outputs=2)
+    assert sum(p.numel() for p in model.parameters()) == 2690
+    g = oracle.meta_gradient(model, task, 3, 0.3)
+    finite_differences.check(g, model, task, 3, 0.3).assert_close()  # the exact one passes
+    report = finite_differences.check(corrupt(g), model, task, 3, 0.3)
+    assert len(report.failed) >= 4 and not report.inconclusive, str(report)  # 8 of 8 measured
 
 
 def test_directional_check_float32_model_upcasts_a_copy():
@@ -75,7 +111,9 @@ def test_directional_check_on_a_100k_parameter_network():
     model, task = mlp([8, 256, 256, 128, 4]), regression_task(inputs=8, outputs=4, shots=16, queries=16)
     assert sum(p.numel() for p in model.parameters()) >= 100_000
     g = oracle.meta_gradient(model, task, 3, 0.05)
-    finite_differences.check(g, model, task, 3, 0.05, directions=4).assert_close()
+    report = finite_differences.check(g, model, task, 3, 0.05, directions=8)
+    report.assert_close()
+    assert all(d.step == 1e-6 for d in report.directions)  # smooth: judged at h, no retries
 
 
 def test_same_seed_same_directions():
