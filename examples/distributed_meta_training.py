@@ -22,22 +22,9 @@ import lazymaml
 from gradcheck import problems
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--estimator", default="lazy", choices=lazymaml.learner.ESTIMATOR_NAMES)
-    parser.add_argument("--steps", type=int, default=20, help="inner steps K")
-    parser.add_argument("--inner-lr", type=float, default=0.01)
-    parser.add_argument("--outer-steps", type=int, default=100)
-    parser.add_argument("--tasks-per-rank", type=int, default=8)
-    args = parser.parse_args()
-
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+def meta_train(args: argparse.Namespace, device: torch.device) -> None:
+    """The training loop every rank runs; the learner lives only as long as this call."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if not cuda:
-        torch.set_num_threads(1)
-
     torch.manual_seed(0)  # the same θ on every rank (the learner checks it)
     model = problems.mlp((40, 40)).to(device)
     learner = lazymaml.MetaLearner(
@@ -58,6 +45,25 @@ def main() -> None:
             )
     checksum = sum(p.double().sum() for p in model.parameters()).item()
     print(f"rank {rank}/{world}  done; Σθ = {checksum:.12f} (the same on every rank)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--estimator", default="lazy", choices=lazymaml.learner.ESTIMATOR_NAMES)
+    parser.add_argument("--steps", type=int, default=20, help="inner steps K")
+    parser.add_argument("--inner-lr", type=float, default=0.01)
+    parser.add_argument("--outer-steps", type=int, default=100)
+    parser.add_argument("--tasks-per-rank", type=int, default=8)
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if not cuda:
+        torch.set_num_threads(1)
+    meta_train(args, device)
+    # destroy the group once nothing refers to it (gloo on torch 2.13 can abort at exit when a
+    # reference to a destroyed group outlives the interpreter's teardown)
     dist.destroy_process_group()
 
 

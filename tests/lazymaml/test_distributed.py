@@ -45,6 +45,12 @@ def _grads(model):
 def _worker(rank: int, port: int, results: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    results[rank] = _scenarios(rank)
+    # destroyed once no learner refers to the group (a group outliving it can abort gloo at exit)
+    dist.destroy_process_group()
+
+
+def _scenarios(rank: int) -> dict:
     group = dist.group.WORLD
     tasks = [regression_task(s) for s in SEEDS[rank]]
     out = {}
@@ -77,8 +83,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
         out["mismatch"] = "no error"
     except ValueError as error:
         out["mismatch"] = str(error)
-    dist.destroy_process_group()
-    results[rank] = out
+    return out
 
 
 def _free_port() -> int:
