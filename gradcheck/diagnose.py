@@ -71,6 +71,7 @@ LABELS = (
     "unexplained",
 )
 FIT_CALLS = 8  # oracle evaluations per 1-D fit, the starting probe included
+STALL = 0.9  # a fit stops when its next step would leave more than this share of ‖c − g(x)‖
 NORMALISATION = ("BatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm")
 
 
@@ -209,7 +210,9 @@ def _secant(
     max_step: float,
 ) -> Iterator[float]:
     """Secant Gauss–Newton on x ↦ ‖c − g(x)‖ from ``start`` = (x₀, g(x₀)): yields each x at which
-    it evaluates g (``probe`` first), at most :data:`FIT_CALLS` of them."""
+    it evaluates g (``probe`` first), at most :data:`FIT_CALLS` of them. Gives up when the
+    linearised step would remove less than a tenth of the residual (``STALL``): then c − g(x) is
+    not along the curve, and no x explains it."""
     points = [start]
     x = probe
     for _ in range(FIT_CALLS):
@@ -220,7 +223,10 @@ def _secant(
         curvature = torch.dot(slope, slope).item()
         if not curvature:
             return
-        step = torch.dot(candidate - gb, slope).item() / curvature
+        residual = candidate - gb
+        step = torch.dot(residual, slope).item() / curvature
+        if (residual - step * slope).norm() > STALL * residual.norm():
+            return
         x = min(max(xb + max(-max_step, min(max_step, step)), bounds[0]), bounds[1])
         if not math.isfinite(x) or x == xb:
             return
@@ -261,6 +267,19 @@ def _shares(report: Report, count: int = 3) -> tuple[tuple[str, ...], str]:
     worst = [r for r in sorted(report.rows, key=lambda r: -r.abs_error)[:count] if r.abs_error > 0]
     phrase = ", ".join(f"{r.name} ({100 * r.abs_error**2 / total:.0f}% of |c − g|²)" for r in worst)
     return tuple(r.name for r in worst), phrase
+
+
+def _zero_rows(report: Report, rtol: float, atol: float) -> str:
+    """A sentence about the parameters whose true meta-gradient is ≈0 and the candidate's is not."""
+    rows = [r for r in report.rows if report.negligible(r) and not report.passes(r, rtol, atol)]
+    if not rows:
+        return ""
+    largest = max(r.candidate_norm for r in rows)
+    return (
+        f"; {', '.join(r.name for r in rows)} should get ≈0 (e.g. biases a normalisation subtracts out) but "
+        f"get up to |c| = {largest:.1e}: suspect the normalisation layer's backward (one known cause: "
+        "torch.func.grad under vmap through BatchNorm, differentiated again by autograd)"
+    )
 
 
 def _hypotheses(
@@ -421,7 +440,8 @@ def diagnose(
         "unexplained",
         f"no nearby setting explains the candidate (tried the scale, zero and {tried} settings — first "
         f"order, adapted sets, K ± 1, fits of α and γ); closest: {description} (|c − g_h|/|g| = "
-        f"{residual:.1e}, against {overall.rel_error:.1e} for the requested settings)",
+        f"{residual:.1e}, against {overall.rel_error:.1e} for the requested settings)"
+        f"{_zero_rows(report, rtol, atol)}",
         hypothesis=description,
         residual=residual,
     )
