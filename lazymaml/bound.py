@@ -87,6 +87,7 @@ def bound_terms(
     return _terms(model, task, loop, adapt, max_parameters)
 
 
+@torch.enable_grad()  # the Hessians are differentiated also when the caller is inside torch.no_grad()
 def _terms(
     model: nn.Module, task: TaskLike, loop: InnerLoop, adapt: Adapt, max_parameters: int
 ) -> BoundTerms:
