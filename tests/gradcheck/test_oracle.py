@@ -1,4 +1,6 @@
-"""The oracle against an independent exact unroll, a closed form, and first-order MAML.
+"""The oracle against an independent exact unroll, a closed form, and first-order MAML — also on
+a hand-written model that overrides ``parameters()`` (checked against finite differences too, to
+their own tolerance rtol 1e-6, atol 1e-9: see test_finite_differences.py).
 
 Agreement is asserted to rtol 1e-10: both sides compute the same float64 quantity by different
 sequences of operations, whose rounding differences are ~1e-15 per operation and stay below
@@ -6,20 +8,26 @@ sequences of operations, whose rounding differences are ~1e-15 per operation and
 missing term, which changes the result at the 1e-3 level or more.
 """
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from gradcheck import Task, compare, oracle
+from gradcheck import Task, compare, finite_differences, oracle
+from gradcheck._higher import higher
 from tests.helpers import (
+    assert_same_state,
     conv_bn,
     image_task,
     mlp,
     mlp_problems,
+    model_state,
     reference_meta_gradient,
     regression_task,
+    with_gradients,
 )
 
 RTOL, ATOL = 1e-10, 1e-13
@@ -136,3 +144,84 @@ def test_inner_optimizer_adam_differs_from_sgd():
     adam = oracle.meta_gradient(model, task, 3, 0.05, inner_optimizer="adam")
     sgd = oracle.meta_gradient(model, task, 3, 0.05)
     assert compare(adam, sgd).overall.rel_error > 1e-2
+
+
+class VarsNet(nn.Module):
+    """The hand-written MAML learner of a popular repository, as its users write it: the weights
+    in ``self.vars`` (an ``nn.ParameterList``), the BatchNorm running statistics in
+    ``self.vars_bn`` as frozen parameters, ``forward(x, vars=None, bn_training=True)`` built from
+    ``F.conv2d``, ``F.batch_norm`` and ``F.linear``, and ``parameters()`` overridden to return
+    ``self.vars`` only. Conv 3×3 (3 channels) → batch norm → tanh → linear, float64, for 6×6
+    inputs of ``image_task``."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+
+        def weight(*shape, scale=0.3, mean=0.0):
+            return nn.Parameter(mean + scale * torch.randn(*shape, generator=g, dtype=torch.float64))
+
+        self.vars = nn.ParameterList(
+            [
+                weight(3, 1, 3, 3),
+                weight(3),
+                weight(3, mean=1.0),
+                weight(3),
+                weight(3, 48, scale=0.2),
+                weight(3),
+            ]
+        )
+        running_mean = weight(3, scale=0.1).requires_grad_(False)
+        running_var = nn.Parameter(
+            1 + 0.5 * torch.rand(3, generator=g, dtype=torch.float64), requires_grad=False
+        )
+        self.vars_bn = nn.ParameterList([running_mean, running_var])
+
+    def forward(self, x, vars=None, bn_training=True):
+        w, b, gamma, beta, head_w, head_b = self.vars if vars is None else vars
+        x = nn.functional.conv2d(x, w, b)
+        x = nn.functional.batch_norm(x, self.vars_bn[0], self.vars_bn[1], gamma, beta, training=bn_training)
+        return nn.functional.linear(torch.tanh(x).flatten(1), head_w, head_b)
+
+    def parameters(self, recurse=True):
+        return self.vars
+
+    def plain(self):
+        """The same network as an ordinary ``nn.Sequential``, with the same values."""
+        conv, bn, head = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Linear(48, 3)
+        twin = nn.Sequential(conv, bn, nn.Tanh(), nn.Flatten(), head).double()
+        targets = [conv.weight, conv.bias, bn.weight, bn.bias, head.weight, head.bias]
+        with torch.no_grad():
+            for target, value in zip(
+                [*targets, bn.running_mean, bn.running_var], [*self.vars, *self.vars_bn]
+            ):
+                target.copy_(value)
+        return twin
+
+
+TWIN_NAMES = ["0.weight", "0.bias", "1.weight", "1.bias", "4.weight", "4.bias"]
+
+
+def test_bare_higher_cannot_patch_a_model_that_overrides_parameters():
+    """Why the oracle wraps the model in a plain root module: ``higher`` enumerates parameters
+    with ``module.parameters()`` and loses count on such a model (a bare IndexError)."""
+    with pytest.raises(IndexError):
+        higher.monkeypatch(VarsNet(), copy_initial_weights=False)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_oracle_on_a_model_that_overrides_parameters(steps):
+    """Every trainable named parameter gets its meta-gradient (the frozen running statistics
+    none), equal to the independent flat unroll and to finite differences; the model is left
+    as it was although its forward writes the running statistics in place."""
+    model, task = with_gradients(VarsNet()), image_task()
+    before = model_state(model)
+    g = oracle.meta_gradient(model, task, steps, 0.2)
+    assert list(g) == [f"vars.{i}" for i in range(6)]
+    assert_same_state(before, model_state(model))
+    reference = reference_meta_gradient(copy.deepcopy(model), task, steps, 0.2)  # it writes vars_bn
+    compare(g, reference).assert_close(RTOL, ATOL)
+    compare(finite_differences.meta_gradient(model, task, steps, 0.2), g).assert_close(1e-6, 1e-9)
+    twin = oracle.meta_gradient(model.plain(), task, steps, 0.2)
+    compare(g, dict(zip(g, twin.values()))).assert_close(RTOL, ATOL)
+    assert_same_state(before, model_state(model))
