@@ -1,0 +1,529 @@
+"""Few-shot classification on real data: does the lazy leap pay off against MAML and its kin?
+
+    python benchmarks/few_shot.py --quick                      # smoke test, same code path
+    python benchmarks/few_shot.py --shots 1 5 --seeds 3 --outer-steps 1000 --meta-batch 8
+    python benchmarks/few_shot.py --data ~/data/omniglot --image-size 28 --rotate
+    python benchmarks/few_shot.py --methods 'maml-*' 'lazy-k10-*' --shots 1
+
+Data: scikit-learn's bundled 8×8 digits as rotation classes (``lazymaml.datasets.digits``: 18
+meta-train, 8 meta-validation, 8 meta-test classes), or a folder in a standard layout (``--data``:
+Omniglot, miniImageNet class folders or CSV splits; ``lazymaml.datasets.from_folder``). 5-way,
+``--shots`` support and 15 query images per class.
+
+Network: four blocks conv 3×3 (padding 1) → BatchNorm (batch statistics, as MAML uses them; or
+none with ``--norm none``, then He-initialised) → ReLU, the last p blocks followed by a 2×
+max-pool, p = min(4, ⌊log₂ size⌋): 8×8 digits keep full resolution in block 1 and end at 1×1
+(8→8→4→2→1, as Omniglot's 28×28 ends at 1×1 after four pools); 84×84 ends at 5×5. Then a linear
+head over the ways. ``--channels-net`` filters per block.
+
+Protocol, identical for every method: the same outer budget (``--outer-steps`` × ``--meta-batch``
+tasks, Adam ``--outer-lr``), the same seeds (initialisation and training-task stream), the same
+``--test-tasks`` meta-test tasks (fixed by a seed), evaluation after the method's own K inner SGD
+steps (the student φ_K, from ``MetaLearner.adapt``). The inner learning rate α is chosen per
+method and shot count by a sweep over the same ``--inner-lrs`` grid for everyone: one run from
+seed 0 with ``--sweep-steps`` outer steps per α, scored on ``--val-tasks`` meta-validation tasks
+(classes disjoint from meta-test); ties go to the smaller α; the chosen α is then trained from
+every seed. A run whose meta-gradient fails (a non-finite loss, or iMAML's conjugate gradient
+meeting curvature below −λ) stops there, is reported as diverged and scored at chance (1/ways).
+The "no meta-training" rows are the control: the initialisation of each seed adapted with K
+steps (α swept the same way), no outer step at all.
+
+Reported per method: meta-test accuracy (mean over seeds ± 95% t-interval over seeds), median
+wall time of an outer step (``lazymaml.MetaLearner``, batched over the meta-batch where it
+applies; 1 thread per worker), peak resident memory above the worker's baseline during one outer
+step (Linux; freed heap returned first), and the autograd graph's peak bytes for one task
+(``gradcheck.memory.SavedTensorMeter`` on the sequential path: exact and deterministic, what grows
+with K when the inner loop is differentiated). A table, and ``few_shot[-quick].json`` and
+``few_shot[-quick].png`` (accuracy against K, against time per step and against peak memory)
+under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import fnmatch
+import hashlib
+import json
+import math
+import multiprocessing
+import queue
+import statistics
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+WAYS = 5
+QUERIES = 15
+VAL_SEED, TEST_SEED, MEMORY_SEED = 1, 2, 3  # the fixed validation, test and memory-probe tasks
+CG_ITERATIONS = 5  # iMAML's conjugate-gradient iterations per task (Rajeswaran et al. use 5)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One configuration: ``MetaLearner(model, steps, α, estimator=…, adapt=…, leap=…, …)``;
+    estimator ``"none"`` is the no-meta-training control."""
+
+    label: str
+    family: str  # a line (or a marker) in the plot
+    estimator: str
+    steps: int
+    adapt: str | None = None
+    leap: float = 1.0
+    jacobian_step: str = "single"
+
+
+def _methods() -> dict[str, Method]:
+    methods = {
+        "maml-k1": Method("MAML K=1", "MAML", "maml", 1),
+        "maml-k5": Method("MAML K=5", "MAML", "maml", 5),
+        "fomaml-k5": Method("FOMAML K=5", "FOMAML", "first_order", 5),
+        "anil-k5": Method("ANIL K=5", "ANIL", "maml", 5, adapt="head"),
+        "boil-k5": Method("BOIL K=5", "BOIL", "maml", 5, adapt="body"),
+        "reptile-k10": Method("Reptile K=10", "Reptile", "reptile", 10),
+        "imaml-k10": Method("iMAML K=10", "iMAML", "imaml", 10),
+    }
+    for step in ("single", "horizon"):
+        for leap in (1.0, 0.5):
+            for k in (10, 20, 40):
+                label = f"Lazy K={k} {step} γ={leap:g}"
+                methods[f"lazy-k{k}-{step}-g{leap:g}"] = Method(
+                    label, f"Lazy {step} γ={leap:g}", "lazy", k, None, leap, step
+                )
+    for k in (1, 5, 10, 20, 40):
+        methods[f"scratch-k{k}"] = Method(f"No meta-training K={k}", "no meta-training", "none", k)
+    return methods
+
+
+METHODS = _methods()
+
+
+def network(ways: int, channels: int, image_size: int, in_channels: int, norm: str = "batch"):
+    """The 4-conv few-shot network for ``image_size``² inputs (see the module docstring)."""
+    from torch import nn
+
+    pools = min(4, int(math.log2(image_size)))
+    blocks: list[nn.Module] = []
+    c, size = in_channels, image_size
+    for block in range(4):
+        conv = nn.Conv2d(c, channels, 3, padding=1)
+        blocks.append(conv)
+        if norm == "batch":
+            blocks.append(nn.BatchNorm2d(channels, track_running_stats=False))
+        else:  # without normalisation the default init shrinks the signal block by block
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        blocks.append(nn.ReLU())
+        if block >= 4 - pools:
+            blocks.append(nn.MaxPool2d(2))
+            size //= 2
+        c = channels
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(channels * size * size, ways))
+
+
+_SPLITS: dict[str, Any] = {}
+
+
+def splits(args: argparse.Namespace) -> dict[str, Any]:
+    """The train/val/test classes, loaded once per process."""
+    if not _SPLITS:
+        from lazymaml import datasets
+
+        if args.data is None:
+            _SPLITS.update(datasets.digits())
+        else:
+            loaded = datasets.from_folder(args.data, args.image_size, args.channels)
+            _SPLITS.update({s: datasets.rotations(c) if args.rotate else c for s, c in loaded.items()})
+    return _SPLITS
+
+
+def learner(key: str, model, inner_lr: float, args: argparse.Namespace, batched: bool | str = "auto"):
+    """The method's ``lazymaml.MetaLearner`` (the control adapts like first-order MAML)."""
+    import lazymaml
+
+    method = METHODS[key]
+    options: dict[str, Any] = {"adapt": method.adapt, "leap": method.leap, "batched": batched}
+    if method.estimator == "lazy":
+        options["jacobian_step"] = method.jacobian_step
+    if method.estimator == "imaml":
+        options.update(lam=args.imaml_lam, cg_iterations=CG_ITERATIONS)
+    estimator = "first_order" if method.estimator == "none" else method.estimator
+    return lazymaml.MetaLearner(model, method.steps, inner_lr, estimator=estimator, **options)
+
+
+def fingerprint(tasks: list, digest=None):
+    """A blake2b digest of the tasks' data (updated in place when given): equal for equal tasks."""
+    digest = digest or hashlib.blake2b(digest_size=16)
+    for task in tasks:
+        for t in (*task.support, *task.query):
+            digest.update(t.numpy().tobytes())
+    return digest
+
+
+def outer_step(meta, outer, tasks) -> tuple[float, list[warnings.WarningMessage]]:
+    """One meta-update; returns the mean query loss and the warnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outer.zero_grad()
+        loss = meta.meta_backward(tasks)
+        outer.step()
+    return float(loss), caught
+
+
+def train(key: str, inner_lr: float, seed: int, outer_steps: int, args: argparse.Namespace, progress) -> dict:
+    """Meta-train ``key`` from ``seed`` (the control: no step); the model and how training went."""
+    import torch
+
+    from lazymaml.estimators import ConvergenceWarning
+
+    data = splits(args)
+    torch.manual_seed(seed)
+    c, size, _ = data["train"].shape
+    model = network(WAYS, args.channels_net, size, c, args.norm)
+    meta = learner(key, model, inner_lr, args)
+    outer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
+    stream = torch.Generator().manual_seed(seed)
+    seconds, losses, notes, diverged, unconverged = [], [], set(), None, 0
+    seen = hashlib.blake2b(digest_size=16)  # the training tasks, to show every method saw the same
+    for step in range(0 if METHODS[key].estimator == "none" else outer_steps):
+        tasks = [data["train"].task(stream, WAYS, args.shot, QUERIES) for _ in range(args.meta_batch)]
+        fingerprint(tasks, seen)
+        start = time.perf_counter()
+        try:
+            loss, caught = outer_step(meta, outer, tasks)
+        except (FloatingPointError, ValueError) as error:  # non-finite, or iMAML's CG refused
+            diverged = f"outer step {step + 1}: {error}"
+            progress.put(outer_steps - step)
+            break
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss)
+        unconverged += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+        notes |= {str(w.message) for w in caught if not issubclass(w.category, ConvergenceWarning)}
+        progress.put(1)
+    return {
+        "model": model,
+        "step_seconds": statistics.median(seconds[1:] or seconds) if seconds else None,
+        "train_loss_last": statistics.fmean(losses[-10:]) if losses else None,
+        "diverged": diverged,
+        "cg_unconverged_tasks": unconverged,
+        "warnings": sorted(notes),
+        "train_tasks_digest": seen.hexdigest(),
+    }
+
+
+def accuracy(key: str, model, inner_lr: float, tasks: list, args: argparse.Namespace) -> float:
+    """Mean query accuracy after the method's own K inner steps; chance where adaptation diverges."""
+    import torch
+
+    meta = learner(key, model, inner_lr, args)
+    correct = []
+    for task in tasks:
+        try:
+            adapted = meta.adapt(task)
+        except (FloatingPointError, ValueError):
+            correct.append(1 / WAYS)
+            continue
+        x, y = task.query
+        with torch.no_grad():
+            correct.append((adapted(x).argmax(1) == y).float().mean().item())
+    return statistics.fmean(correct)
+
+
+def _resident() -> tuple[int, int] | None:
+    """(VmRSS, VmHWM) in bytes, or None where /proc/self/status does not exist."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status)
+    except OSError:
+        return None
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def memory(key: str, model, inner_lr: float, args: argparse.Namespace) -> dict:
+    """Peak resident bytes above the baseline during one outer step (the learner as trained), and
+    the autograd graph's peak bytes for one task on the sequential path (SavedTensorMeter)."""
+    import torch
+
+    from gradcheck.memory import SavedTensorMeter
+
+    if METHODS[key].estimator == "none":
+        return {"peak_rss_bytes": None, "graph_bytes_per_task": None}
+    generator = torch.Generator().manual_seed(MEMORY_SEED)
+    tasks = [splits(args)["train"].task(generator, WAYS, args.shot, QUERIES) for _ in range(args.meta_batch)]
+    result: dict[str, int | None] = {"peak_rss_bytes": None, "graph_bytes_per_task": None}
+    with contextlib.suppress(FloatingPointError, ValueError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta = learner(key, model, inner_lr, args)
+        meta.meta_backward(tasks)  # warm-up: lazily built state is not the step's memory
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)  # glibc: give freed heap back, so the baseline is live memory
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the high-water mark VmHWM to the current VmRSS
+        before = _resident()
+        meta.meta_backward(tasks)
+        after = _resident()
+        if before and after:
+            result["peak_rss_bytes"] = after[1] - before[0]
+        with SavedTensorMeter() as meter:
+            learner(key, model, inner_lr, args, batched=False).meta_backward(tasks[:1])
+        result["graph_bytes_per_task"] = meter.peak
+    model.zero_grad(set_to_none=True)
+    return result
+
+
+def job(kind: str, key: str, inner_lr: float, seed: int, args: argparse.Namespace, progress) -> dict:
+    """One sweep point (``kind="sweep"``: scored on meta-validation tasks) or one full run."""
+    import torch
+
+    torch.set_num_threads(1)
+    sweep = kind == "sweep"
+    run = train(key, inner_lr, seed, args.sweep_steps if sweep else args.outer_steps, args, progress)
+    model = run.pop("model")
+    split, count, task_seed = (
+        ("val", args.val_tasks, VAL_SEED) if sweep else ("test", args.test_tasks, TEST_SEED)
+    )
+    tasks = splits(args)[split].tasks(count, task_seed, WAYS, args.shot, QUERIES)
+    score = 1 / WAYS if run["diverged"] else accuracy(key, model, inner_lr, tasks, args)
+    result = {"kind": kind, "shots": args.shot, "method": key, "inner_lr": inner_lr, "seed": seed, **run}
+    result["val_accuracy" if sweep else "test_accuracy"] = score
+    result["eval_tasks_digest"] = fingerprint(tasks).hexdigest()
+    if not sweep:
+        result.update(memory(key, model, inner_lr, args))
+    return result
+
+
+def best_inner_lr(sweep: list[dict]) -> float:
+    """The swept α with the highest meta-validation accuracy; the smaller α on ties."""
+    return max(sweep, key=lambda r: (r["val_accuracy"], -r["inner_lr"]))["inner_lr"]
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student-t interval (nan for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def pool_map(
+    pool: ProcessPoolExecutor, jobs: list[tuple], args: argparse.Namespace, bar, progress
+) -> list[dict]:
+    """``job(*j, args, progress)`` for every j on the worker processes, updating ``bar``."""
+    futures = [pool.submit(job, *j, args, progress) for j in jobs]
+    while not all(f.done() for f in futures):
+        with contextlib.suppress(queue.Empty):
+            bar.update(progress.get(timeout=0.2))
+    return [f.result() for f in futures]
+
+
+def _median(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def summarise(runs: list[dict], shots: int, keys: list[str]) -> list[dict]:
+    """One row per method: accuracy over seeds, median step time and memory."""
+    rows = []
+    for key in keys:
+        mine = [r for r in runs if r["method"] == key and r["shots"] == shots]
+        mean, half = interval([r["test_accuracy"] for r in mine])
+        seconds = _median([r["step_seconds"] for r in mine])
+        rss, graph = (_median([r[f] for r in mine]) for f in ("peak_rss_bytes", "graph_bytes_per_task"))
+        rows.append(
+            {
+                "shots": shots,
+                "method": key,
+                "label": METHODS[key].label,
+                "K": METHODS[key].steps,
+                "inner_lr": mine[0]["inner_lr"],
+                "accuracy": mean,
+                "ci95": half,
+                "step_ms": None if seconds is None else 1e3 * seconds,
+                "peak_rss_mib": None if rss is None else rss / 2**20,
+                "graph_mib_per_task": None if graph is None else graph / 2**20,
+                "diverged_seeds": sum(bool(r["diverged"]) for r in mine),
+            }
+        )
+    return rows
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table(summary: list[dict]) -> str:
+    header = ("shots", "method", "α", "accuracy %", "ms/step", "RSS MiB", "graph MiB")
+    widths = (5, -26, 6, 15, 8, 8, 9)  # negative: left-aligned
+
+    def line(cells: tuple[str, ...]) -> str:
+        return " ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cells, widths))
+
+    lines = [line(header)]
+    for r in summary:
+        cells = (
+            str(r["shots"]),
+            r["label"],
+            f"{r['inner_lr']:g}",
+            f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}",
+            _cell(r["step_ms"], ".1f"),
+            _cell(r["peak_rss_mib"], ".1f"),
+            _cell(r["graph_mib_per_task"], ".3f"),
+        )
+        flag = f"  ({r['diverged_seeds']} seeds diverged)" if r["diverged_seeds"] else ""
+        lines.append(line(cells) + flag)
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    """Accuracy against K, against ms per outer step and against peak memory; a row per shot count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = sorted({r["shots"] for r in summary})
+    axes_of = ("K", "step_ms", "peak_rss_mib")
+    xlabels = ("inner steps K", "ms per outer step", "peak RSS MiB above baseline, one outer step")
+    families = sorted({METHODS[r["method"]].family for r in summary})
+    colours = dict(zip(families, plt.get_cmap("tab20").colors))
+    fig, axes = plt.subplots(len(shots), 3, figsize=(15, 4.2 * len(shots)), squeeze=False)
+    for row, shot in zip(axes, shots):
+        mine = [r for r in summary if r["shots"] == shot]
+        for family in families:
+            rs = sorted((r for r in mine if METHODS[r["method"]].family == family), key=lambda r: r["K"])
+            control = family == "no meta-training"
+            for ax, x in zip(row, axes_of):
+                known = [r for r in rs if r[x] is not None]
+                if known:
+                    ax.errorbar(
+                        [r[x] for r in known],
+                        [100 * r["accuracy"] for r in known],
+                        yerr=[0 if math.isnan(r["ci95"]) else 100 * r["ci95"] for r in known],
+                        fmt="--" if control else "-o" if len(known) > 1 else "s",
+                        color="black" if control else colours[family],
+                        capsize=3,
+                        label=family,
+                    )
+        for ax, xlabel in zip(row, xlabels):
+            ax.set(xlabel=xlabel, ylabel=f"meta-test accuracy %, 5-way {shot}-shot", xscale="log")
+            ax.grid(alpha=0.3)
+        row[0].set_xticks([1, 5, 10, 20, 40], ["1", "5", "10", "20", "40"])
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+QUICK = {
+    "outer_steps": 3,
+    "meta_batch": 2,
+    "seeds": 2,
+    "sweep_steps": 1,
+    "inner_lrs": [0.03, 0.1],
+    "val_tasks": 2,
+    "test_tasks": 4,
+    "shots": [1],
+    "channels_net": 8,
+}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--quick", action="store_true", help=f"smoke test, the same code path with {QUICK}")
+    add("--methods", nargs="+", default=["*"], help="keys or glob patterns, of: " + " ".join(METHODS))
+    add("--shots", type=int, nargs="+", default=[1, 5])
+    add("--seeds", type=int, default=3)
+    add("--outer-steps", type=int, default=1000)
+    add("--meta-batch", type=int, default=8)
+    add("--outer-lr", type=float, default=1e-3)
+    add("--inner-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3], help="the α grid, every method")
+    add("--sweep-steps", type=int, default=250, help="outer steps of each sweep run")
+    add("--val-tasks", type=int, default=200)
+    add("--test-tasks", type=int, default=600)
+    add("--channels-net", type=int, default=32, help="filters per conv block")
+    add("--norm", choices=("batch", "none"), default="batch", help="normalisation in each conv block")
+    add("--imaml-lam", type=float, default=2.0, help="iMAML's proximal strength λ")
+    add("--data", type=Path, help="a folder in a standard layout instead of the digits")
+    add("--image-size", type=int, default=28, help="with --data: images resized to this")
+    add("--channels", type=int, choices=(1, 3), default=1, help="with --data: 1 grey, 3 RGB")
+    add("--rotate", action="store_true", help="with --data: each rotation by 90° a new class")
+    add("--workers", type=int, default=2, help="processes, one thread each")
+    add("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    unknown = [p for p in args.methods if not any(fnmatch.fnmatchcase(k, p) for k in METHODS)]
+    if unknown:
+        parser.error(f"--methods {unknown} match none of: {' '.join(METHODS)}")
+    args.keys = [k for k in METHODS if any(fnmatch.fnmatchcase(k, p) for p in args.methods)]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    progress = multiprocessing.Manager().Queue()
+    trained = [k for k in args.keys if METHODS[k].estimator != "none"]
+    per_shot = len(trained) * (len(args.inner_lrs) * args.sweep_steps + args.seeds * args.outer_steps)
+    sweep, runs, chosen = [], [], {}
+    with (
+        ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool,
+        tqdm(total=len(args.shots) * per_shot, unit="outer step", desc="few-shot", smoothing=0.05) as bar,
+    ):
+        for shot in args.shots:
+            args.shot = shot
+            points = [("sweep", k, lr, 0) for k in args.keys for lr in args.inner_lrs]
+            sweep += pool_map(pool, points, args, bar, progress)
+            scores = {k: [r for r in sweep if r["method"] == k and r["shots"] == shot] for k in args.keys}
+            chosen[shot] = {k: best_inner_lr(rs) for k, rs in scores.items()}
+            runs += pool_map(
+                pool,
+                [("run", k, chosen[shot][k], s) for k in args.keys for s in range(args.seeds)],
+                args,
+                bar,
+                progress,
+            )
+    del args.shot
+    summary = [row for shot in args.shots for row in summarise(runs, shot, args.keys)]
+    data = "digits (scikit-learn, rotation classes)" if args.data is None else str(args.data)
+    print(
+        f"\n{data}; 5-way, {QUERIES} queries; {args.outer_steps} outer steps × meta-batch {args.meta_batch}, "
+        f"Adam {args.outer_lr}; {args.seeds} seeds; {args.test_tasks} meta-test tasks; "
+        f"α from {args.inner_lrs}"
+    )
+    print(table(summary))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / ("few_shot-quick" if args.quick else "few_shot")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+    settings.update(
+        methods={k: asdict(METHODS[k]) for k in args.keys},
+        cg_iterations=CG_ITERATIONS,
+        task_seeds={"val": VAL_SEED, "test": TEST_SEED, "memory": MEMORY_SEED},
+        classes={s: list(c.names) for s, c in splits(args).items()},
+    )
+    record = {
+        "settings": settings,
+        "wall_seconds": time.perf_counter() - started,
+        "chosen_inner_lr": chosen,
+        "summary": summary,
+        "runs": runs,
+        "sweep": sweep,
+    }
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    plot(summary, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and {stem}.png in {record['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
