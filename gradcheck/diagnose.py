@@ -3,40 +3,44 @@
 The discrepancies found in real MAML code fall into a few classes, each the exact meta-gradient
 of a nearby setting. :func:`diagnose` computes the oracle g_h under such hypotheses h and names
 the first that explains the candidate c to the checking tolerance — ``compare(c, g_h).ok(rtol,
-atol)``, the same test as the verdict — cheapest and likeliest first, each setting computed once:
+atol)``, the same test as the verdict — in this order (oracle calls in brackets), each setting
+computed once:
 
-=====================  ===============================================  =====================
-label                  hypothesis (oracle calls)                        typical cause
-=====================  ===============================================  =====================
-``exact``              c = g (0)                                        —
-``scaled``             c = s g, s = ⟨c, g⟩/⟨g, g⟩ by least squares (0)   sum over B tasks, not
-                                                                        the mean (s = B)
-``no_meta_gradient``   ‖c‖ ≤ atol + rtol ‖g‖ (0)                         θ detached (``higher``'s
+=====================  ===============================================  ======================
+label                  hypothesis [oracle calls]                        typical cause
+=====================  ===============================================  ======================
+``exact``              c = g [0]                                        —
+``no_meta_gradient``   ‖c‖ ≤ atol + rtol ‖g‖ [0]                         θ detached (``higher``'s
                                                                         copy_initial_weights)
-``first_order``        first-order MAML (1)                             ``create_graph=False``
-``adapt``              another adapted set A′ (1 each): the presets,    BatchNorm affine not
-                       all / all but / only the modules of one type,    adapted; ANIL vs MAML
-                       all but / only each module
-``steps``              K − 1, K + 1 (1 each)                            an off-by-one
-``inner_lr``           α′ by a 1-D fit of ‖c − g(α′)‖ (≤ 8)             α stored in float32;
+``scaled``             c = s g, s = ⟨c, g⟩/⟨g, g⟩ (least squares) [0]    sum over B tasks, not
+                                                                        the mean (s = B)
+``first_order``        first-order MAML [1]                             ``create_graph=False``
+``adapt``              the presets (all, head, body), all but the       BatchNorm's affine
+                       modules of one type [1 each]                     parameters not adapted;
+                                                                        ANIL vs MAML
+``steps``              K − 1, K + 1 [1 each]                            an off-by-one
+``inner_lr``           α′ by a 1-D fit of ‖c − g(α′)‖ [≤ 8]             α held in float32;
                                                                         α applied twice
-``leap``               γ′ ∈ (0, 1] by the same fit (≤ 8)                 the teacher's fraction
+``adapt``              all but / only / also each module [1 each]       one layer left out
+``leap``               γ′ ∈ (0, 1] by the same fit [≤ 8]                 the teacher's fraction
 ``unexplained``        none of these                                    —
-=====================  ===============================================  =====================
+=====================  ===============================================  ======================
 
 Every hypothesis but ``scaled`` changes one setting of the oracle, so one that explains c to
 rtol = 1e-9 pins the cause: two different settings agree that closely only by accident.
 
 **The 1-D fit** (α in log space, so α′ > 0; γ directly, clipped to (0, 1]) is secant
 Gauss–Newton: with J the difference quotient of the last two evaluated gradients, the next x is
-x + ⟨c − g(x), J⟩/⟨J, J⟩ (the least-squares step of the linearised residual), at most 1 away in
-log α. Started at the setting requested and at its float32 rounding (where that differs), it
-finds the α of a float32 tensor, a relative deviation of ~1e-8, in one oracle call, and a
-general α′ in a few, the error shrinking superlinearly. ``scaled`` reports ``s`` itself, so a
-sum over 4 tasks reads 4.000000.
+x + ⟨c − g(x), J⟩/⟨J, J⟩ (the least-squares step of the linearised residual), at most 1 away.
+Its first probe is the requested value rounded to float32, so the α of a float32 tensor — a
+relative deviation of ~1e-8 — costs one oracle call; a general α′ takes a few, the error
+shrinking superlinearly. A fit gives up as soon as its step would remove less than a tenth of
+‖c − g(x)‖: the discrepancy is then not along the curve.
 
-When nothing explains c, the diagnosis lists the closest hypothesis (smallest ‖c − g_h‖/‖g‖)
-and the parameters with the largest share of ‖c − g‖².
+When nothing explains c, the diagnosis names the closest hypothesis (smallest ‖c − g_h‖/‖g‖),
+the parameters with the largest share of ‖c − g‖², and any parameter whose true gradient is ≈0
+(:meth:`gradcheck.Report.negligible`) but the candidate's is not — the signature of a wrong
+normalisation backward.
 """
 
 from __future__ import annotations
@@ -370,7 +374,7 @@ def diagnose(
     report = compare(candidate_gradient, truth)
     disagree, shares = _shares(report)
 
-    def verdict(label: str, detail: str, **extra: Any) -> Diagnosis:
+    def finish(label: str, detail: str, **extra: Any) -> Diagnosis:
         if label != "exact" and shares:
             detail += f"; the parameters that disagree most: {shares}"
         return Diagnosis(
@@ -385,11 +389,14 @@ def diagnose(
     overall = report.overall
     if not report.keys_match:
         wrong = f"missing {report.missing}, unexpected {report.unexpected}, wrong shapes {report.mismatched}"
-        return verdict("unexplained", f"the candidate's names or shapes differ from the model's: {wrong}")
+        return finish("unexplained", f"the candidate's names or shapes differ from the model's: {wrong}")
+    broken = [r.name for r in report.rows if not math.isfinite(r.abs_error)]
+    if broken:
+        return finish("unexplained", f"the candidate is not finite (NaN or inf) in {', '.join(broken)}")
     if report.ok(rtol, atol):
-        return verdict("exact", f"agrees with the oracle (relative error {overall.rel_error:.1e})")
+        return finish("exact", f"agrees with the oracle (relative error {overall.rel_error:.1e})")
     if overall.candidate_norm <= atol + rtol * overall.reference_norm:
-        return verdict(
+        return finish(
             "no_meta_gradient",
             f"the candidate is zero (|c| = {overall.candidate_norm:.1e}, |g| = "
             f"{overall.reference_norm:.1e}): nothing flows back to θ — e.g. θ detached before the inner "
@@ -415,7 +422,7 @@ def diagnose(
         ok, residual = explains(f"{scale:.6g} × the oracle", unflat(scale * g, truth))
         if ok:
             hint = _scale_hint(scale, len(tasks), loop.inner_lr)
-            return verdict(
+            return finish(
                 "scaled",
                 f"the candidate is {scale:.6f} × the oracle's meta-gradient "
                 f"(cosine {overall.cosine:.7f}){hint}",
@@ -428,7 +435,7 @@ def diagnose(
         tried += 1
         ok, residual = explains(hypothesis.description, gradient)
         if ok:
-            return verdict(
+            return finish(
                 hypothesis.label,
                 hypothesis.detail,
                 hypothesis=hypothesis.description,
@@ -436,7 +443,7 @@ def diagnose(
                 residual=residual,
             )
     residual, description = closest
-    return verdict(
+    return finish(
         "unexplained",
         f"no nearby setting explains the candidate (tried the scale, zero and {tried} settings — first "
         f"order, adapted sets, K ± 1, fits of α and γ); closest: {description} (|c − g_h|/|g| = "

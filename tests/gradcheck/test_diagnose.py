@@ -21,7 +21,15 @@ from tests.gradcheck.implementations import (
     higher_default_maml,
     meta_batch_mean,
 )
-from tests.helpers import assert_same_state, conv_bn, image_task, model_state, with_gradients
+from tests.helpers import (
+    assert_same_state,
+    conv_bn,
+    image_task,
+    mlp,
+    model_state,
+    regression_task,
+    with_gradients,
+)
 
 STEPS, LR = 3, 0.3  # 0.3 is not a float32 number: float32(0.3) = 0.30000001192092896
 LR32 = float(torch.tensor(LR, dtype=torch.float32))
@@ -56,6 +64,13 @@ CASES = [
     ),
     ("adapt", "ANIL head where MAML was asked", only(set(HEAD)), {}, {"adapt": HEAD}),
     ("adapt", "MAML where ANIL was asked", functional_maml, {"adapt": "head"}, {"adapt": NAMES}),
+    (
+        "adapt",
+        "ANIL plus BatchNorm where ANIL was asked",
+        only({"1.weight", "1.bias", *HEAD}),
+        {"adapt": "head"},
+        {"adapt": ("1.weight", "1.bias", *HEAD)},
+    ),
     ("steps", "one inner step too many", functools.partial(functional_maml, extra_steps=1), {}, {"steps": 4}),
     ("steps", "one inner step too few", functools.partial(functional_maml, extra_steps=-1), {}, {"steps": 2}),
     (
@@ -75,6 +90,21 @@ CASES = [
     ("leap", "query scored half-way to φ_K", functools.partial(functional_maml, leap=0.5), {}, {"leap": 0.5}),
     ("unexplained", "support and query swapped", functools.partial(functional_maml, swap=True), {}, {}),
 ]
+
+
+# the most oracle calls each label takes here: the hypotheses are ordered cheapest and likeliest
+# first, and a fit that cannot explain the candidate gives up early
+CALLS = {
+    "exact": 0,
+    "scaled": 0,
+    "no_meta_gradient": 0,
+    "first_order": 1,
+    "adapt": 5,
+    "steps": 7,
+    "inner_lr": 14,
+    "leap": 20,
+    "unexplained": 11,
+}
 
 
 def test_every_label_has_a_case():
@@ -107,9 +137,19 @@ def test_each_real_world_bug_gets_its_label(label, candidate, options, expected)
     for key in ("inner_lr", "leap"):
         if key in expected:
             assert diagnosis.settings[key] == pytest.approx(expected[key], rel=1e-6)
+    assert diagnosis.oracle_calls <= CALLS[label]
     if label not in ("exact", "unexplained"):
         assert diagnosis.residual <= 1e-9 * 4  # explained to the checking tolerance (norm-wise)
     assert_same_state(before, model_state(model))
+
+
+def test_a_layer_left_out_of_the_inner_loop_is_found_module_by_module():
+    model, tasks = mlp([2, 6, 6, 1], "tanh"), [regression_task(seed) for seed in range(2)]
+    outer_layers = {"0.weight", "0.bias", "4.weight", "4.bias"}  # the middle Linear, 2, not adapted
+    result = validate(only(outer_layers), model, tasks, STEPS, LR)
+    assert result.diagnosis.label == "adapt"
+    assert result.diagnosis.settings["adapt"] == ("0.weight", "0.bias", "4.weight", "4.bias")
+    assert result.diagnosis.hypothesis == "adapt = all but module '2'"
 
 
 def test_float32_learning_rate_is_found_exactly_and_named():
@@ -172,4 +212,13 @@ def test_keys_that_differ_are_unexplained_without_oracle_calls():
         exact, model, tasks[0], STEPS, LR, reference=oracle.meta_gradient(model, tasks[0], STEPS, LR)
     )
     assert diagnosis.label == "unexplained" and "missing ['0.bias']" in diagnosis.detail
+    assert diagnosis.oracle_calls == 0
+
+
+def test_a_candidate_with_nan_is_unexplained_at_once():
+    model, tasks = problem()
+    exact = oracle.meta_gradient(model, tasks[0], STEPS, LR)
+    broken = {**exact, "4.bias": torch.full_like(exact["4.bias"], float("nan"))}
+    diagnosis = diagnose(broken, model, tasks[0], STEPS, LR, reference=exact)
+    assert diagnosis.label == "unexplained" and "not finite (NaN or inf) in 4.bias" in diagnosis.detail
     assert diagnosis.oracle_calls == 0
