@@ -12,8 +12,8 @@ with φ_T = θ + γ(φ_K − θ): the maths of :mod:`lazymaml.estimators`, each 
 sequential one up to rounding. Gradients come from ``torch.func`` alone — ordinary autograd
 through a vmapped ``torch.func.grad`` is wrong for batch and instance norm on torch 2.13 — and,
 where the model holds normalisation layers or a forward this module cannot vouch for,
-:class:`~lazymaml.normalization.PrimitiveNorms` computes them from primitives. :func:`refusal`
-says which models are batched at all.
+:class:`~lazymaml.normalization.BatchStatistics` keeps them from updating running statistics
+(which vmap refuses, and which no loss reads). :func:`refusal` says which models are batched.
 
 Nothing here checks the losses (a check would branch on data, which vmap forbids): the caller
 checks that everything returned is finite, and reruns the tasks sequentially — whose checks name
@@ -34,7 +34,7 @@ from gradcheck.settings import InnerLoop
 from gradcheck.student import Student, apply_leap
 from gradcheck.task import Task, TaskBatch
 
-from .normalization import PrimitiveNorms
+from .normalization import BatchStatistics
 
 __all__ = ["NORMALISATION", "VERIFIED", "Estimate", "estimate", "refusal"]
 
@@ -78,37 +78,37 @@ sequential path and the oracle. ``nn.Dropout`` only in eval mode or with p = 0."
 NORMALISATION: frozenset[type[nn.Module]] = frozenset(
     {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d}
 )
-"""Verified too, computed from primitives (:class:`~lazymaml.normalization.PrimitiveNorms`)."""
+"""Verified too, run under :class:`~lazymaml.normalization.BatchStatistics`."""
 
 
 def refusal(model: nn.Module) -> tuple[str | None, bool]:
     """Why the batched path will not run ``model`` (None if it will), and whether it needs
-    :class:`~lazymaml.normalization.PrimitiveNorms`.
+    :class:`~lazymaml.normalization.BatchStatistics`.
 
     Refused: a module with forward hooks, dropout that is active, and a module of a type outside
     :data:`VERIFIED` and :data:`NORMALISATION` that owns parameters or buffers (its forward may do
     anything with them). A module of another type that owns none (a user's network class, whose
-    forward composes verified modules and functions) is batched with normalisation as primitives,
-    which also catches ``F.batch_norm`` called by hand.
+    forward composes verified modules and functions) is batched under ``BatchStatistics``, which
+    also catches ``F.batch_norm`` called by hand.
     """
-    primitive = False
+    statistics = False
     for name, module in model.named_modules():
         kind, where = type(module), f"module {name!r}" if name else "the model"
         if module._forward_hooks or module._forward_pre_hooks:
-            return f"{where} has forward hooks", primitive
+            return f"{where} has forward hooks", statistics
         if kind in NORMALISATION:
-            primitive = True
+            statistics = True
         elif kind in VERIFIED:
             if kind is nn.Dropout and module.training and module.p > 0:
-                return f"{where} is an active nn.Dropout (random per task)", primitive
+                return f"{where} is an active nn.Dropout (random per task)", statistics
         elif module._parameters or module._buffers:
             return (
                 f"{where} is a {kind.__name__}, a module type with its own tensors not verified batched",
-                primitive,
+                statistics,
             )
         else:
-            primitive = True
-    return None, primitive
+            statistics = True
+    return None, statistics
 
 
 @dataclass(frozen=True)
@@ -230,9 +230,9 @@ def unrolled(horizon: int) -> PerTask:
 
 
 def estimate(
-    student: Student, batch: TaskBatch, loop: InnerLoop, per_task: PerTask, primitive: bool
+    student: Student, batch: TaskBatch, loop: InnerLoop, per_task: PerTask, statistics: bool
 ) -> Estimate:
-    """``per_task`` on every task of ``batch`` at once; normalisation from primitives if ``primitive``."""
+    """``per_task`` on every task of ``batch`` at once, under ``BatchStatistics`` if ``statistics``."""
 
     def one(
         theta: Params, frozen: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
@@ -241,7 +241,7 @@ def estimate(
         return per_task(inner, theta, frozen)
 
     (xs, ys), (xq, yq) = batch.support, batch.query
-    with PrimitiveNorms() if primitive else contextlib.nullcontext(), torch.no_grad():
+    with BatchStatistics() if statistics else contextlib.nullcontext(), torch.no_grad():
         g, loss, losses = vmap(one, in_dims=(None, None, 0, 0, 0, 0))(
             student.theta, student.fresh(), xs, ys, xq, yq
         )

@@ -9,8 +9,11 @@ computation (:mod:`lazymaml.batched`); anything else runs task by task on the bu
 
 Batching (``batched=``):
 
-* ``"auto"`` (default) — batched when it applies, otherwise sequential, saying why with one
-  :class:`SequentialFallback` warning per reason and learner;
+* ``"auto"`` (default) — batched when it applies and is faster: the first meta-batch of two or
+  more tasks runs batched, the next one sequentially, each timed, and the faster path runs from
+  then on (on CPU, convolutional networks are often faster sequentially: vmap turns per-task
+  weights into grouped convolutions); otherwise sequential, saying why with one
+  :class:`SequentialFallback` warning per reason and learner. A single task runs sequentially;
 * ``True`` — batched or an exception naming why not (at construction where that is known then);
 * ``False`` — always sequential.
 
@@ -27,9 +30,10 @@ sequential.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +61,7 @@ __all__ = ["ESTIMATOR_NAMES", "LazyMAML", "MetaLearner", "SequentialFallback"]
 ESTIMATOR_NAMES = ("maml", "first_order", "lazy", "lazy_horizon", "reptile", "truncated", "imaml")
 _OPTIONS = {"horizon": "truncated", "lam": "imaml", "cg_iterations": "imaml", "cg_tol": "imaml"}
 _PARTS = ("support inputs", "support targets", "query inputs", "query targets")
+_T = TypeVar("_T")
 
 
 class SequentialFallback(UserWarning):
@@ -141,6 +146,8 @@ class MetaLearner:
             distributed.check_group(process_group)
             distributed.check_same_parameters(student.theta, process_group)
         self._said: set[str] = set()
+        self.seconds: dict[str, float] = {}  # per task, on the first batched and sequential meta-batches
+        self.clock: Callable[[], float] = time.perf_counter
 
     def _static_refusal(self) -> str | None:
         """Why no meta-batch can be batched with these settings, or None."""
@@ -158,6 +165,8 @@ class MetaLearner:
         """The meta-batch stacked for the batched path, or (kind, message): why it runs sequentially."""
         if self.batched is False:
             return "off", "batched=False"
+        if self.batched == "auto" and len(tasks) == 1:
+            return "off", "one task"
         if self.cannot_batch:
             return "learner", self.cannot_batch
         if model_refusal:
@@ -184,25 +193,52 @@ class MetaLearner:
         gradients = {n: torch.stack([g[n] for g, _ in results]) for n in student.theta}
         return gradients, torch.stack([loss for _, loss in results])
 
+    def _timed(self, student: Student, run: Callable[[], _T]) -> tuple[float, _T]:
+        """``run()`` and the seconds it took (the device synchronised)."""
+        device = next(iter(student.theta.values())).device
+        start = self.clock()
+        result = run()
+        if device.type != "cpu":
+            torch.accelerator.synchronize(device)
+        return self.clock() - start, result
+
     def _estimate(
         self, student: Student, tasks: list[TaskLike] | TaskBatch
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Per-task gradients and query losses, stacked over tasks, batched where possible."""
-        model_refusal, primitive = batching.refusal(self.model)
+        model_refusal, statistics = batching.refusal(self.model)
         batch = self._batch(tasks, model_refusal)
         if not isinstance(batch, TaskBatch):
             self._say(*batch)
             return self._sequential(student, list(tasks))
-        assert self.batched_task is not None
+        if self.batched == "auto" and "batched" in self.seconds and "sequential" not in self.seconds:
+            seconds, result = self._timed(student, lambda: self._sequential(student, list(batch)))
+            self.seconds["sequential"] = seconds / len(batch)
+            batched, sequential = (1e3 * self.seconds[path] for path in ("batched", "sequential"))
+            if sequential < batched:
+                self.cannot_batch = (
+                    f"measured {batched:.3g} ms per task batched, {sequential:.3g} ms sequentially"
+                )
+                self._say("learner", self.cannot_batch)
+            return result
+        per_task = self.batched_task
+        assert per_task is not None
+        probe = self.batched == "auto" and "batched" not in self.seconds  # time it (synchronises)
+
+        def run() -> batching.Estimate:
+            return batching.estimate(student, batch, self.loop, per_task, statistics)
+
         try:
-            result = batching.estimate(student, batch, self.loop, self.batched_task, primitive)
+            seconds, estimate = self._timed(student, run) if probe else (0.0, run())
             failure = (
-                None if result.finite() else "the batched result is not finite where the sequential one is"
+                None if estimate.finite() else "the batched result is not finite where the sequential one is"
             )
         except Exception as error:  # the sequential rerun below reports a user's error clearly
             failure = f"the batched computation raised {type(error).__name__}: {error}"
         if failure is None:
-            return result.gradients, result.losses
+            if probe:
+                self.seconds["batched"] = seconds / len(batch)
+            return estimate.gradients, estimate.losses
         gradients, losses = self._sequential(student, list(batch))  # raises a user's error clearly
         self.cannot_batch = failure
         self._say("learner", failure)  # and from now on, sequential

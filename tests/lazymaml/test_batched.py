@@ -8,10 +8,10 @@ product for lazy and Reptile. The returned loss is pinned to the mean of L_Q(φ_
 
 Tolerance: 1e-10 relative to the whole meta-gradient (each parameter's error ≤ 1e-10 (‖g_p‖ +
 ‖g‖)), the issue's. Both paths perform the same float64 operations in a different order
-(batched kernels, reductions over stacked tasks, normalisation from primitives instead of the
-fused kernel), a few ulps (~1e-16) per operation; through K ≤ 4 steps with α‖H‖ < 1 on these
-models that compounds to below 1e-14 (measured ≤ 6e-16), four orders below the tolerance, while
-every real defect measured here is ≥ 6e-4 (the broken variant below). The norm-wise atol is
+(batched kernels, reductions over stacked tasks), a few ulps (~1e-16) per operation; through
+K ≤ 4 steps with α‖H‖ < 1 on these models that compounds to below 1e-14 (measured ≤ 6e-16), four
+orders below the tolerance, while every real defect measured here is ≥ 6e-4 (the broken variant
+below). The norm-wise atol is
 needed because some gradients are zero in exact arithmetic (a convolution's bias feeding a
 train-mode BatchNorm), where per-parameter relative error measures only rounding.
 """
@@ -516,3 +516,46 @@ def with_grads(model):
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.5)
     return model
+
+
+def fake_clock(*readings):
+    """A clock for the learner's two timed meta-batches (two readings each)."""
+    it = iter(readings)
+    return lambda: next(it)
+
+
+@pytest.mark.parametrize("faster", ["batched", "sequential"])
+def test_auto_keeps_the_faster_path_measured_on_the_first_two_meta_batches(faster):
+    model = _regression_model()
+    want, _ = learn(model, TASKS, 3, 0.1, False)
+    learner = lazymaml.MetaLearner(model, 3, 0.1)
+    # first meta-batch batched, second sequential: 3 tasks in 6 s or 0.3 s
+    learner.clock = (
+        fake_clock(0.0, 6.0, 6.0, 6.3) if faster == "sequential" else fake_clock(0.0, 0.3, 0.3, 6.3)
+    )
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(3):  # the third call reads no clock: the choice is made
+            model.zero_grad(set_to_none=True)
+            learner.meta_backward(TASKS)
+            assert_close({n: p.grad for n, p in model.named_parameters()}, want)
+    assert learner.seconds == pytest.approx(
+        {"batched": 2.0, "sequential": 0.1} if faster == "sequential" else {"batched": 0.1, "sequential": 2.0}
+    )
+    if faster == "sequential":
+        assert [str(w.message) for w in said] == [
+            "MetaLearner runs sequentially: measured 2e+03 ms per task batched, 100 ms sequentially"
+        ]
+        assert learner.cannot_batch
+    else:
+        assert not said and learner.cannot_batch is None
+
+
+def test_auto_runs_a_single_task_sequentially_without_a_word():
+    model = _regression_model()
+    learner = lazymaml.MetaLearner(model, 3, 0.1)
+    learner.clock = fake_clock()  # any reading would raise StopIteration
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.meta_backward(TASKS[0])
+    assert not learner.seconds
