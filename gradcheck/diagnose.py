@@ -163,7 +163,7 @@ def _adapted_sets(
         return tuple(n for n in among if n not in set(members))
 
     Sets = list[tuple[str, tuple[str, ...], str]]  # (what, the adapted names, a likely cause)
-    likely: Sets = [("all parameters (MAML)", names, "MAML's inner loop where A was asked for")]
+    likely: Sets = [("all parameters (MAML)", names, "MAML's inner loop where a subset was asked for")]
     for preset, what, why in (
         ("head", "the head only (ANIL)", "ANIL's head-only inner loop"),
         ("body", "all but the head (BOIL)", "BOIL's inner loop"),
@@ -375,7 +375,7 @@ def diagnose(
     disagree, shares = _shares(report)
 
     def finish(label: str, detail: str, **extra: Any) -> Diagnosis:
-        if label != "exact" and shares:
+        if label not in ("exact", "scaled", "no_meta_gradient") and shares:  # those: c − g ∝ g
             detail += f"; the parameters that disagree most: {shares}"
         return Diagnosis(
             label,
