@@ -11,7 +11,8 @@ shared with the oracle's differentiable unroll. The user's model is never touche
 
 its odd and even parts. An evaluation returns f(t) + r(t), r its rounding error.
 
-* Smooth f: D(s) = f'(0) + c s² + e s⁴ + … and E(s) = a s² + b s⁴ + a₆ s⁶ + … (Taylor).
+* Smooth f (Taylor): D(s) = f'(0) + c s² + e s⁴ + … and E(s) = a₂ s² + a₄ s⁴ + a₆ s⁶ + …,
+  with c = f'''(0)/3!, e = f⁽⁵⁾(0)/5!, a_k = f⁽ᵏ⁾(0)/k!.
 * Rounding: |r| ≤ δ = κ ε M, with ε = 2⁻⁵², M the largest |f| evaluated along u and κ = 64
   (``NOISE``). Measured on the test models (tanh/softplus MLPs up to 101,508 parameters,
   conv + BatchNorm, a ReLU MLP, a 4-conv ReLU net) from sixth differences of f at spacing 10⁻⁶
@@ -19,8 +20,9 @@ its odd and even parts. An evaluation returns f(t) + r(t), r its rounding error.
   C(12,6)σ² = 924σ² — the standard deviation σ of r lies between 0.02 ε|F| and 9 ε|F|: κ = 64
   covers 4σ with room. Rounding moves D(s) by at most δ/s.
 * Singularities: through ReLU or max-pooling the inner gradient jumps where a unit switches, so
-  f has small steps and kinks. A step J at t₀ ∈ (−s, s) adds J/2s to D(s): at s = 10⁻⁶ a step of
-  10⁻¹² already exceeds the float64 tolerance. They are detected, not assumed away.
+  f has small steps and kinks. A step J at t₀ ∈ (−s, s) adds J/2s to D(s): at s = 10⁻⁶ a step
+  of 10⁻¹¹ moves D(s) by 5·10⁻⁶, beyond the float64 tolerance. They are detected, not assumed
+  away.
 
 *Smoothness test* at step s, from f(0) (once per check) and f(±s/2), f(±s), f(±2s) (six
 evaluations per direction). The two combinations
@@ -28,11 +30,11 @@ evaluations per direction). The two combinations
     C(s) = D(2s) − 5 D(s) + 4 D(s/2)        G(s) = 64 E(s/2) − 20 E(s) + E(2s)
 
 cancel the terms a smooth f has up to s² (C: f'(0) and c; "D(2s) − D(s) ≈ 4 (D(s) − D(s/2))")
-and up to s⁴ (G: a and b), leaving C = 11.25 e s⁴ and G = 45 a₆ s⁶, small against
-D(2s) − D(s) = 3cs² + 15es⁴ and E(2s) − 4E(s) = 12bs⁴ + 60a₆s⁶ once s is small enough; rounding
+and up to s⁴ (G: a₂ and a₄), leaving C = 11.25 e s⁴ and G = 45 a₆ s⁶, small against
+D(2s) − D(s) = 3cs² + 15es⁴ and E(2s) − 4E(s) = 12a₄s⁴ + 60a₆s⁶ once s is small enough; rounding
 adds at most 2δ(1/4s + 5/2s + 4/s) = 13.5 δ/s to C and (64 + 20 + 1 + 45) δ = 130 δ to G.
 A step J at t₀ > 0 (t₀ < 0 is symmetric) instead makes C = 1.75 J/s, −2.25 J/s or J/4s and
-G = 22.5 J, −9.5 J or J/2 for t₀ in [0, s/2), [s/2, s) or [s, 2s), that is |C| / |D(2s) − D(s)|
+G = 22.5 J, −9.5 J or J/2 for t₀ in (0, s/2), [s/2, s) or [s, 2s), that is |C| / |D(2s) − D(s)|
 = 7, 9 or 1 and |G| / |E(2s) − 4E(s)| = 15, 6.3 or 1. f counts as smooth at s when
 
     |C| ≤ ¼ |D(2s) − D(s)| + 13.5 δ/s    and    |G| ≤ ¼ |E(2s) − 4E(s)| + 130 δ
