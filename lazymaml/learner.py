@@ -30,6 +30,7 @@ sequential.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -50,6 +51,7 @@ from .estimators import (
     PerTask,
     check_horizon,
     check_lam,
+    imaml,
     implicit_gradient,
     reptile_direction,
     truncated_gradient,
@@ -62,6 +64,7 @@ ESTIMATOR_NAMES = ("maml", "first_order", "lazy", "lazy_horizon", "reptile", "tr
 _OPTIONS = {"horizon": "truncated", "lam": "imaml", "cg_iterations": "imaml", "cg_tol": "imaml"}
 _PARTS = ("support inputs", "support targets", "query inputs", "query targets")
 _T = TypeVar("_T")
+_IMAML = {n: p.default for n, p in inspect.signature(imaml).parameters.items()}
 
 
 class SequentialFallback(UserWarning):
@@ -125,13 +128,11 @@ class MetaLearner:
         elif estimator == "reptile":
             self.per_task = lambda s, t: reptile_direction(s, t, loop)
             self.batched_task = batching.reptile
-        elif estimator == "imaml":
-            self.proximal = check_lam(1.0 if lam is None else lam)
-            iterations, tol = (
-                20 if cg_iterations is None else cg_iterations,
-                1e-10 if cg_tol is None else cg_tol,
-            )
-            self.per_task = lambda s, t: implicit_gradient(s, t, loop, self.proximal, iterations, tol)
+        elif estimator == "imaml":  # unset options take estimators.imaml's defaults
+            proximal = self.proximal = check_lam(_IMAML["lam"] if lam is None else lam)
+            iterations: int = _IMAML["cg_iterations"] if cg_iterations is None else cg_iterations
+            tol: float = _IMAML["cg_tol"] if cg_tol is None else cg_tol
+            self.per_task = lambda s, t: implicit_gradient(s, t, loop, proximal, iterations, tol)
         else:
             step = "horizon" if estimator == "lazy_horizon" else jacobian_step
             eta = 0.0 if estimator == "first_order" else resolve_jacobian_step(step, loop)
@@ -198,7 +199,9 @@ class MetaLearner:
         device = next(iter(student.theta.values())).device
         start = self.clock()
         result = run()
-        if device.type != "cpu":
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type != "cpu" and hasattr(torch, "accelerator"):  # torch >= 2.6: any accelerator
             torch.accelerator.synchronize(device)
         return self.clock() - start, result
 
