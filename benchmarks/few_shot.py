@@ -1,7 +1,8 @@
 """Few-shot classification on real data: does the lazy leap pay off against MAML and its kin?
 
     python benchmarks/few_shot.py --quick                      # smoke test, same code path
-    python benchmarks/few_shot.py --shots 1 5 --seeds 3 --outer-steps 1000 --meta-batch 8
+    python benchmarks/few_shot.py                              # the full run: about 2 h CPU on 2 cores
+    python benchmarks/few_shot.py --shots 1 --seeds 5 --outer-steps 2000 --channels-net 32
     python benchmarks/few_shot.py --data ~/data/omniglot --image-size 28 --rotate
     python benchmarks/few_shot.py --methods 'maml-*' 'lazy-k10-*' --shots 1
 
@@ -440,14 +441,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--methods", nargs="+", default=["*"], help="keys or glob patterns, of: " + " ".join(METHODS))
     add("--shots", type=int, nargs="+", default=[1, 5])
     add("--seeds", type=int, default=3)
-    add("--outer-steps", type=int, default=1000)
-    add("--meta-batch", type=int, default=8)
+    add("--outer-steps", type=int, default=500)
+    add("--meta-batch", type=int, default=4)
     add("--outer-lr", type=float, default=1e-3)
     add("--inner-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3], help="the α grid, every method")
-    add("--sweep-steps", type=int, default=250, help="outer steps of each sweep run")
-    add("--val-tasks", type=int, default=200)
+    add("--sweep-steps", type=int, default=100, help="outer steps of each sweep run")
+    add("--val-tasks", type=int, default=100)
     add("--test-tasks", type=int, default=600)
-    add("--channels-net", type=int, default=32, help="filters per conv block")
+    add("--channels-net", type=int, default=16, help="filters per conv block")
     add("--norm", choices=("batch", "none"), default="batch", help="normalisation in each conv block")
     add("--imaml-lam", type=float, default=2.0, help="iMAML's proximal strength λ")
     add("--data", type=Path, help="a folder in a standard layout instead of the digits")
