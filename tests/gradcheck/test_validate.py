@@ -241,6 +241,22 @@ def test_a_bug_only_some_tasks_hit_is_diagnosed_on_one_of_them():
     assert str(result).splitlines()[1].startswith("diagnosis of task 1 (some tasks pass): steps — ")
 
 
+def test_per_task_errors_that_cancel_in_the_mean_still_fail():
+    """Task 0's gradient is off by +δ and task 1's by −δ, so their mean is exact: the verdict must
+    judge every task, not only the mean."""
+    model, tasks = problem()
+    tasks = tasks[:2]
+
+    def cancelling(model, task, steps, inner_lr):
+        sign = 1.0 if task is tasks[0] else -1.0
+        return {n: g + sign * 0.1 for n, g in functional_maml(model, task, steps, inner_lr).items()}
+
+    result = validate(cancelling, model, tasks, STEPS, LR)
+    assert result.overall.ok(**EXACT)  # the mean is exact to rounding
+    assert not any(r.ok(**LOOSE) for r in result.tasks)
+    assert not result.gradient_ok(**LOOSE) and not result.ok(**LOOSE)
+
+
 @pytest.mark.parametrize(
     ("norm", "exact"),
     [
