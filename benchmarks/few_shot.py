@@ -34,7 +34,10 @@ wall time of an outer step (``lazymaml.MetaLearner``, batched over the meta-batc
 applies; 1 thread per worker), peak resident memory above the worker's baseline during one outer
 step (Linux; freed heap returned first), and the autograd graph's peak bytes for one task
 (``gradcheck.memory.SavedTensorMeter`` on the sequential path: exact and deterministic, what grows
-with K when the inner loop is differentiated). A table, and ``few_shot[-quick].json`` and
+with K when the inner loop is differentiated), and how far its meta-gradient is from exact MAML's
+with the same K, α, adapted set and γ (‖g − g_MAML‖/‖g_MAML‖ at the trained θ, float64, on
+``DEVIATION_TASKS`` validation tasks; the oracle is ``gradcheck.oracle``). A table, and
+``few_shot[-quick].json`` and
 ``few_shot[-quick].png`` (accuracy against K, against time per step and against peak memory)
 under ``--out``.
 """
@@ -62,6 +65,7 @@ from typing import Any
 WAYS = 5
 QUERIES = 15
 VAL_SEED, TEST_SEED, MEMORY_SEED = 1, 2, 3  # the fixed validation, test and memory-probe tasks
+DEVIATION_TASKS = 4  # validation tasks on which each method's meta-gradient is compared with MAML's
 CG_ITERATIONS = 5  # iMAML's conjugate-gradient iterations per task (Rajeswaran et al. use 5)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -278,6 +282,45 @@ def memory(key: str, model, inner_lr: float, args: argparse.Namespace) -> dict:
     return result
 
 
+def deviation(key: str, model, inner_lr: float, args: argparse.Namespace) -> float | None:
+    """‖g − g_MAML‖ / ‖g_MAML‖ at the model's θ, in float64, on the same validation tasks: the
+    method's meta-gradient against exact second-order MAML with the same K, α, adapted set and γ
+    (the oracle, ``gradcheck.oracle``). None for the control, or where the method's gradient fails."""
+    import copy
+
+    import torch
+
+    from gradcheck import compare, oracle
+    from lazymaml import estimators
+
+    method = METHODS[key]
+    if method.estimator == "none":
+        return None
+    twin = copy.deepcopy(model).double()
+    generator = torch.Generator().manual_seed(VAL_SEED)
+    tasks = [
+        t.to(torch.float64)
+        for t in (
+            splits(args)["val"].task(generator, WAYS, args.shot, QUERIES) for _ in range(DEVIATION_TASKS)
+        )
+    ]
+    settings: dict[str, Any] = {"adapt": method.adapt, "leap": method.leap}
+    exact = oracle.meta_gradient(twin, tasks, method.steps, inner_lr, **settings)
+    options: dict[str, Any] = {}
+    if method.estimator == "lazy":
+        options["jacobian_step"] = method.jacobian_step
+    if method.estimator == "imaml":
+        options.update(lam=args.imaml_lam, cg_iterations=CG_ITERATIONS)
+    name = {"maml": "truncated", "lazy": "lazy"}.get(method.estimator, method.estimator)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g = estimators.ESTIMATORS[name](twin, tasks, method.steps, inner_lr, **settings, **options)
+    except (FloatingPointError, ValueError):
+        return None
+    return compare(g, exact).overall.rel_error
+
+
 def job(kind: str, key: str, inner_lr: float, seed: int, args: argparse.Namespace, progress) -> dict:
     """One sweep point (``kind="sweep"``: scored on meta-validation tasks) or one full run."""
     import torch
@@ -296,6 +339,7 @@ def job(kind: str, key: str, inner_lr: float, seed: int, args: argparse.Namespac
     result["eval_tasks_digest"] = fingerprint(tasks).hexdigest()
     if not sweep:
         result.update(memory(key, model, inner_lr, args))
+        result["deviation_from_maml"] = deviation(key, model, inner_lr, args)
     return result
 
 
@@ -349,6 +393,7 @@ def summarise(runs: list[dict], shots: int, keys: list[str]) -> list[dict]:
                 "peak_rss_mib": None if rss is None else rss / 2**20,
                 "graph_mib_per_task": None if graph is None else graph / 2**20,
                 "diverged_seeds": sum(bool(r["diverged"]) for r in mine),
+                "deviation_from_maml": _median([r.get("deviation_from_maml") for r in mine]),
             }
         )
     return rows
@@ -359,8 +404,8 @@ def _cell(value: float | None, spec: str) -> str:
 
 
 def table(summary: list[dict]) -> str:
-    header = ("shots", "method", "α", "accuracy %", "ms/step", "RSS MiB", "graph MiB")
-    widths = (5, -26, 6, 15, 8, 8, 9)  # negative: left-aligned
+    header = ("shots", "method", "α", "accuracy %", "ms/step", "RSS MiB", "graph MiB", "dev. vs MAML")
+    widths = (5, -26, 6, 15, 8, 8, 9, 12)  # negative: left-aligned
 
     def line(cells: tuple[str, ...]) -> str:
         return " ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cells, widths))
@@ -375,6 +420,7 @@ def table(summary: list[dict]) -> str:
             _cell(r["step_ms"], ".1f"),
             _cell(r["peak_rss_mib"], ".1f"),
             _cell(r["graph_mib_per_task"], ".3f"),
+            _cell(r["deviation_from_maml"], ".2e"),
         )
         flag = f"  ({r['diverged_seeds']} seeds diverged)" if r["diverged_seeds"] else ""
         lines.append(line(cells) + flag)
