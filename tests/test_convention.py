@@ -15,7 +15,9 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import json
 import pkgutil
+import re
 from pathlib import Path
 
 import pytest
@@ -139,19 +141,28 @@ def _is_submodule(package, name: str) -> bool:
     return hasattr(package, "__path__") and importlib.util.find_spec(f"{package.__name__}.{name}") is not None
 
 
-@pytest.mark.parametrize(
-    "path",
-    [*sorted((ROOT / "notebooks").glob("*.ipynb")), *sorted((ROOT / "benchmarks").glob("*.py"))],
-    ids=lambda p: p.name,
-)
-def test_notebooks_and_benchmarks_import_only_public_names(path):
-    import json
-
+def _python_source(path: Path) -> str:
+    """The Python in a notebook's code cells, a README's ```python blocks, or a script."""
     if path.suffix == ".ipynb":
         cells = json.loads(path.read_text())["cells"]
-        source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    else:
-        source = path.read_text()
+        return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    if path.suffix == ".md":
+        return "\n".join(re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL))
+    return path.read_text()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        *sorted((ROOT / "notebooks").glob("*.ipynb")),
+        *sorted((ROOT / "benchmarks").glob("*.py")),
+        *sorted((ROOT / "examples").glob("*.py")),
+        ROOT / "README.md",
+    ],
+    ids=lambda p: p.name,
+)
+def test_notebooks_benchmarks_examples_and_readme_import_only_public_names(path):
+    source = _python_source(path)
     for node in ast.walk(ast.parse(source)):
         if (
             isinstance(node, ast.ImportFrom)
