@@ -1,144 +1,541 @@
-"""Meta-training on the sinusoid benchmark: MAML (K = 1, 5), first-order MAML and Lazy (K = 10, 20, 40).
+"""Sinusoid regression at the standard protocol: does the lazy leap pay off against MAML?
 
-    python benchmarks/sinusoid.py                  # defaults: a few minutes on 2 cores
-    python benchmarks/sinusoid.py --iterations 5000 --seeds 5 --json sinusoid.json
+    python benchmarks/sinusoid.py --quick        # smoke test, same code path (seconds)
+    python benchmarks/sinusoid.py                # the full run: about an hour on 2 cores
+    python benchmarks/sinusoid.py --methods 'lazy-*' maml-k5 --outer-steps 2000 --seeds 5
 
-Tasks (Finn et al., 2017): y = A sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5], 10 support
-and 10 query points, generated on the fly; an MLP 1–40–40–1 with ReLU. Every method gets the same
-outer budget (iterations × meta-batch, Adam), the same seeds (initialisation and task stream) and
-the same held-out tasks. Reported: query MSE on held-out tasks after adapting with the method's
-own K SGD steps, and after 10 steps for all; mean ± 95% t-interval over seeds.
+Tasks (Finn et al., 2017; ``gradcheck.problems.sinusoid``): y = A sin(x − φ), A ~ U[0.1, 5],
+φ ~ U[0, π], x ~ U[−5, 5]; 10 support and 10 query points (10-shot), MSE; an MLP 1–40–40–1 with
+ReLU (``gradcheck.problems.mlp``); meta-batch 25, Adam on θ.
+
+Methods (``METHODS``): MAML K = 1 and K = 5 (second order), first-order MAML K = 5, Lazy
+K ∈ {10, 20, 40} with η = γα ("single"); Lazy with η = γKα ("horizon") on request
+(``--methods 'lazy-*-horizon'``). Every one trains through ``lazymaml.MetaLearner``, batched over
+the meta-batch (``batched=True``), one thread per worker process.
+
+Protocol, identical for every method: the same outer budget (``--outer-steps`` × ``--meta-batch``),
+the same seeds (initialisation and training-task stream), the same ``--test-tasks`` held-out
+tasks and the same ``--val-tasks`` validation tasks (each fixed by its own generator seed, none
+of which seeds a training stream: no held-out task is ever trained on). The inner step α and the
+teacher's leap γ are chosen per method by one sweep over the same α × γ grid for every method
+(``--inner-lrs`` × ``--leaps``; γ = 1 is the plain method, γ < 1 its leap variant, for MAML the
+exact gradient of L_Q(θ + γ(φ_K − θ))): a run of ``--sweep-steps`` outer steps from
+``SWEEP_SEED`` per grid point, scored by the validation MSE at its end; ties go to the smaller α,
+then the larger γ; a diverged point scores +∞. The chosen (α, γ) is then trained from every seed.
+Evaluation: query MSE after the method's own K inner SGD steps from θ (the student φ_K), on the
+held-out tasks, at ``--curve-points`` outer steps spread over the run (geometric and linear, from
+step 0): the learning curves, against the outer step and against the cumulative wall time of the
+outer steps (evaluation excluded).
+
+Reported per method: the final held-out MSE (mean ± 95% t-interval over seeds); the relative
+improvement over the last fifth of the budget (below ``PLATEAU``: stopped improving); the MSE at
+equal wall time (each seed's curve at the training time the fastest method needed for the whole
+budget); the autograd graph's peak bytes for one task (``gradcheck.memory.SavedTensorMeter`` on
+the sequential path: exact and deterministic) and the best method within each memory budget;
+median ms per outer step; the meta-gradient's deviation from exact MAML with the same K, α and
+γ at the trained θ (‖g − g_MAML‖/‖g_MAML‖, float64, ``DEVIATION_TASKS`` validation tasks, the
+oracle ``gradcheck.oracle``). A table, ``sinusoid[-quick].json`` and ``sinusoid[-quick].png``
+under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import fnmatch
+import hashlib
 import json
 import math
 import multiprocessing
 import queue
+import statistics
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-# (estimator of lazymaml.MetaLearner, K); "maml" is exact second-order MAML
-METHODS = {
-    "MAML K=1": ("maml", 1),
-    "MAML K=5": ("maml", 5),
-    "FOMAML K=5": ("first_order", 5),
-    "Lazy K=10": ("lazy", 10),
-    "Lazy K=20": ("lazy", 20),
-    "Lazy K=40": ("lazy", 40),
-}
+SHOTS = QUERIES = 10
+HIDDEN = (40, 40)
+# generator seeds of the fixed task sets and of the sweep; training streams use seeds 0, 1, 2, …
+TASK_SEEDS = {"val": 1_000_001, "test": 1_000_002, "memory": 1_000_003}
+SWEEP_SEED = 1_000
+DEVIATION_TASKS = 4
+PLATEAU = 0.02  # relative improvement over the last fifth of the budget below which a curve has stopped
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% Student-t interval."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
+@dataclass(frozen=True)
+class Method:
+    """``MetaLearner(model, steps, α, estimator=…, leap=γ, jacobian_step=…)``; α, γ from the sweep."""
+
+    label: str
+    family: str  # one line in the plots
+    estimator: str
+    steps: int
+    jacobian_step: str = "single"
 
 
-def train(method: str, seed: int, args: argparse.Namespace, progress) -> dict:
-    """Meta-train one method from one seed; evaluate on the held-out tasks."""
+def _methods() -> dict[str, Method]:
+    methods = {
+        "maml-k1": Method("MAML K=1", "MAML", "maml", 1),
+        "maml-k5": Method("MAML K=5", "MAML", "maml", 5),
+        "fomaml-k5": Method("FOMAML K=5", "FOMAML", "first_order", 5),
+    }
+    for k in (10, 20, 40):
+        methods[f"lazy-k{k}"] = Method(f"Lazy K={k}", "Lazy", "lazy", k)
+    for k in (10, 20, 40):
+        methods[f"lazy-k{k}-horizon"] = Method(f"Lazy K={k} horizon", "Lazy horizon", "lazy", k, "horizon")
+    return methods
+
+
+METHODS = _methods()
+DEFAULT_METHODS = [k for k in METHODS if not k.endswith("horizon")]
+
+
+def learner(key: str, model, inner_lr: float, leap: float, batched: bool = True):
+    """The method's ``lazymaml.MetaLearner``."""
+    import lazymaml
+
+    method = METHODS[key]
+    options: dict[str, Any] = {"jacobian_step": method.jacobian_step} if method.estimator == "lazy" else {}
+    return lazymaml.MetaLearner(
+        model, method.steps, inner_lr, estimator=method.estimator, leap=leap, batched=batched, **options
+    )
+
+
+def task_set(seed: int, count: int):
+    """``count`` sinusoid tasks drawn from a generator seeded with ``seed``, stacked (a TaskBatch)."""
     import torch
 
-    import lazymaml
-    from gradcheck import problems
+    from gradcheck import Task, problems
 
-    torch.set_num_threads(1)
-    estimator, steps = METHODS[method]
+    generator = torch.Generator().manual_seed(seed)
+    return Task.stack([problems.sinusoid(generator, SHOTS, QUERIES) for _ in range(count)])
+
+
+def fingerprint(batch, digest=None):
+    """A blake2b digest of the tasks' data (updated in place when given): equal for equal tasks."""
+    digest = digest or hashlib.blake2b(digest_size=16)
+    for t in (*batch.support, *batch.query):
+        digest.update(t.numpy().tobytes())
+    return digest
+
+
+def mse(model, batch, steps: int, inner_lr: float) -> float | None:
+    """Mean query MSE after ``steps`` inner SGD steps from θ (the student φ_K that
+    ``MetaLearner.adapt`` returns), every task at once; None where adaptation is not finite.
+
+    The loss ``MetaLearner.meta_backward`` returns is that mean (γ = 1: φ_T = φ_K); Reptile's is
+    the cheapest estimator reporting it, and ``preserved`` puts ``.grad`` back as it was."""
+    import lazymaml
+    from gradcheck.state import preserved
+
+    evaluator = lazymaml.MetaLearner(model, steps, inner_lr, estimator="reptile", batched=True)
+    try:
+        with preserved(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(evaluator.meta_backward(batch))
+    except (FloatingPointError, ValueError):
+        return None
+
+
+def checkpoints(outer_steps: int, points: int) -> list[int]:
+    """Outer steps at which to evaluate: 0, ``outer_steps`` and about ``points`` in between, half
+    spaced geometrically (early progress), half linearly."""
+    half = max(1, points // 2)
+    geometric = {round(outer_steps ** (i / half)) for i in range(half + 1)}
+    linear = {round(outer_steps * i / half) for i in range(half + 1)}
+    return sorted({0, outer_steps} | geometric | linear)
+
+
+def train(key: str, inner_lr: float, leap: float, seed: int, outer_steps: int, held_out, args, progress):
+    """Meta-train ``key`` from ``seed``; the model and its learning curve on ``held_out`` (after a
+    divergence, the remaining points have no MSE)."""
+    import torch
+
+    from gradcheck import Task, problems
+
     torch.manual_seed(seed)
-    model = problems.mlp((40, 40))
-    learner = lazymaml.MetaLearner(model, steps, args.inner_lr, estimator=estimator, batched=args.batched)
+    model = problems.mlp(HIDDEN)
+    meta = learner(key, model, inner_lr, leap)
     outer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
     stream = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    for i in range(args.iterations):
-        outer.zero_grad()
-        learner.meta_backward([problems.sinusoid(stream) for _ in range(args.meta_batch)])
-        outer.step()
-        if (i + 1) % 10 == 0:
-            progress.put(10)
-    seconds = time.perf_counter() - start
-    held_out = [problems.sinusoid(torch.Generator().manual_seed(10**6 + i)) for i in range(args.eval_tasks)]
-    ten = lazymaml.LazyMAML(model, 10, args.inner_lr)
-
-    def mse(adapter: lazymaml.MetaLearner) -> float:
-        with torch.no_grad():
-            return sum(t.query_loss(adapter.adapt(t)).item() for t in held_out) / len(held_out)
-
-    return {
-        "method": method,
-        "seed": seed,
-        "mse_own_k": mse(learner),
-        "mse_10_steps": mse(ten),
-        "training_seconds": seconds,
+    steps = METHODS[key].steps
+    seen = hashlib.blake2b(digest_size=16)  # the training tasks, to show every method saw the same
+    marks = set(checkpoints(outer_steps, args.curve_points))
+    curve, seconds, losses, step_seconds, diverged = [], 0.0, [], [], None
+    for step in range(outer_steps + 1):
+        if step in marks:
+            error = None if diverged else mse(model, held_out, steps, inner_lr)
+            train_mse = statistics.fmean(losses) if losses else None  # since the last point
+            curve.append({"step": step, "seconds": seconds, "mse": error, "train_mse": train_mse})
+            losses = []
+        if step == outer_steps or diverged:
+            continue
+        batch = Task.stack([problems.sinusoid(stream, SHOTS, QUERIES) for _ in range(args.meta_batch)])
+        fingerprint(batch, seen)
+        start = time.perf_counter()
+        try:
+            outer.zero_grad()
+            losses.append(float(meta.meta_backward(batch)))
+            outer.step()
+        except (FloatingPointError, ValueError) as failure:
+            diverged = f"outer step {step + 1}: {failure}"
+            progress.put(outer_steps - step)
+            continue
+        step_seconds.append(time.perf_counter() - start)
+        seconds += step_seconds[-1]
+        progress.put(1)
+    return model, {
+        "curve": curve,
+        "final_mse": curve[-1]["mse"],
+        "train_seconds": seconds,
+        "step_seconds": statistics.median(step_seconds[1:] or step_seconds) if step_seconds else None,
+        "diverged": diverged,
+        "train_tasks_digest": seen.hexdigest(),
+        "eval_tasks_digest": fingerprint(held_out).hexdigest(),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=300, help="outer steps per run")
-    parser.add_argument("--meta-batch", type=int, default=5)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--inner-lr", type=float, default=0.01)
-    parser.add_argument("--outer-lr", type=float, default=3e-3)
-    parser.add_argument("--eval-tasks", type=int, default=100)
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument(
-        "--sequential",
-        dest="batched",
-        action="store_false",
-        help="one task at a time (MetaLearner batched=False)",
-    )
-    parser.add_argument("--json", type=Path, help="also write the per-seed results here")
-    args = parser.parse_args(argv)
+def graph_bytes(key: str, inner_lr: float, leap: float) -> int:
+    """The autograd graph's peak bytes for one task's meta-gradient on the sequential path, at a
+    fixed initialisation (the bytes depend on the shapes and operations alone)."""
+    import torch
 
+    from gradcheck import problems
+    from gradcheck.memory import SavedTensorMeter
+
+    torch.manual_seed(0)
+    model = problems.mlp(HIDDEN)
+    with SavedTensorMeter() as meter:
+        learner(key, model, inner_lr, leap, batched=False).meta_backward(task_set(TASK_SEEDS["memory"], 1)[0])
+    return meter.peak
+
+
+def deviation(key: str, model, inner_lr: float, leap: float) -> float | None:
+    """‖g − g_MAML‖ / ‖g_MAML‖ at the model's θ in float64 on ``DEVIATION_TASKS`` validation tasks:
+    the method's meta-gradient (its learner, sequential) against exact second-order MAML with the
+    same K, α and γ (``gradcheck.oracle``). None where either is not finite."""
+    import torch
+
+    from gradcheck import compare, oracle
+
+    twin = copy.deepcopy(model).double()
+    batch = [t.to(torch.float64) for t in task_set(TASK_SEEDS["val"], DEVIATION_TASKS)]
+    try:
+        exact = oracle.meta_gradient(twin, batch, METHODS[key].steps, inner_lr, leap=leap)
+        twin.zero_grad(set_to_none=True)
+        learner(key, twin, inner_lr, leap, batched=False).meta_backward(batch)
+    except (FloatingPointError, ValueError):
+        return None
+    return compare({n: p.grad for n, p in twin.named_parameters()}, exact).overall.rel_error
+
+
+def job(kind: str, key: str, inner_lr: float, leap: float, seed: int, args, progress) -> dict:
+    """One sweep point (``kind="sweep"``: scored on the validation tasks) or one full run."""
+    import torch
+
+    torch.set_num_threads(1)
+    sweep = kind == "sweep"
+    held_out = task_set(
+        *((TASK_SEEDS["val"], args.val_tasks) if sweep else (TASK_SEEDS["test"], args.test_tasks))
+    )
+    outer_steps = args.sweep_steps if sweep else args.outer_steps
+    model, run = train(key, inner_lr, leap, seed, outer_steps, held_out, args, progress)
+    result = {"kind": kind, "method": key, "inner_lr": inner_lr, "leap": leap, "seed": seed, **run}
+    if not sweep:
+        result["graph_bytes_per_task"] = graph_bytes(key, inner_lr, leap)
+        result["deviation_from_maml"] = None if run["diverged"] else deviation(key, model, inner_lr, leap)
+    return result
+
+
+def best(sweep: list[dict]) -> dict[str, float]:
+    """The grid point with the lowest validation MSE (diverged: +∞); the smaller α, then the larger
+    γ on ties."""
+
+    def score(r: dict) -> tuple[float, float, float]:
+        return (math.inf if r["final_mse"] is None else r["final_mse"], r["inner_lr"], -r["leap"])
+
+    winner = min(sweep, key=score)
+    return {"inner_lr": winner["inner_lr"], "leap": winner["leap"]}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student-t interval (nan for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def at_time(curve: list[dict], seconds: float) -> float | None:
+    """The MSE of the last evaluation at or before ``seconds`` of training (None if it diverged)."""
+    return [p for p in curve if p["seconds"] <= seconds][-1]["mse"]
+
+
+def _finite(values: list) -> list[float]:
+    """None (diverged) as +∞."""
+    return [math.inf if v is None else v for v in values]
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every non-finite float as None (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def summarise(runs: list[dict], keys: list[str]) -> dict[str, Any]:
+    """Per method: the final MSE, the improvement over the last fifth, the MSE at equal wall time,
+    memory, time and deviation; per memory budget, the best method within it.
+
+    Equal wall time is the time the fastest method needed for the whole budget (its slowest seed,
+    so that it is compared at its end); each run counts with its last evaluation by then."""
+    mine = {k: [r for r in runs if r["method"] == k] for k in keys}
+    budget = min(max(r["train_seconds"] for r in rs) for rs in mine.values())
+    marks = [p["step"] for p in runs[0]["curve"]]
+    late = min(range(len(marks)), key=lambda i: abs(marks[i] - 0.8 * marks[-1]))
+    rows = []
+    for key, rs in mine.items():
+        final = interval(_finite([r["final_mse"] for r in rs]))
+        equal_time = interval(_finite([at_time(r["curve"], budget) for r in rs]))
+        at_late = statistics.fmean(_finite([r["curve"][late]["mse"] for r in rs]))
+        improvement = (
+            (at_late - final[0]) / at_late if math.isfinite(at_late) and math.isfinite(final[0]) else None
+        )
+        rows.append(
+            {
+                "method": key,
+                "label": METHODS[key].label,
+                "K": METHODS[key].steps,
+                "inner_lr": rs[0]["inner_lr"],
+                "leap": rs[0]["leap"],
+                "mse": final[0],
+                "ci95": final[1],
+                "last_fifth_improvement": improvement,
+                "mse_equal_time": equal_time[0],
+                "ci95_equal_time": equal_time[1],
+                "step_ms": 1e3 * statistics.median([r["step_seconds"] or math.nan for r in rs]),
+                "train_seconds": statistics.fmean(r["train_seconds"] for r in rs),
+                "graph_bytes_per_task": rs[0]["graph_bytes_per_task"],
+                "deviation_from_maml": statistics.median(_finite([r["deviation_from_maml"] for r in rs])),
+                "diverged_seeds": sum(bool(r["diverged"]) for r in rs),
+            }
+        )
+    by_memory = []
+    for limit in sorted({r["graph_bytes_per_task"] for r in rows}):
+        winner = min((r for r in rows if r["graph_bytes_per_task"] <= limit), key=lambda r: r["mse"])
+        by_memory.append({"graph_bytes": limit, "best": winner["method"], "mse": winner["mse"]})
+    return {"rows": rows, "equal_time_seconds": budget, "equal_memory": by_memory}
+
+
+def _ci(mean: float, half: float) -> str:
+    return f"{mean:.3f} ± {half:.3f}" if math.isfinite(mean) else "diverged"
+
+
+def table(summary: dict[str, Any]) -> str:
+    header = ("method", "α", "γ", "MSE", "last 1/5", f"MSE at {summary['equal_time_seconds']:.0f} s")
+    header += ("ms/step", "graph KiB", "dev. vs MAML")
+    widths = (-18, 6, 4, 16, 8, 18, 8, 9, 12)  # negative: left-aligned
+
+    def line(cells: tuple[str, ...]) -> str:
+        return " ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cells, widths))
+
+    lines = [line(header)]
+    for r in summary["rows"]:
+        improvement = r["last_fifth_improvement"]
+        cells = (
+            r["label"],
+            f"{r['inner_lr']:g}",
+            f"{r['leap']:g}",
+            _ci(r["mse"], r["ci95"]),
+            "—" if improvement is None else f"{100 * improvement:.1f}%",
+            _ci(r["mse_equal_time"], r["ci95_equal_time"]),
+            f"{r['step_ms']:.1f}",
+            f"{r['graph_bytes_per_task'] / 1024:.1f}",
+            f"{r['deviation_from_maml']:.2e}",
+        )
+        flag = f"  ({r['diverged_seeds']} seeds diverged)" if r["diverged_seeds"] else ""
+        lines.append(line(cells) + flag)
+    lines.append("best within the graph memory of:")
+    label = {r["method"]: r["label"] for r in summary["rows"]}
+    for m in summary["equal_memory"]:
+        lines.append(f"  {m['graph_bytes'] / 1024:8.1f} KiB: {label[m['best']]} (MSE {m['mse']:.3f})")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], summary: dict[str, Any], path: Path) -> None:
+    """Held-out MSE against the outer step and against training time (each seed thin, the mean
+    over seeds thick), and the final MSE against the graph's bytes per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [r["method"] for r in summary["rows"]]
+    colours = dict(zip(keys, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for key in keys:
+        mine = [r for r in runs if r["method"] == key]
+        for r in mine:
+            for ax, x in zip(axes, ("step", "seconds")):
+                points = [p for p in r["curve"] if p["mse"] is not None and p[x] > 0]  # log axes
+                ax.plot(
+                    [p[x] for p in points], [p["mse"] for p in points], color=colours[key], lw=0.6, alpha=0.4
+                )
+        steps = [p["step"] for p in mine[0]["curve"]]
+        mean = [statistics.fmean(_finite([r["curve"][i]["mse"] for r in mine])) for i in range(len(steps))]
+        mean = [m if math.isfinite(m) else math.nan for m in mean]  # a gap where a seed diverged
+        seconds = [statistics.fmean(r["curve"][i]["seconds"] for r in mine) for i in range(len(steps))]
+        axes[0].plot(steps[1:], mean[1:], color=colours[key], lw=2, label=METHODS[key].label)
+        axes[1].plot(seconds[1:], mean[1:], color=colours[key], lw=2, label=METHODS[key].label)
+    axes[1].axvline(summary["equal_time_seconds"], color="grey", ls=":", label="equal-time budget")
+    for row in (r for r in summary["rows"] if math.isfinite(r["mse"])):
+        axes[2].errorbar(
+            row["graph_bytes_per_task"] / 1024,
+            row["mse"],
+            yerr=0 if math.isnan(row["ci95"]) else row["ci95"],
+            fmt="o",
+            color=colours[row["method"]],
+            capsize=3,
+            label=row["label"],
+        )
+    axes[0].set(xlabel="outer step", xscale="log", title="held-out MSE during meta-training")
+    axes[1].set(xlabel="training wall time, s (evaluation excluded)", xscale="log", title="against time")
+    axes[2].set(xlabel="autograd graph KiB per task (sequential path)", title="final MSE against memory")
+    for ax in axes:
+        ax.set(ylabel="held-out MSE after own K steps", yscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pool_map(pool: ProcessPoolExecutor, jobs: list[tuple], args, bar, progress) -> list[dict]:
+    """``job(*j, args, progress)`` for every j on the worker processes, the costliest submitted
+    first (the two workers finish together); results in the order of ``jobs``."""
+    cost = {"maml": 2.5, "first_order": 1.0, "lazy": 1.0}
+    order = sorted(
+        range(len(jobs)), key=lambda i: -cost[METHODS[jobs[i][1]].estimator] * METHODS[jobs[i][1]].steps
+    )
+    futures = {i: pool.submit(job, *jobs[i], args, progress) for i in order}
+    while not all(f.done() for f in futures.values()):
+        with contextlib.suppress(queue.Empty):
+            bar.update(progress.get(timeout=0.2))
+    return [futures[i].result() for i in range(len(jobs))]
+
+
+QUICK = {
+    "outer_steps": 12,
+    "meta_batch": 5,
+    "seeds": 2,
+    "sweep_steps": 4,
+    "inner_lrs": [0.003, 0.01],
+    "leaps": [0.5, 1.0],
+    "val_tasks": 10,
+    "test_tasks": 20,
+    "curve_points": 6,
+}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--quick", action="store_true", help=f"smoke test, the same code path with {QUICK}")
+    add(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        help="keys or glob patterns, of: " + " ".join(METHODS),
+    )
+    add("--seeds", type=int, default=3)
+    add("--outer-steps", type=int, default=14_000)
+    add("--meta-batch", type=int, default=25)
+    add("--outer-lr", type=float, default=1e-3)
+    add(
+        "--inner-lrs",
+        type=float,
+        nargs="+",
+        default=[0.001, 0.003, 0.01, 0.03],
+        help="the α grid, every method",
+    )
+    add("--leaps", type=float, nargs="+", default=[0.5, 1.0], help="the γ grid, every method")
+    add("--sweep-steps", type=int, default=1_000, help="outer steps of each sweep run")
+    add("--val-tasks", type=int, default=300)
+    add("--test-tasks", type=int, default=600)
+    add("--curve-points", type=int, default=40, help="evaluations per run (plus step 0)")
+    add("--workers", type=int, default=2, help="processes, one thread each")
+    add("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    unknown = [p for p in args.methods if not any(fnmatch.fnmatchcase(k, p) for k in METHODS)]
+    if unknown:
+        parser.error(f"--methods {unknown} match none of: {' '.join(METHODS)}")
+    args.keys = [k for k in METHODS if any(fnmatch.fnmatchcase(k, p) for p in args.methods)]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     from tqdm import tqdm
 
-    runs = [(m, s) for m in args.methods for s in range(args.seeds)]
-    manager = multiprocessing.Manager()
-    progress = manager.Queue()
-    results = []
     started = time.perf_counter()
+    progress = multiprocessing.Manager().Queue()
+    grid = [(lr, leap) for lr in args.inner_lrs for leap in args.leaps]
+    total = len(args.keys) * (len(grid) * args.sweep_steps + args.seeds * args.outer_steps)
     with (
         ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool,
-        tqdm(total=len(runs) * (args.iterations // 10 * 10), unit="outer step", desc="meta-training") as bar,
+        tqdm(total=total, unit="outer step", desc="sinusoid", smoothing=0.05) as bar,
     ):
-        futures = [pool.submit(train, m, s, args, progress) for m, s in runs]
-        while not all(f.done() for f in futures):
-            with contextlib.suppress(queue.Empty):
-                bar.update(progress.get(timeout=0.2))
-        results = [f.result() for f in futures]
-    wall = time.perf_counter() - started
-    path = "batched" if args.batched else "sequential"
+        points = [("sweep", k, lr, leap, SWEEP_SEED) for k in args.keys for lr, leap in grid]
+        sweep = pool_map(pool, points, args, bar, progress)
+        chosen = {k: best([r for r in sweep if r["method"] == k]) for k in args.keys}
+        finals = [
+            ("run", k, chosen[k]["inner_lr"], chosen[k]["leap"], s)
+            for k in args.keys
+            for s in range(args.seeds)
+        ]
+        runs = pool_map(pool, finals, args, bar, progress)
+    summary = summarise(runs, args.keys)
     print(
-        f"\nsinusoid, {args.iterations} outer steps × meta-batch {args.meta_batch}, α={args.inner_lr}, "
-        f"Adam {args.outer_lr}, {args.seeds} seeds, {args.eval_tasks} held-out tasks (10-shot), {path}; "
-        f"{wall:.0f} s wall with {args.workers} workers"
+        f"\nsinusoid, 10-shot, MLP 1–40–40–1 ReLU; {args.outer_steps} outer steps × meta-batch "
+        f"{args.meta_batch}, Adam {args.outer_lr}; {args.seeds} seeds; {args.test_tasks} held-out tasks; "
+        f"(α, γ) from {args.inner_lrs} × {args.leaps}, {args.sweep_steps} steps on {args.val_tasks} "
+        f"validation tasks; {args.workers} workers"
     )
-    print(f"{'method':<12} {'MSE after own K steps':>24} {'MSE after 10 steps':>22} {'training s/seed':>16}")
-    for method in args.methods:
-        own = interval([r["mse_own_k"] for r in results if r["method"] == method])
-        ten = interval([r["mse_10_steps"] for r in results if r["method"] == method])
-        seconds = [r["training_seconds"] for r in results if r["method"] == method]
-        print(
-            f"{method:<12} {own[0]:>15.3f} ± {own[1]:<6.3f} {ten[0]:>13.3f} ± {ten[1]:<6.3f} "
-            f"{sum(seconds) / len(seconds):>16.2f}"
-        )
-    if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != "json"}
-        args.json.write_text(
-            json.dumps({"settings": settings, "wall_seconds": wall, "runs": results}, indent=1)
-        )
+    print(table(summary))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / ("sinusoid-quick" if args.quick else "sinusoid")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+    settings.update(
+        methods={k: asdict(METHODS[k]) for k in args.keys},
+        task_seeds=TASK_SEEDS,
+        sweep_seed=SWEEP_SEED,
+        deviation_tasks=DEVIATION_TASKS,
+        plateau=PLATEAU,
+    )
+    record = {
+        "settings": settings,
+        "wall_seconds": time.perf_counter() - started,
+        "chosen": chosen,
+        "summary": summary,
+        "runs": runs,
+        "sweep": sweep,
+    }
+    stem.with_suffix(".json").write_text(json.dumps(plain(record), indent=1, allow_nan=False))
+    plot(runs, summary, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and {stem}.png in {record['wall_seconds']:.0f} s")
     return 0
 
 

@@ -1,26 +1,33 @@
-"""``python benchmarks/few_shot.py --quick`` runs (as tox runs it) and writes what it promises.
+"""``python benchmarks/few_shot.py --quick`` and ``python benchmarks/sinusoid.py --quick`` run (as
+tox runs them) and write what they promise.
 
-Nothing here is timed: the run is checked for its structure and for properties that hold exactly —
-every method and seed present; every method scored on the same meta-test tasks and trained on the
-same task stream for a seed (digests of the tasks' data); α chosen by the validation sweep alone;
-the autograd graph of a lazy step the same size for every K while exact MAML's grows with K
-(SavedTensorMeter counts bytes exactly).
+Nothing here is timed: each run is checked for its structure and for properties that hold exactly —
+every method and seed present; every method scored on the same held-out tasks and trained on the
+same task stream for a seed (digests of the tasks' data); hyperparameters chosen by the validation
+sweep alone, from its grid; learning curves at the same increasing outer steps for every run; the
+autograd graph of a lazy step the same size for every K while exact MAML's grows with K
+(SavedTensorMeter counts bytes exactly). The sinusoid benchmark's held-out MSE is checked against
+``MetaLearner.adapt``'s student in float64 (batched and sequential inner loops agree to rounding:
+1e-10 relative is ~10⁵ ulps of slack for a 10-step loop on a 1.7k-parameter MLP).
 """
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "few_shot.py"
+SINUSOID = ROOT / "benchmarks" / "sinusoid.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("benchmarks_few_shot", SCRIPT)
+def _module(script=SCRIPT):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
@@ -28,6 +35,7 @@ def _module():
 
 
 few_shot = _module()
+sinusoid = _module(SINUSOID)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +124,147 @@ def test_unknown_method_patterns_are_refused():
     with pytest.raises(SystemExit):
         few_shot.parse(["--methods", "nope-*"])
     assert few_shot.parse(["--methods", "maml-*", "boil-k5"]).keys == ["maml-k1", "maml-k5", "boil-k5"]
+
+
+@pytest.fixture(scope="module")
+def sine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sinusoid")
+    done = subprocess.run(
+        [sys.executable, str(SINUSOID), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang guard, not a timing check
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "sinusoid-quick.json").read_text()), out, done.stdout
+
+
+def test_sinusoid_every_method_seed_and_grid_point_is_reported(sine):
+    record, out, stdout = sine
+    settings = record["settings"]
+    keys = sinusoid.DEFAULT_METHODS
+    assert settings["quick"] and settings["keys"] == keys
+    grid = [(lr, leap) for lr in settings["inner_lrs"] for leap in settings["leaps"]]
+    assert len(grid) > 1
+    assert sorted((r["method"], r["seed"]) for r in record["runs"]) == sorted(
+        (k, s) for k in keys for s in range(settings["seeds"])
+    )
+    assert sorted((r["method"], r["inner_lr"], r["leap"]) for r in record["sweep"]) == sorted(
+        (k, *point) for k in keys for point in grid
+    )
+    assert {r["seed"] for r in record["sweep"]} == {sinusoid.SWEEP_SEED}
+    assert [r["method"] for r in record["summary"]["rows"]] == keys
+    for row in record["summary"]["rows"]:
+        assert row["label"] in stdout
+        assert row["mse"] > 0 and row["ci95"] >= 0  # two seeds: a finite interval
+    assert (out / "sinusoid-quick.png").stat().st_size > 0
+
+
+def test_sinusoid_sweep_chose_from_its_grid_on_validation_tasks(sine):
+    record, _, _ = sine
+    settings = record["settings"]
+    for key, chosen in record["chosen"].items():
+        assert chosen["inner_lr"] in settings["inner_lrs"] and chosen["leap"] in settings["leaps"]
+        assert chosen == sinusoid.best([r for r in record["sweep"] if r["method"] == key])
+        assert {(r["inner_lr"], r["leap"]) for r in record["runs"] if r["method"] == key} == {
+            (chosen["inner_lr"], chosen["leap"])
+        }
+    assert len({r["eval_tasks_digest"] for r in record["sweep"]}) == 1
+    assert record["sweep"][0]["eval_tasks_digest"] != record["runs"][0]["eval_tasks_digest"]  # val ≠ test
+
+
+def test_sinusoid_curves_are_at_the_same_increasing_steps(sine):
+    record, _, _ = sine
+    settings = record["settings"]
+    for kind, steps in (("runs", settings["outer_steps"]), ("sweep", settings["sweep_steps"])):
+        marks = sinusoid.checkpoints(steps, settings["curve_points"])
+        assert marks[0] == 0 and marks[-1] == steps and marks == sorted(set(marks))
+        for r in record[kind]:
+            assert [p["step"] for p in r["curve"]] == marks
+            seconds = [p["seconds"] for p in r["curve"]]
+            assert seconds[0] == 0 and seconds == sorted(seconds) and seconds[-1] == r["train_seconds"]
+            assert r["final_mse"] == r["curve"][-1]["mse"]
+            assert r["diverged"] or all(p["mse"] > 0 for p in r["curve"])
+
+
+def test_sinusoid_same_held_out_tasks_and_same_training_stream(sine):
+    record, _, _ = sine
+    runs = record["runs"]
+    assert len({r["eval_tasks_digest"] for r in runs}) == 1
+    by_seed = {}
+    for r in (r for r in runs if not r["diverged"]):
+        by_seed.setdefault(r["seed"], set()).add(r["train_tasks_digest"])
+    assert all(len(d) == 1 for d in by_seed.values()) and len(by_seed) == record["settings"]["seeds"]
+    assert len(set.union(*by_seed.values())) == len(by_seed)  # seeds draw different tasks
+
+
+def test_sinusoid_memory_and_deviation_from_maml(sine):
+    record, _, _ = sine
+    graph = {r["method"]: r["graph_bytes_per_task"] for r in record["runs"]}
+    assert len({graph[f"lazy-k{k}"] for k in (10, 20, 40)}) == 1
+    assert graph["maml-k5"] > graph["maml-k1"] > graph["fomaml-k5"]
+    for r in record["runs"]:
+        if r["method"].startswith("maml"):
+            assert r["deviation_from_maml"] <= 1e-12  # the same estimator as the oracle: rounding
+        elif not r["diverged"]:
+            assert r["deviation_from_maml"] > 1e-3  # K > 1 with curvature: never exact
+
+
+def test_sinusoid_equal_time_and_equal_memory(sine):
+    record, _, _ = sine
+    summary, runs = record["summary"], record["runs"]
+    rows = {r["method"]: r for r in summary["rows"]}
+    finish = {k: max(r["train_seconds"] for r in runs if r["method"] == k) for k in rows}
+    fastest = min(finish, key=finish.get)
+    assert summary["equal_time_seconds"] == finish[fastest]
+    assert rows[fastest]["mse_equal_time"] == pytest.approx(rows[fastest]["mse"], rel=1e-12)
+    for entry in summary["equal_memory"]:
+        within = [r for r in rows.values() if r["graph_bytes_per_task"] <= entry["graph_bytes"]]
+        assert entry["mse"] == min(r["mse"] for r in within) == rows[entry["best"]]["mse"]
+    assert {e["graph_bytes"] for e in summary["equal_memory"]} == {
+        r["graph_bytes_per_task"] for r in rows.values()
+    }
+
+
+def test_sinusoid_mse_is_the_adapted_students_query_loss():
+    import lazymaml
+    from gradcheck import Task, problems
+
+    torch.manual_seed(0)
+    model = problems.mlp((40, 40)).double()
+    generator = torch.Generator().manual_seed(0)
+    tasks = [problems.sinusoid(generator, dtype=torch.float64) for _ in range(6)]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    for steps, inner_lr in ((1, 0.01), (10, 0.03)):
+        student = lazymaml.MetaLearner(model, steps, inner_lr, estimator="first_order")
+        expected = sum(t.query_loss(student.adapt(t)).item() for t in tasks) / len(tasks)
+        assert sinusoid.mse(model, Task.stack(tasks), steps, inner_lr) == pytest.approx(expected, rel=1e-10)
+        assert sinusoid.mse(model, Task.stack(tasks), steps + 1, inner_lr) != pytest.approx(
+            expected, rel=1e-6
+        )
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+
+
+def test_sinusoid_sweep_choice_and_plain_json():
+    points = [
+        {"inner_lr": 0.01, "leap": 1.0, "final_mse": 1.0},
+        {"inner_lr": 0.003, "leap": 0.5, "final_mse": 1.0},
+        {"inner_lr": 0.003, "leap": 1.0, "final_mse": 1.0},
+        {"inner_lr": 0.001, "leap": 1.0, "final_mse": None},  # diverged: never chosen
+    ]
+    assert sinusoid.best(points) == {"inner_lr": 0.003, "leap": 1.0}
+    assert sinusoid.best([*points[:1], {"inner_lr": 0.03, "leap": 1.0, "final_mse": 0.5}])["inner_lr"] == 0.03
+    assert sinusoid.plain({"a": [math.inf, 1.0, (math.nan, 2)], "b": "x"}) == {
+        "a": [None, 1.0, [None, 2]],
+        "b": "x",
+    }
+
+
+def test_unknown_sinusoid_methods_are_refused():
+    with pytest.raises(SystemExit):
+        sinusoid.parse(["--methods", "reptile"])
+    assert sinusoid.parse(["--methods", "lazy-*-horizon"]).keys == [
+        f"lazy-k{k}-horizon" for k in (10, 20, 40)
+    ]
