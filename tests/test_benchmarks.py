@@ -262,6 +262,50 @@ def test_sinusoid_sweep_choice_and_plain_json():
     }
 
 
+def test_sinusoid_graph_bytes_depend_on_the_method_alone():
+    for key in ("maml-k5", "lazy-k10", "lazy-k10-horizon", "fomaml-k5"):
+        assert sinusoid.graph_bytes(key) == sinusoid.graph_bytes(key, 0.03, 0.5) > 0
+    assert sinusoid.graph_bytes("lazy-k10") == sinusoid.graph_bytes("lazy-k20")
+    assert sinusoid.graph_bytes("maml-k5") > sinusoid.graph_bytes("maml-k1")
+
+
+def test_sinusoid_summary_of_a_diverged_seed():
+    def run(method, seed, mses, seconds, diverged=None):
+        curve = [{"step": 10 * i, "seconds": s, "mse": m} for i, (m, s) in enumerate(zip(mses, seconds))]
+        return {
+            "method": method,
+            "seed": seed,
+            "inner_lr": 0.01,
+            "leap": 1.0,
+            "curve": curve,
+            "final_mse": mses[-1],
+            "train_seconds": seconds[-1],
+            "step_seconds": None if diverged else 0.1,
+            "diverged": diverged,
+            "graph_bytes_per_task": 100 if method == "maml-k1" else 50,
+            "deviation_from_maml": 0.0 if method == "maml-k1" else None,
+        }
+
+    runs = [
+        run("maml-k1", 0, [4.0, 2.0, 1.0], [0, 1, 2]),
+        run("maml-k1", 1, [4.0, 3.0, 1.0], [0, 1, 3]),
+        run("lazy-k40", 0, [4.0, None, None], [0, 0, 0], diverged="outer step 1: inf"),
+        run("lazy-k40", 1, [4.0, 1.0, 0.5], [0, 4, 9]),
+    ]
+    summary = sinusoid.summarise(runs, ["maml-k1", "lazy-k40"])
+    maml, lazy = summary["rows"]
+    assert summary["equal_time_seconds"] == 3  # maml-k1's slowest seed
+    assert maml["mse"] == maml["mse_equal_time"] == 1.0 and maml["diverged_seeds"] == 0
+    assert lazy["mse"] == math.inf and lazy["diverged_seeds"] == 1 and lazy["last_fifth_improvement"] is None
+    assert lazy["mse_equal_time"] == math.inf and lazy["step_ms"] == pytest.approx(100)
+    assert summary["equal_memory"] == [
+        {"graph_bytes": 50, "best": "lazy-k40", "mse": math.inf},
+        {"graph_bytes": 100, "best": "maml-k1", "mse": 1.0},
+    ]
+    assert "diverged" in sinusoid.table(summary)
+    assert sinusoid.plain(summary)["rows"][1]["mse"] is None  # strict JSON
+
+
 def test_unknown_sinusoid_methods_are_refused():
     with pytest.raises(SystemExit):
         sinusoid.parse(["--methods", "reptile"])
