@@ -38,18 +38,22 @@ few_shot = _module()
 sinusoid = _module(SINUSOID)
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("few_shot")
+def _run_quick(script, out):
+    """``script --quick --out out``: the JSON record it wrote, ``out`` and its stdout."""
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        [sys.executable, str(script), "--quick", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=900,  # a hang guard, not a timing check
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "few_shot-quick.json").read_text()), out, done.stdout
+    return json.loads((out / f"{script.stem}-quick.json").read_text()), out, done.stdout
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    return _run_quick(SCRIPT, tmp_path_factory.mktemp("few_shot"))
 
 
 def test_every_method_and_seed_is_reported(quick):
@@ -128,16 +132,7 @@ def test_unknown_method_patterns_are_refused():
 
 @pytest.fixture(scope="module")
 def sine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sinusoid")
-    done = subprocess.run(
-        [sys.executable, str(SINUSOID), "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,  # a hang guard, not a timing check
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "sinusoid-quick.json").read_text()), out, done.stdout
+    return _run_quick(SINUSOID, tmp_path_factory.mktemp("sinusoid"))
 
 
 def test_sinusoid_every_method_seed_and_grid_point_is_reported(sine):
