@@ -47,12 +47,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import fnmatch
 import hashlib
 import json
 import math
 import multiprocessing
-import queue
 import statistics
 import sys
 import time
@@ -62,12 +60,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also in the spawned workers
+from common import add_common_arguments, fingerprint, interval, pool_map
+from common import parse as parse_common
+
 WAYS = 5
 QUERIES = 15
 VAL_SEED, TEST_SEED, MEMORY_SEED = 1, 2, 3  # the fixed validation, test and memory-probe tasks
 DEVIATION_TASKS = 4  # validation tasks on which each method's meta-gradient is compared with MAML's
 CG_ITERATIONS = 5  # iMAML's conjugate-gradient iterations per task (Rajeswaran et al. use 5)
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclass(frozen=True)
@@ -160,15 +161,6 @@ def learner(key: str, model, inner_lr: float, args: argparse.Namespace, batched:
         options.update(lam=args.imaml_lam, cg_iterations=CG_ITERATIONS)
     estimator = "first_order" if method.estimator == "none" else method.estimator
     return lazymaml.MetaLearner(model, method.steps, inner_lr, estimator=estimator, **options)
-
-
-def fingerprint(tasks: list, digest=None):
-    """A blake2b digest of the tasks' data (updated in place when given): equal for equal tasks."""
-    digest = digest or hashlib.blake2b(digest_size=16)
-    for task in tasks:
-        for t in (*task.support, *task.query):
-            digest.update(t.numpy().tobytes())
-    return digest
 
 
 def outer_step(meta, outer, tasks) -> tuple[float, list[warnings.WarningMessage]]:
@@ -348,25 +340,6 @@ def best_inner_lr(sweep: list[dict]) -> float:
     return max(sweep, key=lambda r: (r["val_accuracy"], -r["inner_lr"]))["inner_lr"]
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% Student-t interval (nan for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def pool_map(
-    pool: ProcessPoolExecutor, jobs: list[tuple], args: argparse.Namespace, bar, progress
-) -> list[dict]:
-    """``job(*j, args, progress)`` for every j on the worker processes, updating ``bar``."""
-    futures = [pool.submit(job, *j, args, progress) for j in jobs]
-    while not all(f.done() for f in futures):
-        with contextlib.suppress(queue.Empty):
-            bar.update(progress.get(timeout=0.2))
-    return [f.result() for f in futures]
-
-
 def _median(values: list) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
@@ -483,7 +456,7 @@ QUICK = {
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--quick", action="store_true", help=f"smoke test, the same code path with {QUICK}")
+    add_common_arguments(parser, QUICK)
     add("--methods", nargs="+", default=["*"], help="keys or glob patterns, of: " + " ".join(METHODS))
     add("--shots", type=int, nargs="+", default=[1, 5])
     add("--seeds", type=int, default=3)
@@ -501,17 +474,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--image-size", type=int, default=28, help="with --data: images resized to this")
     add("--channels", type=int, choices=(1, 3), default=1, help="with --data: 1 grey, 3 RGB")
     add("--rotate", action="store_true", help="with --data: each rotation by 90° a new class")
-    add("--workers", type=int, default=2, help="processes, one thread each")
-    add("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    if args.quick:
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    unknown = [p for p in args.methods if not any(fnmatch.fnmatchcase(k, p) for k in METHODS)]
-    if unknown:
-        parser.error(f"--methods {unknown} match none of: {' '.join(METHODS)}")
-    args.keys = [k for k in METHODS if any(fnmatch.fnmatchcase(k, p) for p in args.methods)]
-    return args
+    return parse_common(parser, argv, QUICK, METHODS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,11 +493,12 @@ def main(argv: list[str] | None = None) -> int:
         for shot in args.shots:
             args.shot = shot
             points = [("sweep", k, lr, 0) for k in args.keys for lr in args.inner_lrs]
-            sweep += pool_map(pool, points, args, bar, progress)
+            sweep += pool_map(pool, job, points, args, bar, progress)
             scores = {k: [r for r in sweep if r["method"] == k and r["shots"] == shot] for k in args.keys}
             chosen[shot] = {k: best_inner_lr(rs) for k, rs in scores.items()}
             runs += pool_map(
                 pool,
+                job,
                 [("run", k, chosen[shot][k], s) for k in args.keys for s in range(args.seeds)],
                 args,
                 bar,

@@ -53,14 +53,11 @@ under ``--out``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import fnmatch
 import hashlib
 import json
 import math
 import multiprocessing
-import queue
 import statistics
 import sys
 import time
@@ -70,6 +67,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also in the spawned workers
+from common import add_common_arguments, fingerprint, interval, pool_map
+from common import parse as parse_common
+
 SHOTS = QUERIES = 10
 HIDDEN = (40, 40)
 # generator seeds of the fixed task sets and of the sweep; training streams use seeds 0, 1, 2, …
@@ -77,7 +78,6 @@ TASK_SEEDS = {"val": 1_000_001, "test": 1_000_002, "memory": 1_000_003}
 SWEEP_SEED = 1_000
 DEVIATION_TASKS = 4
 PLATEAU = 0.02  # relative improvement over the last fifth of the budget below which a curve has stopped
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,6 @@ def task_set(seed: int, count: int):
 
     generator = torch.Generator().manual_seed(seed)
     return Task.stack([problems.sinusoid(generator, SHOTS, QUERIES) for _ in range(count)])
-
-
-def fingerprint(batch, digest=None):
-    """A blake2b digest of the tasks' data (updated in place when given): equal for equal tasks."""
-    digest = digest or hashlib.blake2b(digest_size=16)
-    for t in (*batch.support, *batch.query):
-        digest.update(t.numpy().tobytes())
-    return digest
 
 
 def mse(model, batch, steps: int, inner_lr: float) -> float | None:
@@ -189,7 +181,7 @@ def train(key: str, inner_lr: float, leap: float, seed: int, outer_steps: int, h
         if step == outer_steps or diverged:
             continue
         batch = Task.stack([problems.sinusoid(stream, SHOTS, QUERIES) for _ in range(args.meta_batch)])
-        fingerprint(batch, seen)
+        fingerprint([batch], seen)
         start = time.perf_counter()
         try:
             outer.zero_grad()
@@ -209,7 +201,7 @@ def train(key: str, inner_lr: float, leap: float, seed: int, outer_steps: int, h
         "step_seconds": statistics.median(step_seconds[1:] or step_seconds) if step_seconds else None,
         "diverged": diverged,
         "train_tasks_digest": seen.hexdigest(),
-        "eval_tasks_digest": fingerprint(held_out).hexdigest(),
+        "eval_tasks_digest": fingerprint([held_out]).hexdigest(),
     }
 
 
@@ -275,15 +267,6 @@ def best(sweep: list[dict]) -> dict[str, float]:
 
     winner = min(sweep, key=score)
     return {"inner_lr": winner["inner_lr"], "leap": winner["leap"]}
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% Student-t interval (nan for one value; +∞, nan where a value
-    is +∞: a diverged seed)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2 or not math.isfinite(mean):
-        return mean, math.nan
-    return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def at_time(curve: list[dict], seconds: float) -> float | None:
@@ -435,18 +418,10 @@ def plot(runs: list[dict], summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def pool_map(pool: ProcessPoolExecutor, jobs: list[tuple], args, bar, progress) -> list[dict]:
-    """``job(*j, args, progress)`` for every j on the worker processes, the costliest submitted
-    first (the two workers finish together); results in the order of ``jobs``."""
-    cost = {"maml": 2.5, "first_order": 1.0, "lazy": 1.0}
-    order = sorted(
-        range(len(jobs)), key=lambda i: -cost[METHODS[jobs[i][1]].estimator] * METHODS[jobs[i][1]].steps
-    )
-    futures = {i: pool.submit(job, *jobs[i], args, progress) for i in order}
-    while not all(f.done() for f in futures.values()):
-        with contextlib.suppress(queue.Empty):
-            bar.update(progress.get(timeout=0.2))
-    return [futures[i].result() for i in range(len(jobs))]
+def cost(j: tuple) -> float:
+    """A sweep or run job's relative cost, to submit the costliest first."""
+    method = METHODS[j[1]]
+    return {"maml": 2.5, "first_order": 1.0, "lazy": 1.0}[method.estimator] * method.steps
 
 
 QUICK = {
@@ -465,7 +440,7 @@ QUICK = {
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--quick", action="store_true", help=f"smoke test, the same code path with {QUICK}")
+    add_common_arguments(parser, QUICK)
     add(
         "--methods",
         nargs="+",
@@ -488,17 +463,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--val-tasks", type=int, default=300)
     add("--test-tasks", type=int, default=600)
     add("--curve-points", type=int, default=40, help="evaluations per run (plus step 0)")
-    add("--workers", type=int, default=2, help="processes, one thread each")
-    add("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    if args.quick:
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    unknown = [p for p in args.methods if not any(fnmatch.fnmatchcase(k, p) for k in METHODS)]
-    if unknown:
-        parser.error(f"--methods {unknown} match none of: {' '.join(METHODS)}")
-    args.keys = [k for k in METHODS if any(fnmatch.fnmatchcase(k, p) for p in args.methods)]
-    return args
+    return parse_common(parser, argv, QUICK, METHODS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,14 +479,14 @@ def main(argv: list[str] | None = None) -> int:
         tqdm(total=total, unit="outer step", desc="sinusoid", smoothing=0.05) as bar,
     ):
         points = [("sweep", k, lr, leap, SWEEP_SEED) for k in args.keys for lr, leap in grid]
-        sweep = pool_map(pool, points, args, bar, progress)
+        sweep = pool_map(pool, job, points, args, bar, progress, cost)
         chosen = {k: best([r for r in sweep if r["method"] == k]) for k in args.keys}
         finals = [
             ("run", k, chosen[k]["inner_lr"], chosen[k]["leap"], s)
             for k in args.keys
             for s in range(args.seeds)
         ]
-        runs = pool_map(pool, finals, args, bar, progress)
+        runs = pool_map(pool, job, finals, args, bar, progress, cost)
     summary = summarise(runs, args.keys)
     print(
         f"\nsinusoid, 10-shot, MLP 1–40–40–1 ReLU; {args.outer_steps} outer steps × meta-batch "
