@@ -1,7 +1,9 @@
 """Few-shot classification on real data: does the lazy leap pay off against MAML and its kin?
 
     python benchmarks/few_shot.py --quick                      # smoke test, same code path
-    python benchmarks/few_shot.py                              # the full run: about 2 h CPU on 2 cores
+    python benchmarks/few_shot.py                              # the defaults: ≈ 4 h on 2 cores
+    # the committed results (benchmarks/results/few_shot.json), 68 min on 2 cores:
+    python benchmarks/few_shot.py --outer-steps 150 --sweep-steps 40 --inner-lrs 0.03 0.1 0.3 --val-tasks 50
     python benchmarks/few_shot.py --shots 1 --seeds 5 --outer-steps 2000 --channels-net 32
     python benchmarks/few_shot.py --data ~/data/omniglot --image-size 28 --rotate
     python benchmarks/few_shot.py --methods 'maml-*' 'lazy-k10-*' --shots 1

@@ -36,6 +36,7 @@ def _module(script=SCRIPT):
 
 few_shot = _module()
 sinusoid = _module(SINUSOID)
+common = _module(ROOT / "benchmarks" / "common.py")
 
 
 def _run_quick(script, out):
@@ -128,6 +129,39 @@ def test_unknown_method_patterns_are_refused():
     with pytest.raises(SystemExit):
         few_shot.parse(["--methods", "nope-*"])
     assert few_shot.parse(["--methods", "maml-*", "boil-k5"]).keys == ["maml-k1", "maml-k5", "boil-k5"]
+
+
+def test_interval_is_the_student_t_interval_over_seeds():
+    mean, half = common.interval([1.0, 2.0, 3.0])  # s = 1, n = 3, t₀.₉₇₅(2) = 4.303
+    assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3), rel=1e-12)
+    assert common.interval([1.0, 2.0])[1] == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2), rel=1e-12)
+    assert math.isnan(common.interval([1.0])[1])
+    mean, half = common.interval([1.0, math.inf])  # a diverged seed
+    assert mean == math.inf and math.isnan(half)
+
+
+def test_pool_map_returns_results_in_the_order_of_jobs_whatever_the_submission_order():
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Bar:
+        total = 0
+
+        def update(self, n):
+            self.total += n
+
+    def job(x, args, progress):
+        progress.put(x)
+        return {"x": x}
+
+    bar, progress = Bar(), queue.Queue()
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [(1,), (2,), (3,)]
+        got = common.pool_map(pool, job, jobs, None, bar, progress, cost=lambda j: j[0])  # 3 first
+    assert got == [{"x": 1}, {"x": 2}, {"x": 3}]
+    while not progress.empty():
+        bar.update(progress.get())
+    assert bar.total == 6  # every reported step reaches the bar
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,31 @@ LM = "tests/lazymaml"
 CONTRACT = "tests/test_contract.py"
 
 MUTANTS = [
+    # benchmarks/common.py (shared by the meta-training benchmarks)
+    Mutant(
+        "benchmarks-interval-degrees-of-freedom",
+        "benchmarks/common.py",
+        "T_975.get(len(values) - 1, 1.96)",
+        "T_975.get(len(values), 1.96)",
+        "n instead of n − 1 degrees of freedom: intervals too narrow",
+        ("tests/test_benchmarks.py",),
+    ),
+    Mutant(
+        "benchmarks-pool-map-submission-order",
+        "benchmarks/common.py",
+        "return [futures[i].result() for i in range(len(jobs))]",
+        "return [f.result() for f in futures.values()]",
+        "results in the costliest-first submission order: rows attached to the wrong jobs",
+        ("tests/test_benchmarks.py",),
+    ),
+    Mutant(
+        "benchmarks-methods-exact-match",
+        "benchmarks/common.py",
+        "args.keys = [k for k in methods if any(fnmatch.fnmatchcase(k, p) for p in args.methods)]",
+        "args.keys = [k for k in methods if k in args.methods]",
+        "--methods globs treated as exact keys",
+        ("tests/test_benchmarks.py",),
+    ),
     # gradcheck/task.py
     Mutant(
         "task-support-reads-query",
