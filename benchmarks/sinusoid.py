@@ -295,9 +295,12 @@ def summarise(runs: list[dict], keys: list[str]) -> dict[str, Any]:
     memory, time and deviation; per memory budget, the best method within it.
 
     Equal wall time is the time the fastest method needed for the whole budget (its slowest seed,
-    so that it is compared at its end); each run counts with its last evaluation by then."""
+    so that it is compared at its end), among the methods none of whose runs diverged (a diverged
+    run stops early: its time is not the budget's); each run counts with its last evaluation by
+    then."""
     mine = {k: [r for r in runs if r["method"] == k] for k in keys}
-    budget = min(max(r["train_seconds"] for r in rs) for rs in mine.values())
+    finished = [rs for rs in mine.values() if not any(r["diverged"] for r in rs)] or list(mine.values())
+    budget = min(max(r["train_seconds"] for r in rs) for rs in finished)
     marks = [p["step"] for p in runs[0]["curve"]]
     late = min(range(len(marks)), key=lambda i: abs(marks[i] - 0.8 * marks[-1]))
     rows = []

@@ -333,6 +333,12 @@ def test_sinusoid_summary_of_a_diverged_seed():
     ]
     assert "diverged" in sinusoid.table(summary)
     assert sinusoid.plain(summary)["rows"][1]["mse"] is None  # strict JSON
+    # a method whose every run diverged stopped early: its time does not set the equal-time budget
+    stopped = [
+        run("lazy-k40", 0, [4.0, 2.0, None], [0, 1, 1], diverged="outer step 15: inf"),
+        run("lazy-k40", 1, [4.0, 2.0, None], [0, 1, 2], diverged="outer step 25: inf"),
+    ]
+    assert sinusoid.summarise(runs[:2] + stopped, ["maml-k1", "lazy-k40"])["equal_time_seconds"] == 3
 
 
 def test_unknown_sinusoid_methods_are_refused():

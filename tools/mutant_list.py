@@ -48,6 +48,14 @@ MUTANTS = [
         ("tests/test_benchmarks.py",),
     ),
     Mutant(
+        "benchmarks-equal-time-from-diverged-runs",
+        "benchmarks/sinusoid.py",
+        'if not any(r["diverged"] for r in rs)] or list(mine.values())',
+        'if not any(r["diverged"] for r in rs)] or list(mine.values())\n    finished = list(mine.values())',
+        "a diverged run's early stop taken as the equal-time budget",
+        ("tests/test_benchmarks.py",),
+    ),
+    Mutant(
         "benchmarks-methods-exact-match",
         "benchmarks/common.py",
         "args.keys = [k for k in methods if any(fnmatch.fnmatchcase(k, p) for p in args.methods)]",
