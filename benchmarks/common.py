@@ -1,6 +1,7 @@
 """What the meta-training benchmarks (``few_shot.py``, ``sinusoid.py``) share: the 95% interval
-over seeds, the tasks' fingerprint, the worker pool with its progress bar, and the command line's
-common tail (``--quick`` defaults, ``--methods`` globs, ``--workers``, ``--out``).
+over seeds, the tasks' fingerprint, the worker pool with its progress bar, the command line's
+common tail (``--quick`` defaults, ``--methods`` globs, ``--workers``, ``--out``) and the results
+files (strict JSON and a plot).
 
 Imported by path (``benchmarks/`` is not a package): each script puts its own folder first on
 ``sys.path``, so the spawned workers find this module too.
@@ -12,11 +13,13 @@ import argparse
 import contextlib
 import fnmatch
 import hashlib
+import json
 import math
 import queue
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +89,36 @@ def parse(
         parser.error(f"--methods {unknown} match none of: {' '.join(methods)}")
     args.keys = [k for k in methods if any(fnmatch.fnmatchcase(k, p) for p in args.methods)]
     return args
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every non-finite float as None (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def write_results(
+    args: argparse.Namespace,
+    name: str,
+    methods: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    record: Mapping[str, Any],
+    plot: Callable[[Path], None],
+) -> Path:
+    """``NAME[-quick].json`` under ``--out``: the settings (every argument but ``--out``, the chosen
+    methods' definitions, then ``settings``) followed by ``record``, non-finite numbers as null;
+    and ``NAME[-quick].png`` drawn by ``plot``. Returns the path without its suffix."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / (f"{name}-quick" if args.quick else name)
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+    arguments.update(methods={k: asdict(methods[k]) for k in args.keys}, **settings)
+    text = json.dumps(plain({"settings": arguments, **record}), indent=1, allow_nan=False)
+    stem.with_suffix(".json").write_text(text)
+    plot(stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and {stem}.png in {record['wall_seconds']:.0f} s")
+    return stem

@@ -50,7 +50,6 @@ import argparse
 import contextlib
 import ctypes
 import hashlib
-import json
 import math
 import multiprocessing
 import statistics
@@ -58,12 +57,12 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also in the spawned workers
-from common import add_common_arguments, fingerprint, interval, pool_map
+from common import add_common_arguments, fingerprint, interval, pool_map, write_results
 from common import parse as parse_common
 
 WAYS = 5
@@ -515,26 +514,19 @@ def main(argv: list[str] | None = None) -> int:
         f"α from {args.inner_lrs}"
     )
     print(table(summary))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / ("few_shot-quick" if args.quick else "few_shot")
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
-    settings.update(
-        methods={k: asdict(METHODS[k]) for k in args.keys},
-        cg_iterations=CG_ITERATIONS,
-        task_seeds={"val": VAL_SEED, "test": TEST_SEED, "memory": MEMORY_SEED},
-        classes={s: list(c.names) for s, c in splits(args).items()},
-    )
+    settings = {
+        "cg_iterations": CG_ITERATIONS,
+        "task_seeds": {"val": VAL_SEED, "test": TEST_SEED, "memory": MEMORY_SEED},
+        "classes": {s: list(c.names) for s, c in splits(args).items()},
+    }
     record = {
-        "settings": settings,
         "wall_seconds": time.perf_counter() - started,
         "chosen_inner_lr": chosen,
         "summary": summary,
         "runs": runs,
         "sweep": sweep,
     }
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    plot(summary, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json and {stem}.png in {record['wall_seconds']:.0f} s")
+    write_results(args, "few_shot", METHODS, settings, record, lambda path: plot(summary, path))
     return 0
 
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import json
 import math
 import multiprocessing
 import statistics
@@ -63,12 +62,12 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also in the spawned workers
-from common import add_common_arguments, fingerprint, interval, pool_map
+from common import add_common_arguments, fingerprint, interval, pool_map, write_results
 from common import parse as parse_common
 
 SHOTS = QUERIES = 10
@@ -279,17 +278,6 @@ def _finite(values: list) -> list[float]:
     return [math.inf if v is None else v for v in values]
 
 
-def plain(value: Any) -> Any:
-    """``value`` with every non-finite float as None (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
-
-
 def summarise(runs: list[dict], keys: list[str]) -> dict[str, Any]:
     """Per method: the final MSE, the improvement over the last fifth, the MSE at equal wall time,
     memory, time and deviation; per memory budget, the best method within it.
@@ -498,27 +486,20 @@ def main(argv: list[str] | None = None) -> int:
         f"validation tasks; {args.workers} workers"
     )
     print(table(summary))
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / ("sinusoid-quick" if args.quick else "sinusoid")
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
-    settings.update(
-        methods={k: asdict(METHODS[k]) for k in args.keys},
-        task_seeds=TASK_SEEDS,
-        sweep_seed=SWEEP_SEED,
-        deviation_tasks=DEVIATION_TASKS,
-        plateau=PLATEAU,
-    )
+    settings = {
+        "task_seeds": TASK_SEEDS,
+        "sweep_seed": SWEEP_SEED,
+        "deviation_tasks": DEVIATION_TASKS,
+        "plateau": PLATEAU,
+    }
     record = {
-        "settings": settings,
         "wall_seconds": time.perf_counter() - started,
         "chosen": chosen,
         "summary": summary,
         "runs": runs,
         "sweep": sweep,
     }
-    stem.with_suffix(".json").write_text(json.dumps(plain(record), indent=1, allow_nan=False))
-    plot(runs, summary, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json and {stem}.png in {record['wall_seconds']:.0f} s")
+    write_results(args, "sinusoid", METHODS, settings, record, lambda path: plot(runs, summary, path))
     return 0
 
 

@@ -285,7 +285,7 @@ def test_sinusoid_sweep_choice_and_plain_json():
     ]
     assert sinusoid.best(points) == {"inner_lr": 0.003, "leap": 1.0}
     assert sinusoid.best([*points[:1], {"inner_lr": 0.03, "leap": 1.0, "final_mse": 0.5}])["inner_lr"] == 0.03
-    assert sinusoid.plain({"a": [math.inf, 1.0, (math.nan, 2)], "b": "x"}) == {
+    assert common.plain({"a": [math.inf, 1.0, (math.nan, 2)], "b": "x"}) == {
         "a": [None, 1.0, [None, 2]],
         "b": "x",
     }
@@ -332,7 +332,7 @@ def test_sinusoid_summary_of_a_diverged_seed():
         {"graph_bytes": 100, "best": "maml-k1", "mse": 1.0},
     ]
     assert "diverged" in sinusoid.table(summary)
-    assert sinusoid.plain(summary)["rows"][1]["mse"] is None  # strict JSON
+    assert common.plain(summary)["rows"][1]["mse"] is None  # strict JSON
     # a method whose every run diverged stopped early: its time does not set the equal-time budget
     stopped = [
         run("lazy-k40", 0, [4.0, 2.0, None], [0, 1, 1], diverged="outer step 15: inf"),
