@@ -49,7 +49,7 @@ def meta_train(args: argparse.Namespace, device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--estimator", default="lazy", choices=lazymaml.learner.ESTIMATOR_NAMES)
+    parser.add_argument("--estimator", default="lazy", choices=list(lazymaml.estimators.REGISTRY))
     parser.add_argument("--steps", type=int, default=20, help="inner steps K")
     parser.add_argument("--inner-lr", type=float, default=0.01)
     parser.add_argument("--outer-steps", type=int, default=100)

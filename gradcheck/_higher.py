@@ -14,7 +14,6 @@ Three defects of the PyPI release are handled here or in :mod:`gradcheck.oracle`
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -27,23 +26,15 @@ with warnings.catch_warnings():
     import higher
     import higher.optim
 
-
-def _sqrt(v: Tensor) -> Tensor:
-    """√v whose derivative at v = 0 is 0 rather than ∞·0 = nan (√ is not differentiable there)."""
-    positive = v > 0
-    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), 0.0)
+from .optim import adam_update
 
 
 class DifferentiableAdam(higher.optim.DifferentiableOptimizer):
-    """``torch.optim.Adam`` (no amsgrad, no weight decay) as a differentiable update.
-
-    m_t = β₁ m + (1−β₁) g,  v_t = β₂ v + (1−β₂) g²,
-    p ← p − (lr / (1−β₁ᵗ)) · m_t / (√v_t / √(1−β₂ᵗ) + ε)
-    """
+    """``torch.optim.Adam`` (no amsgrad, no weight decay) as a differentiable update: the one
+    :func:`gradcheck.optim.adam_update`, applied to higher's fast weights."""
 
     def _update(self, grouped_grads: list[list[Tensor]], **kwargs: object) -> None:
         for group_idx, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
-            beta1, beta2 = group["betas"]
             for p_idx, (p, g) in enumerate(zip(group["params"], grads)):
                 if g is None:
                     continue
@@ -51,11 +42,16 @@ class DifferentiableAdam(higher.optim.DifferentiableOptimizer):
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
-                step = state["step"]
-                m = state["exp_avg"] = torch.lerp(state["exp_avg"], g, 1 - beta1)
-                v = state["exp_avg_sq"] = beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g
-                denom = _sqrt(v) / math.sqrt(1 - beta2**step) + group["eps"]
-                group["params"][p_idx] = p - (group["lr"] / (1 - beta1**step)) * (m / denom)
+                group["params"][p_idx], state["exp_avg"], state["exp_avg_sq"] = adam_update(
+                    p,
+                    g,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    state["step"],
+                    group["lr"],
+                    group["betas"],
+                    group["eps"],
+                )
 
 
 DIFFERENTIABLE = {

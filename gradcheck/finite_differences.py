@@ -120,8 +120,8 @@ def meta_objective(
         with preserved(model):
             total = 0.0
             for task in tasks:
-                phi_t, frozen = student.teacher(task, loop, start=start)
-                total += checked_loss(task.query_loss(student.at(phi_t, frozen)), QUERY_LOSS).item()
+                phi_t, untrained = student.teacher(task, loop, start=start)
+                total += checked_loss(task.query_loss(student.at(phi_t, untrained)), QUERY_LOSS).item()
         return total / len(tasks)
 
     return objective, flat(theta)

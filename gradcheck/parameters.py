@@ -23,10 +23,10 @@ __all__ = [
     "PRESETS",
     "Adapt",
     "Functional",
+    "copies",
     "dense",
     "flat",
     "resolve_adapt",
-    "state",
     "task_mean",
     "trainable",
     "unflat",
@@ -102,7 +102,7 @@ def resolve_adapt(model: nn.Module, adapt: Adapt) -> tuple[str, ...]:
     return tuple(selected)
 
 
-def state(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def copies(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Copies of every parameter and every buffer, detached, floating ones cast to ``dtype``.
 
     Always copies, never views: a forward that writes its tensors in place (BatchNorm running

@@ -3,12 +3,14 @@
 Student: φ_0 = θ, φ_{k+1} = φ_k − α E_A ∇L_S(φ_k) for plain SGD, or one step of any
 ``torch.optim`` optimizer over the adapted parameters A. Teacher's leap: φ_T = θ + γ(φ_K − θ).
 No graph is kept between steps, so memory does not grow with K; this is the forward trajectory
-that the finite-difference checks evaluate and that the lazy meta-gradient starts from.
+that the finite-difference checks evaluate (with the real ``torch.optim`` optimizer, sharing no
+code with the estimators' functional inner loop).
 
-A :class:`Student` reads the user's model once — copies of θ, of the frozen parameters and of the
-buffers, and the adapted set A — and from then on evaluates it functionally: the model itself is
-only ever read, and every run of the inner loop starts from fresh copies of the non-trainable
-tensors, so a forward that writes them in place (BatchNorm statistics) cannot leak between runs.
+A :class:`Student` reads the user's model once — copies of θ, of the *untrained* tensors (the
+parameters with ``requires_grad=False`` and the buffers) and the adapted set A — and from then on
+evaluates it functionally: the model itself is only ever read, and every run of the inner loop
+starts from fresh copies of the untrained tensors, so a forward that writes them in place
+(BatchNorm statistics) cannot leak between runs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .parameters import Adapt, Functional, resolve_adapt, state, trainable
+from .parameters import Adapt, Functional, copies, resolve_adapt, trainable
 from .settings import InnerLoop
 from .task import TaskLike
 
@@ -73,13 +75,13 @@ def converted(tasks: list[TaskLike], model: nn.Module, dtype: torch.dtype, why: 
 class Student:
     """A model read once: θ, copies of its other tensors, and the adapted set A ⊆ θ.
 
-    ``theta`` holds the trainable parameters (names of ``model.named_parameters()``), ``frozen``
+    ``theta`` holds the trainable parameters (names of ``model.named_parameters()``), ``untrained``
     every other parameter and every buffer; ``adapted`` names A.
     """
 
     model: nn.Module
     theta: dict[str, Tensor]
-    frozen: dict[str, Tensor]
+    untrained: dict[str, Tensor]
     adapted: tuple[str, ...]
 
     @classmethod
@@ -87,7 +89,7 @@ class Student:
         """Copy ``model``'s tensors (cast to ``dtype`` if given) and resolve ``adapt``."""
         names = trainable(model)
         adapted = resolve_adapt(model, adapt)
-        params, buffers = state(model, dtype)
+        params, buffers = copies(model, dtype)
         theta = {n: params.pop(n) for n in names}
         return cls(model, theta, {**params, **buffers}, adapted)
 
@@ -97,25 +99,25 @@ class Student:
 
     def fresh(self) -> dict[str, Tensor]:
         """New copies of the non-trainable tensors, for one run of the inner loop to update."""
-        return {n: t.clone() for n, t in self.frozen.items()}
+        return {n: t.clone() for n, t in self.untrained.items()}
 
-    def at(self, point: Mapping[str, Tensor], frozen: Mapping[str, Tensor]) -> Functional:
-        """The model evaluated at ``point`` (trainable tensors) with ``frozen`` (the others)."""
-        return Functional(self.model, self.theta, frozen, point)
+    def at(self, point: Mapping[str, Tensor], untrained: Mapping[str, Tensor]) -> Functional:
+        """The model evaluated at ``point`` (trainable tensors) with ``untrained`` (the others)."""
+        return Functional(self.model, self.theta, untrained, point)
 
     @torch.enable_grad()
     def trajectory(
         self,
         task: TaskLike,
         loop: InnerLoop,
-        frozen: dict[str, Tensor],
+        untrained: dict[str, Tensor],
         start: Mapping[str, Tensor] | None = None,
         proximal: float = 0.0,
     ) -> Iterator[dict[str, Tensor]]:
         """Yield the student's parameters φ_0, φ_1, …, φ_K on ``task``, computed without a graph.
 
         φ_0 is θ, or ``start`` where given. The adapted tensors are copied before the optimizer
-        writes them; ``frozen`` is updated in place, as BatchNorm running statistics are.
+        writes them; ``untrained`` is updated in place, as BatchNorm running statistics are.
         ``proximal`` = λ > 0 minimises L_S(φ) + (λ/2)‖φ_A − φ_0,A‖² instead (iMAML). The yielded
         dict is live: it holds φ_k until the next step.
         """
@@ -124,7 +126,7 @@ class Student:
         leaves = [phi[n].clone().requires_grad_(True) for n in self.adapted]
         phi.update(zip(self.adapted, leaves))
         optimizer = loop.optimizer(leaves)
-        f = self.at(phi, frozen)
+        f = self.at(phi, untrained)
         yield phi
         for k in range(loop.steps):
             loss = checked_loss(task.support_loss(f), support_loss_at(k, loop.steps))
@@ -145,13 +147,13 @@ class Student:
         proximal: float = 0.0,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """φ_K (detached, every trainable name) and the non-trainable tensors as K steps left them."""
-        frozen = self.fresh()
-        *_, phi = self.trajectory(task, loop, frozen, start, proximal)
-        return {n: t.detach() for n, t in phi.items()}, frozen
+        untrained = self.fresh()
+        *_, phi = self.trajectory(task, loop, untrained, start, proximal)
+        return {n: t.detach() for n, t in phi.items()}, untrained
 
     def teacher(
         self, task: TaskLike, loop: InnerLoop, start: Mapping[str, Tensor] | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """φ_T = θ + γ(φ_K − θ) (exactly φ_K when γ = 1), and the tensors as the student left them."""
-        phi, frozen = self.run(task, loop, start)
-        return apply_leap({**self.theta, **(start or {})}, phi, loop.leap), frozen
+        phi, untrained = self.run(task, loop, start)
+        return apply_leap({**self.theta, **(start or {})}, phi, loop.leap), untrained

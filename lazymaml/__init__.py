@@ -16,7 +16,7 @@ from . import estimators
 from .bound import BoundTerms, bound_terms, deviation_bound
 from .derivatives import hvp, query_gradient
 from .graph import straight_through
-from .lazy import JacobianStep, meta_gradient, resolve_jacobian_step
+from .lazy import JacobianStep, meta_gradient
 from .learner import LazyMAML, MetaLearner, SequentialFallback
 
 __all__ = [
@@ -31,6 +31,5 @@ __all__ = [
     "hvp",
     "meta_gradient",
     "query_gradient",
-    "resolve_jacobian_step",
     "straight_through",
 ]

@@ -19,13 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from gradcheck.parameters import Adapt, flat, unflat
-from gradcheck.settings import InnerLoop, InnerOptimizer
+from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep
 from gradcheck.state import preserved
 from gradcheck.student import Student, converted, support_loss_at
 from gradcheck.task import TaskLike, Tasks, as_tasks
 
 from .derivatives import query_gradient, support_gradient
-from .lazy import JacobianStep, resolve_jacobian_step
 
 __all__ = ["BoundTerms", "bound_terms", "deviation_bound"]
 
@@ -61,7 +60,7 @@ class BoundTerms:
 
     def bound(self, jacobian_step: JacobianStep = "single") -> float:
         """The bound on ‖g_exact − g_lazy‖ for the lazy Jacobian step ``jacobian_step`` (η)."""
-        eta = resolve_jacobian_step(jacobian_step, self.loop)
+        eta = self.loop.replace(jacobian_step=jacobian_step).eta
         if not self.hessian_norms:  # K = 0: no step, lazy is exact
             return 0.0
         alpha, gamma = self.loop.inner_lr, self.loop.leap
@@ -99,8 +98,8 @@ def _terms(
     mask = flat({k: torch.full_like(t, float(k in student.adapted)) for k, t in student.theta.items()})
     norms, t0 = [], 0.0
     with preserved(model):
-        frozen = student.fresh()
-        for k, phi in enumerate(student.trajectory(task, loop, frozen)):
+        untrained = student.fresh()
+        for k, phi in enumerate(student.trajectory(task, loop, untrained)):
             if k == loop.steps:
                 break
             projected = _projected_hessian(student, task, phi, mask, support_loss_at(k, loop.steps))
@@ -108,8 +107,8 @@ def _terms(
             if k == 0:
                 eye = torch.eye(n, dtype=projected.dtype, device=projected.device)
                 t0 = torch.linalg.matrix_norm(eye - loop.inner_lr * projected, ord=2).item()
-        phi_t, frozen = student.teacher(task, loop)
-        v, _ = query_gradient(student, task, phi_t, frozen)
+        phi_t, untrained = student.teacher(task, loop)
+        v, _ = query_gradient(student, task, phi_t, untrained)
     return BoundTerms(loop, t0, tuple(norms), flat(v).norm().item())
 
 
@@ -132,7 +131,7 @@ def deviation_bound(
     """
     loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
     loop.require("sgd", by="the deviation bound")
-    resolve_jacobian_step(jacobian_step, loop)  # refuse a bad η before any work
+    loop.replace(jacobian_step=jacobian_step)  # refuse a bad η before any work
     tasks = as_tasks(task_or_tasks)
     bounds = [_terms(model, t, loop, adapt, max_parameters).bound(jacobian_step) for t in tasks]
     return sum(bounds) / len(bounds)

@@ -1,78 +1,197 @@
-"""Approximate meta-gradients to set beside the lazy one, all measured against the same oracle.
+"""Every meta-gradient estimator, defined once, in one registry.
 
-Each has the project's calling convention — ``(model, task_or_tasks, steps, inner_lr, *, adapt,
-leap, inner_optimizer)`` plus its own keyword options — returns ``{name: gradient}`` for every
-trainable parameter (for several tasks, the mean) and leaves the model exactly as it was.
-v = ∇L_Q(φ_T).
+An :class:`Estimator` is one per-task function ``per_task(objective, theta, untrained) ->
+(gradient, L_Q(φ_T), [L_S(φ_k)])`` written with :class:`~lazymaml.derivatives.Objective` (the
+``torch.func`` building blocks), plus what it supports: whether it may be batched, which inner
+optimizers it accepts, which settings it reads. The sequential path (:func:`run`, and
+:class:`lazymaml.MetaLearner` task by task) calls ``per_task`` once per task; the batched path
+(:mod:`lazymaml.batched`) is ``torch.func.vmap`` of the very same function. With
+v = ∇L_Q(φ_T), φ_T = θ + γ(φ_K − θ) and T_k = I − α E_A ∇²L_S(φ_k):
 
-* ``first_order``  g = v                                   (first-order MAML)
-* ``reptile``      g = (θ − φ_K) / (Kα)                    (Reptile's direction; ignores L_Q)
-* ``truncated``    g = [(1 − γ)I + γ T_{K−T}ᵀ…T_{K−1}ᵀ] v  (backprop through the last T steps)
-* ``imaml``        g_A = (I + H_AA/λ)⁻¹ v_A, g_B = v_B − H_BA g_A / λ at the proximal φ_K
-* ``lazy``         g = v − γα ∇⟨E_A∇L_S(θ), v⟩             (:func:`lazymaml.meta_gradient`)
-* ``lazy_horizon`` g = v − γKα ∇⟨E_A∇L_S(θ), v⟩
+================  =========================================================  =================
+name              g                                                           reads
+================  =========================================================  =================
+``maml``          ∇_θ L_Q(φ_T(θ)) through all K steps                          —
+``truncated``     [(1 − γ)I + γ T_{K−T}ᵀ…T_{K−1}ᵀ] v (last T steps)            ``horizon``
+``first_order``   v                                                           —
+``lazy``          v − η ∇_θ⟨E_A∇L_S(θ), v⟩                                     ``jacobian_step``
+``lazy_horizon``  the same with η = γKα                                       —
+``reptile``       (θ − φ_K)/(Kα)                                              —
+``imaml``         g_A = (I + H_AA/λ)⁻¹ v_A, g_B = v_B − H_BA g_A/λ at the      ``lam``,
+                  proximal φ_K; (1 − γ) v + γ g                               ``cg_iterations``,
+                                                                              ``cg_tol``
+================  =========================================================  =================
 
-Their per-task building blocks (:data:`PerTask`: one task, an already-read student, checked
-settings) are what :class:`lazymaml.MetaLearner` runs on its sequential path:
-:func:`lazymaml.lazy.lazy_gradient` (lazy, and first-order with η = 0), :func:`reptile_direction`,
-:func:`truncated_gradient` and :func:`implicit_gradient`.
+Each also has a function with the project's calling convention (the lazy one is
+:func:`lazymaml.meta_gradient`) — ``(model, task_or_tasks,
+steps, inner_lr, *, adapt, leap, inner_optimizer, …)`` — that returns ``{name: gradient}`` for
+every trainable parameter (for several tasks, the mean) and leaves the model as it was.
+:func:`register` adds an estimator; it then runs everywhere an estimator is named: here,
+:class:`~lazymaml.MetaLearner` (sequential and batched), the report, and as a validation
+reference. The maths, derived: ``docs/``.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gradcheck.parameters import Adapt, dense, flat, task_mean, unflat
+from gradcheck.parameters import Adapt, flat, task_mean, unflat
 from gradcheck.settings import InnerLoop, InnerOptimizer
 from gradcheck.state import preserved
-from gradcheck.student import QUERY_LOSS, Student, apply_leap, checked_loss, support_loss_at
+from gradcheck.student import Student, apply_leap
 from gradcheck.task import TaskLike, Tasks, as_tasks
 
-from .derivatives import hessian_vector_products, query_gradient
-from .lazy import lazy_gradient, meta_gradient
+from .derivatives import AutogradObjective, Objective, Params
 
 __all__ = [
-    "ESTIMATORS",
+    "REGISTRY",
     "ConvergenceWarning",
     "Estimator",
     "PerTask",
+    "Result",
+    "as_function",
     "first_order",
+    "get",
     "imaml",
     "lazy_horizon",
+    "maml",
+    "register",
     "reptile",
+    "run",
     "truncated",
 ]
 
-Estimator = Callable[..., dict[str, Tensor]]
+Result = tuple[Params, Tensor, list[Tensor]]
+"""One task's estimate: ``{name: gradient}`` for every trainable parameter, L_Q(φ_T) and the K
+support losses L_S(φ_k) (what the batched path checks for finiteness)."""
+
+PerTask = Callable[[Objective, Params, Params], Result]
+"""``per_task(objective, theta, untrained)``: one task's :data:`Result`."""
+
+ANY = None  # Estimator.optimizers: any inner optimizer (nothing is differentiated through it)
 
 
 class ConvergenceWarning(RuntimeWarning):
     """An iterative solve (iMAML's conjugate gradient) stopped before reaching its tolerance."""
 
 
-PerTask = Callable[[Student, TaskLike], tuple[dict[str, Tensor], Tensor]]
-"""One task's estimate for an already-read student: ``{name: gradient}`` for every trainable
-parameter, and the query loss L_Q(φ_T) (detached). The building block the learner runs per task."""
+@dataclass(frozen=True)
+class Estimator:
+    """One registry entry: the per-task function and what it supports.
+
+    ``optimizers``: the inner optimizers it accepts (``None``: any, also a ``torch.optim``
+    factory — it never differentiates the student); ``not_batched``: why ``vmap`` of ``per_task``
+    is not allowed, or None where it is (then only with a pure update, :mod:`gradcheck.optim`);
+    ``proximal``:
+    whether its student is iMAML's proximal one (``lam``); ``reads``:
+    the settings beyond K, α, γ, ``adapt`` and ``inner_optimizer`` that it reads — a learner
+    refuses any other one it is given; ``configure``: the settings it runs with when those are
+    derived from others (``lazy_horizon``: η = γKα).
+    """
+
+    name: str
+    per_task: PerTask
+    summary: str
+    optimizers: tuple[str, ...] | None = ANY
+    not_batched: str | None = None
+    reads: frozenset[str] = frozenset()
+    configure: Callable[[InnerLoop], InnerLoop] | None = None
+    proximal: bool = False  # the student minimises L_S(φ) + (λ/2)‖φ_A − θ_A‖² (iMAML)
+
+    def settings(self, loop: InnerLoop) -> InnerLoop:
+        """``loop`` as this estimator runs it, refused where it cannot (an optimizer it does not take)."""
+        if self.optimizers is not ANY:
+            loop.require(*self.optimizers, by=f"estimator {self.name!r}")
+        return self.configure(loop) if self.configure else loop
 
 
-def _mean(
-    model: nn.Module,
-    task_or_tasks: Tasks,
-    adapt: Adapt,
-    gradient: Callable[[Student, TaskLike], dict[str, Tensor]],
-) -> dict[str, Tensor]:
-    """The mean over tasks of ``gradient(student, task)``, the model read once and left as it was."""
+REGISTRY: dict[str, Estimator] = {}
+"""Every estimator by name."""
+
+
+def register(estimator: Estimator) -> Estimator:
+    """Add ``estimator`` to :data:`REGISTRY` (refusing a name that is taken); returns it."""
+    if estimator.name in REGISTRY:
+        raise ValueError(f"an estimator named {estimator.name!r} is registered already")
+    REGISTRY[estimator.name] = estimator
+    return estimator
+
+
+def get(name: str | Estimator) -> Estimator:
+    """The registry entry ``name`` (an :class:`Estimator` is returned as it is)."""
+    if isinstance(name, Estimator):
+        return name
+    if name not in REGISTRY:
+        raise ValueError(f"unknown estimator {name!r}; registered: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def run(estimator: str | Estimator, model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop) -> Params:
+    """``estimator``'s meta-gradient: the mean over the tasks, sequentially, the model read once
+    (adapted set ``loop.adapt``) and left exactly as it was, also when this raises."""
+    entry = get(estimator)
+    loop = entry.settings(loop)
     tasks = as_tasks(task_or_tasks)
-    student = Student.read(model, adapt)
+    student = Student.read(model, loop.adapt)
     with preserved(model):
-        return task_mean([gradient(student, task) for task in tasks])
+        return task_mean([per_task(entry, student, task, loop)[0] for task in tasks])
+
+
+@torch.no_grad()
+def per_task(entry: Estimator, student: Student, task: TaskLike, loop: InnerLoop) -> Result:
+    """``entry`` on one task, losses checked: the sequential path (``loop`` as ``entry.settings``
+    returned it). The model's tensors are never written (``student`` holds copies)."""
+    objective = AutogradObjective(student, task, loop, checked=True)
+    gradient, loss, losses = entry.per_task(objective, student.theta, student.fresh())
+    return gradient, loss.detach(), losses
+
+
+# --- the estimators ------------------------------------------------------------------------
+
+
+def _lazy_task(f: Objective, theta: Params, untrained: Params) -> Result:
+    """g = v − η ∇_θ⟨E_A∇L_S(θ), v⟩ (η = 0: first-order MAML, v itself)."""
+    assert f.loop is not None
+    phi, losses = f.descend(theta, untrained, f.loop.steps)
+    v, loss = f.query_gradient(apply_leap(theta, phi, f.loop.leap), untrained)
+    eta = f.loop.eta
+    if eta == 0:
+        return v, loss, losses
+    h = f.hvp(theta, f.student.fresh(), v)
+    return {n: v[n] - eta * h[n] for n in v}, loss, losses
+
+
+def _reptile_task(f: Objective, theta: Params, untrained: Params) -> Result:
+    """(θ − φ_K)/(Kα), zero at K = 0; L_Q(φ_T) is reported, never used."""
+    assert f.loop is not None
+    phi, losses = f.descend(theta, untrained, f.loop.steps)
+    scale = 1 / (f.loop.steps * f.loop.inner_lr) if f.loop.steps else 0.0
+    loss = f.query(apply_leap(theta, phi, f.loop.leap), untrained)
+    return {n: (t - phi[n]) * scale for n, t in theta.items()}, loss, losses
+
+
+def _truncated_task(f: Objective, theta: Params, untrained: Params) -> Result:
+    """∇_θ L_Q(φ_T) through the last T steps; the first K − T count as the identity."""
+    loop = f.loop
+    assert loop is not None
+    steps, horizon = loop.steps, loop.truncation
+    start, early = f.descend(theta, untrained, steps - horizon)
+
+    def objective(t: Params, untrained: Params) -> tuple[Tensor, list[Tensor]]:
+        phi = {n: t[n] + (start[n] - theta[n]) for n in t}  # value φ_{K−T}, Jacobian I
+        phi, late = f.descend(phi, untrained, horizon, first=steps - horizon)
+        return f.query(apply_leap(t, phi, loop.leap), untrained), late
+
+    g, loss, late = f.differentiate(objective, theta, untrained)
+    return g, loss, early + late
 
 
 def _caller_stacklevel() -> int:
@@ -83,110 +202,6 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_globals.get("__name__", "").startswith("lazymaml"):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _displacement(
-    student: Student, task: TaskLike, loop: InnerLoop
-) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-    """(θ − φ_K)/(Kα) on one task (zero at K = 0), with φ_K and the tensors the run left."""
-    phi, frozen = student.run(task, loop)
-    scale = 1 / (loop.steps * loop.inner_lr) if loop.steps else 0.0
-    return {n: (t - phi[n]) * scale for n, t in student.theta.items()}, phi, frozen
-
-
-def reptile_direction(student: Student, task: TaskLike, loop: InnerLoop) -> tuple[dict[str, Tensor], Tensor]:
-    """Reptile's direction on one task, and L_Q(φ_T): Reptile itself never reads the query set,
-    but the learner reports the same loss for every estimator."""
-    direction, phi, frozen = _displacement(student, task, loop)
-    with torch.no_grad():
-        phi_t = apply_leap(student.theta, phi, loop.leap)
-        loss = checked_loss(task.query_loss(student.at(phi_t, frozen)), QUERY_LOSS)
-    return direction, loss
-
-
-def check_horizon(horizon: int | None, loop: InnerLoop) -> int:
-    """T for ``horizon`` (None → K), refused unless an integer in [0, K]."""
-    horizon = loop.steps if horizon is None else horizon
-    if isinstance(horizon, bool) or not isinstance(horizon, int) or not 0 <= horizon <= loop.steps:
-        raise ValueError(f"horizon must be an integer in [0, steps={loop.steps}], got {horizon!r}")
-    return horizon
-
-
-@torch.enable_grad()
-def truncated_gradient(
-    student: Student, task: TaskLike, loop: InnerLoop, horizon: int
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Backpropagation through the last ``horizon`` SGD steps on one task, and L_Q(φ_T)."""
-    frozen = student.fresh()
-    trajectory = student.trajectory(task, loop, frozen)  # numbered out of K in errors
-    for _ in range(loop.steps - horizon + 1):
-        start = next(trajectory)
-    theta = {n: t.detach().requires_grad_(True) for n, t in student.theta.items()}
-    phi = {n: t + (start[n] - t).detach() for n, t in theta.items()}  # value φ_{K−T}, Jacobian I
-    for k in range(loop.steps - horizon, loop.steps):
-        loss = checked_loss(task.support_loss(student.at(phi, frozen)), support_loss_at(k, loop.steps))
-        grads = torch.autograd.grad(
-            loss, [phi[n] for n in student.adapted], create_graph=True, allow_unused=True
-        )
-        for n, g in zip(student.adapted, grads):
-            if g is not None:
-                phi[n] = phi[n] - loop.inner_lr * g
-    phi_t = apply_leap(theta, phi, loop.leap)
-    loss = checked_loss(task.query_loss(student.at(phi_t, frozen)), QUERY_LOSS)
-    gradient = dense(theta, torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
-    return gradient, loss.detach()
-
-
-def first_order(
-    model: nn.Module,
-    task_or_tasks: Tasks,
-    steps: int,
-    inner_lr: float,
-    *,
-    adapt: Adapt = None,
-    leap: float = 1.0,
-    inner_optimizer: InnerOptimizer = "sgd",
-) -> dict[str, Tensor]:
-    """First-order MAML: g = ∇L_Q(φ_T), the inner loop's Jacobian taken as the identity."""
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-    return _mean(model, task_or_tasks, adapt, lambda s, t: lazy_gradient(s, t, loop, 0.0)[0])
-
-
-def reptile(
-    model: nn.Module,
-    task_or_tasks: Tasks,
-    steps: int,
-    inner_lr: float,
-    *,
-    adapt: Adapt = None,
-    leap: float = 1.0,
-    inner_optimizer: InnerOptimizer = "sgd",
-) -> dict[str, Tensor]:
-    """Reptile's direction g = (θ − φ_K)/(Kα) (γ cancels; zero outside A and at K = 0)."""
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-    return _mean(model, task_or_tasks, adapt, lambda s, t: _displacement(s, t, loop)[0])
-
-
-def truncated(
-    model: nn.Module,
-    task_or_tasks: Tasks,
-    steps: int,
-    inner_lr: float,
-    *,
-    adapt: Adapt = None,
-    leap: float = 1.0,
-    inner_optimizer: InnerOptimizer = "sgd",
-    horizon: int | None = None,
-) -> dict[str, Tensor]:
-    """Backpropagation through the last T = ``horizon`` SGD steps (default T = K: exact MAML).
-
-    The first K − T steps run without a graph and count as the identity (T = 0 is first-order
-    MAML); the last T are unrolled with ``torch.func.functional_call`` and differentiated.
-    """
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-    loop.require("sgd", by="truncated backpropagation")
-    horizon = check_horizon(horizon, loop)
-    return _mean(model, task_or_tasks, adapt, lambda s, t: truncated_gradient(s, t, loop, horizon)[0])
 
 
 def _conjugate_gradient(
@@ -215,45 +230,205 @@ def _conjugate_gradient(
     return x, rr.sqrt().item() / norm_b, iterations
 
 
-def check_lam(lam: float) -> float:
-    """λ, refused unless a finite real > 0."""
-    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and math.isfinite(lam) and lam > 0):
-        raise ValueError(f"lam (the proximal strength λ) must be > 0, got {lam!r}")
-    return float(lam)
-
-
-def implicit_gradient(
-    student: Student, task: TaskLike, loop: InnerLoop, lam: float, cg_iterations: int, cg_tol: float
-) -> tuple[dict[str, Tensor], Tensor]:
-    """iMAML's meta-gradient on one task (see :func:`imaml`), and L_Q(φ_T)."""
-    phi, frozen = student.run(task, loop, proximal=lam)
-    phi_t = apply_leap(student.theta, phi, loop.leap)
-    v, loss = query_gradient(student, task, phi_t, frozen)
-    products = hessian_vector_products(student, task, phi, frozen)
-    like = {n: v[n] for n in student.adapted}
+def _implicit_task(f: Objective, theta: Params, untrained: Params) -> Result:
+    """iMAML: CG on (I + H_AA/λ) g_A = v_A with Hessian-vector products at the proximal φ_K."""
+    loop = f.loop
+    assert loop is not None
+    phi, losses = f.descend(theta, untrained, loop.steps, proximal=loop.lam)  # entry.proximal
+    v, loss = f.query_gradient(apply_leap(theta, phi, loop.leap), untrained)
+    products = f.hvps(phi, untrained)
+    like = {n: v[n] for n in f.adapted}
 
     def operator(x: Tensor) -> Tensor:  # x ↦ (I + H_AA/λ) x on the adapted coordinates
         h = products(unflat(x, like))
-        return x + flat(h[n] for n in student.adapted) / lam
+        return x + flat(h[n] for n in f.adapted) / loop.lam
 
     try:
-        x, residual, used = _conjugate_gradient(operator, flat(like), cg_iterations, cg_tol)
+        x, residual, used = _conjugate_gradient(operator, flat(like), loop.cg_iterations, loop.cg_tol)
     except ValueError as error:
         raise ValueError(
             "iMAML: I + H/λ is not positive definite at the adapted parameters (the support loss "
-            f"has curvature below −λ there); increase lam (now {lam})"
+            f"has curvature below −λ there); increase lam (now {loop.lam})"
         ) from error
-    if residual > cg_tol:
+    if residual > loop.cg_tol:
         warnings.warn(
-            f"iMAML: conjugate gradient stopped at relative residual {residual:.2e} > cg_tol={cg_tol:g} "
-            f"after {used} iterations; raise cg_iterations or lam",
+            f"iMAML: conjugate gradient stopped at relative residual {residual:.2e} > "
+            f"cg_tol={loop.cg_tol:g} after {used} iterations; raise cg_iterations or lam",
             ConvergenceWarning,
             stacklevel=_caller_stacklevel(),
         )
     g_a = unflat(x, like)
     h = products(g_a, last=True)
-    g = {n: g_a[n] if n in g_a else v[n] - h[n] / lam for n in v}
-    return {n: (1 - loop.leap) * v[n] + loop.leap * g[n] for n in v}, loss
+    g = {n: g_a[n] if n in g_a else v[n] - h[n] / loop.lam for n in v}
+    return {n: (1 - loop.leap) * v[n] + loop.leap * g[n] for n in v}, loss, losses
+
+
+def _eta_zero(loop: InnerLoop) -> InnerLoop:
+    return loop.replace(jacobian_step=0.0)
+
+
+def _eta_horizon(loop: InnerLoop) -> InnerLoop:
+    return loop.replace(jacobian_step="horizon")
+
+
+def _all_steps(loop: InnerLoop) -> InnerLoop:
+    return loop.replace(horizon=None)
+
+
+for _entry in (
+    Estimator(
+        "maml",
+        _truncated_task,
+        "exact second-order MAML: ∇_θ L_Q(φ_T(θ)) through all K steps",
+        optimizers=("sgd", "adam"),
+        configure=_all_steps,
+    ),
+    Estimator(
+        "truncated",
+        _truncated_task,
+        "backpropagation through the last T = horizon SGD steps (the first K − T as the identity)",
+        optimizers=("sgd",),
+        reads=frozenset({"horizon"}),
+    ),
+    Estimator("first_order", _lazy_task, "first-order MAML: v = ∇L_Q(φ_T)", configure=_eta_zero),
+    Estimator(
+        "lazy",
+        _lazy_task,
+        "the lazy meta-gradient: v − η ∇_θ⟨E_A∇L_S(θ), v⟩",
+        reads=frozenset({"jacobian_step"}),
+    ),
+    Estimator("lazy_horizon", _lazy_task, "the lazy meta-gradient with η = γKα", configure=_eta_horizon),
+    Estimator("reptile", _reptile_task, "Reptile's direction (θ − φ_K)/(Kα)"),
+    Estimator(
+        "imaml",
+        _implicit_task,
+        "implicit MAML: the proximal fixed point's Jacobian, by conjugate gradient",
+        not_batched="its conjugate gradient stops per task",
+        reads=frozenset({"lam", "cg_iterations", "cg_tol"}),
+        proximal=True,
+    ),
+):
+    register(_entry)
+
+
+# --- the calling convention ----------------------------------------------------------------
+
+
+def _call(
+    name: str, model: nn.Module, task_or_tasks: Tasks, steps: int, inner_lr: float, **settings: Any
+) -> Params:
+    return run(name, model, task_or_tasks, InnerLoop(steps, inner_lr, **settings))
+
+
+def maml(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+) -> Params:
+    """Exact second-order MAML by a ``torch.func`` unroll (SGD or Adam inner loop)."""
+    return _call(
+        "maml", model, task_or_tasks, steps, inner_lr, adapt=adapt, leap=leap, inner_optimizer=inner_optimizer
+    )
+
+
+def truncated(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+    horizon: int | None = None,
+) -> Params:
+    """Backpropagation through the last T = ``horizon`` SGD steps (default T = K: exact MAML);
+    T = 0 is first-order MAML."""
+    return _call(
+        "truncated",
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        inner_optimizer=inner_optimizer,
+        horizon=horizon,
+    )
+
+
+def first_order(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+) -> Params:
+    """First-order MAML: g = ∇L_Q(φ_T), the inner loop's Jacobian taken as the identity."""
+    return _call(
+        "first_order",
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        inner_optimizer=inner_optimizer,
+    )
+
+
+def lazy_horizon(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+) -> Params:
+    """The lazy meta-gradient with η = γKα (``jacobian_step="horizon"``)."""
+    return _call(
+        "lazy_horizon",
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        inner_optimizer=inner_optimizer,
+    )
+
+
+def reptile(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+) -> Params:
+    """Reptile's direction g = (θ − φ_K)/(Kα) (γ cancels; zero outside A and at K = 0)."""
+    return _call(
+        "reptile",
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        inner_optimizer=inner_optimizer,
+    )
 
 
 def imaml(
@@ -268,47 +443,36 @@ def imaml(
     lam: float = 1.0,
     cg_iterations: int = 20,
     cg_tol: float = 1e-10,
-) -> dict[str, Tensor]:
+) -> Params:
     """Implicit MAML (Rajeswaran et al., 2019): the student minimises L_S(φ) + (λ/2)‖φ_A − θ_A‖²;
     its fixed point's Jacobian gives g_A = (I + H_AA/λ)⁻¹ v_A (conjugate gradient with
     Hessian-vector products at φ_K) and g_B = v_B − H_BA g_A / λ; with γ < 1 the result is
     (1 − γ) v + γ of that. Warns when CG stops above ``cg_tol`` (relative residual).
     """
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-    lam = check_lam(lam)
-    return _mean(
-        model, task_or_tasks, adapt, lambda s, t: implicit_gradient(s, t, loop, lam, cg_iterations, cg_tol)[0]
-    )
-
-
-def lazy_horizon(
-    model: nn.Module,
-    task_or_tasks: Tasks,
-    steps: int,
-    inner_lr: float,
-    *,
-    adapt: Adapt = None,
-    leap: float = 1.0,
-    inner_optimizer: InnerOptimizer = "sgd",
-) -> dict[str, Tensor]:
-    """The lazy meta-gradient with η = γKα (``jacobian_step="horizon"``)."""
-    return meta_gradient(
+    return _call(
+        "imaml",
         model,
         task_or_tasks,
         steps,
         inner_lr,
         adapt=adapt,
         leap=leap,
-        jacobian_step="horizon",
         inner_optimizer=inner_optimizer,
+        lam=lam,
+        cg_iterations=cg_iterations,
+        cg_tol=cg_tol,
     )
 
 
-ESTIMATORS: dict[str, Estimator] = {
-    "first_order": first_order,
-    "reptile": reptile,
-    "truncated": truncated,
-    "imaml": imaml,
-    "lazy": meta_gradient,
-    "lazy_horizon": lazy_horizon,
-}
+def as_function(name: str | Estimator, **options: Any) -> Callable[..., Mapping[str, Tensor]]:
+    """The registry entry ``name`` with fixed ``options`` as a function of the calling convention
+    ``(model, task_or_tasks, steps, inner_lr, **settings)`` — e.g. to hand to a checker."""
+    entry = get(name)
+
+    def estimate(
+        model: nn.Module, task_or_tasks: Tasks, steps: int, inner_lr: float, **settings: Any
+    ) -> Params:
+        return run(entry, model, task_or_tasks, InnerLoop(steps, inner_lr, **{**options, **settings}))
+
+    estimate.__name__ = entry.name
+    return estimate

@@ -16,13 +16,12 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from gradcheck.parameters import Adapt, Functional
-from gradcheck.settings import InnerLoop, InnerOptimizer
+from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep
 from gradcheck.state import preserved
 from gradcheck.student import Student
 from gradcheck.task import TaskLike
 
 from .derivatives import support_gradient
-from .lazy import JacobianStep, resolve_jacobian_step
 
 __all__ = ["straight_through"]
 
@@ -47,15 +46,15 @@ def straight_through(
     (every trainable name) from elsewhere; the returned callable holds the non-trainable tensors
     (BatchNorm statistics) as the student left them, or as read when ``teacher`` is given.
     """
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-    eta = resolve_jacobian_step(jacobian_step, loop)
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, jacobian_step=jacobian_step)
+    eta = loop.eta
     student = Student.read(model, adapt)
     theta = {n: p for n, p in model.named_parameters() if n in student.theta}
     with preserved(model):
         if teacher is None:
-            teacher, frozen = student.teacher(task, loop)
+            teacher, untrained = student.teacher(task, loop)
         else:
-            frozen = student.fresh()
+            untrained = student.fresh()
         missing = [n for n in theta if n not in teacher]
         if missing:
             raise ValueError(f"teacher must hold every trainable parameter; missing {missing}")
@@ -66,4 +65,4 @@ def straight_through(
         g = grads.get(n)
         if g is not None:
             psi[n] = psi[n] - eta * (g - g.detach())
-    return Functional(model, frozen, psi)
+    return Functional(model, untrained, psi)

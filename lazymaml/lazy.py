@@ -13,53 +13,15 @@ on K.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 from torch import Tensor, nn
 
-from gradcheck.parameters import Adapt, task_mean
-from gradcheck.settings import InnerLoop, InnerOptimizer
-from gradcheck.state import preserved
-from gradcheck.student import Student
-from gradcheck.task import TaskLike, Tasks, as_tasks
+from gradcheck.parameters import Adapt
+from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep
+from gradcheck.task import Tasks
 
-from .derivatives import hvp, query_gradient
+from . import estimators
 
-__all__ = ["JacobianStep", "lazy_gradient", "meta_gradient", "resolve_jacobian_step"]
-
-JacobianStep = str | float
-"""η: ``"single"`` (γα), ``"horizon"`` (γKα) or a float ≥ 0."""
-
-
-def resolve_jacobian_step(jacobian_step: JacobianStep, loop: InnerLoop) -> float:
-    """η for ``jacobian_step``: "single" → γα, "horizon" → γKα, a float → itself; 0 when K = 0."""
-    if isinstance(jacobian_step, str):
-        if jacobian_step not in ("single", "horizon"):
-            raise ValueError(f'jacobian_step must be "single", "horizon" or a float, got {jacobian_step!r}')
-        eta = loop.leap * loop.inner_lr * (loop.steps if jacobian_step == "horizon" else 1)
-    elif isinstance(jacobian_step, Real) and not isinstance(jacobian_step, bool):
-        if not (math.isfinite(jacobian_step) and jacobian_step >= 0):
-            raise ValueError(f"jacobian_step as a float (η) must be finite and >= 0, got {jacobian_step}")
-        eta = float(jacobian_step)
-    else:
-        raise TypeError(f'jacobian_step must be "single", "horizon" or a float, got {jacobian_step!r}')
-    return eta if loop.steps > 0 else 0.0
-
-
-def lazy_gradient(
-    student: Student, task: TaskLike, loop: InnerLoop, eta: float
-) -> tuple[dict[str, Tensor], Tensor]:
-    """g_lazy on one task for an already-read student and checked settings, and L_Q(φ_T).
-
-    ``eta`` = 0 gives v = ∇L_Q(φ_T), first-order MAML at the teacher.
-    """
-    phi_t, frozen = student.teacher(task, loop)
-    v, loss = query_gradient(student, task, phi_t, frozen)
-    if eta == 0:
-        return v, loss
-    h = hvp(student, task, student.theta, v)
-    return {n: v[n] - eta * h[n] for n in v}, loss
+__all__ = ["JacobianStep", "meta_gradient"]
 
 
 def meta_gradient(
@@ -73,16 +35,13 @@ def meta_gradient(
     jacobian_step: JacobianStep = "single",
     inner_optimizer: InnerOptimizer = "sgd",
 ) -> dict[str, Tensor]:
-    """The lazy meta-gradient, keyed like ``model.named_parameters()`` (every trainable one).
+    """The lazy meta-gradient, keyed like ``model.named_parameters()`` (every trainable one):
+    the registry's ``"lazy"`` estimator.
 
     ``inner_optimizer``: "sgd" (the default), "adam", or any factory
     ``params -> torch.optim.Optimizer`` — nothing is differentiated through the student, so
     any optimizer works; η is still derived from ``inner_lr``. For several tasks, the mean.
     The model is left exactly as it was, also when this raises.
     """
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-    eta = resolve_jacobian_step(jacobian_step, loop)
-    tasks = as_tasks(task_or_tasks)
-    student = Student.read(model, adapt)
-    with preserved(model):
-        return task_mean([lazy_gradient(student, task, loop, eta)[0] for task in tasks])
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, jacobian_step=jacobian_step)
+    return estimators.run("lazy", model, task_or_tasks, loop)

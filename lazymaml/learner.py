@@ -30,41 +30,29 @@ sequential.
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from gradcheck.parameters import Adapt
-from gradcheck.settings import InnerLoop, InnerOptimizer
+from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep
 from gradcheck.state import preserved
 from gradcheck.student import Student
 from gradcheck.task import Task, TaskBatch, TaskLike, Tasks, as_tasks
 
 from . import batched as batching
 from . import distributed
-from .estimators import (
-    PerTask,
-    check_horizon,
-    check_lam,
-    imaml,
-    implicit_gradient,
-    reptile_direction,
-    truncated_gradient,
-)
-from .lazy import JacobianStep, lazy_gradient, resolve_jacobian_step
+from . import estimators as registry
 
-__all__ = ["ESTIMATOR_NAMES", "LazyMAML", "MetaLearner", "SequentialFallback"]
+__all__ = ["LazyMAML", "MetaLearner", "SequentialFallback"]
 
-ESTIMATOR_NAMES = ("maml", "first_order", "lazy", "lazy_horizon", "reptile", "truncated", "imaml")
-_OPTIONS = {"horizon": "truncated", "lam": "imaml", "cg_iterations": "imaml", "cg_tol": "imaml"}
 _PARTS = ("support inputs", "support targets", "query inputs", "query targets")
 _T = TypeVar("_T")
-_IMAML = {n: p.default for n, p in inspect.signature(imaml).parameters.items()}
+_OPTIONS = ("jacobian_step", "horizon", "lam", "cg_iterations", "cg_tol")  # an estimator's own settings
 
 
 class SequentialFallback(UserWarning):
@@ -74,10 +62,12 @@ class SequentialFallback(UserWarning):
 class MetaLearner:
     """Meta-learner around ``model``: ``meta_backward(tasks)`` then ``outer_optimizer.step()``.
 
-    ``estimator``: "maml" (exact second order, differentiating all K SGD steps), "truncated"
-    (the last ``horizon`` steps), "first_order", "lazy" (η from ``jacobian_step``),
-    "lazy_horizon" (η = γKα), "reptile", "imaml" (``lam``, ``cg_iterations``, ``cg_tol``).
-    ANIL and BOIL are ``adapt="head"`` and ``adapt="body"``. Settings are checked here, once.
+    ``estimator``: a name of :data:`lazymaml.estimators.REGISTRY` (or an entry) — "maml" (exact
+    second order, differentiating all K steps), "truncated" (the last ``horizon`` steps),
+    "first_order", "lazy" (η from ``jacobian_step``), "lazy_horizon" (η = γKα), "reptile",
+    "imaml" (``lam``, ``cg_iterations``, ``cg_tol``). ANIL and BOIL are ``adapt="head"`` and
+    ``adapt="body"``. Settings are checked here, once; an option the estimator does not read is
+    refused.
 
     The model's buffers are never written by the inner loop: BatchNorm running statistics stay
     as they were (like ``higher`` and learn2learn clones, the inner loop runs on copies), so
@@ -91,7 +81,7 @@ class MetaLearner:
         steps: int,
         inner_lr: float,
         *,
-        estimator: str = "lazy",
+        estimator: str | registry.Estimator = "lazy",
         adapt: Adapt = None,
         leap: float = 1.0,
         jacobian_step: JacobianStep = "single",
@@ -103,41 +93,25 @@ class MetaLearner:
         cg_iterations: int | None = None,
         cg_tol: float | None = None,
     ) -> None:
-        if estimator not in ESTIMATOR_NAMES:
-            raise ValueError(f"unknown estimator {estimator!r}; use one of {list(ESTIMATOR_NAMES)}")
-        given = {"horizon": horizon, "lam": lam, "cg_iterations": cg_iterations, "cg_tol": cg_tol}
-        wrong = [name for name, value in given.items() if value is not None and _OPTIONS[name] != estimator]
+        self.entry = entry = registry.get(estimator)
+        options: dict[str, Any] = dict(
+            jacobian_step=jacobian_step, horizon=horizon, lam=lam, cg_iterations=cg_iterations, cg_tol=cg_tol
+        )
+        given = {
+            n: v for n, v in options.items() if v is not None and not (n == "jacobian_step" and v == "single")
+        }
+        wrong = [n for n in given if n not in entry.reads]
         if wrong:
+            readers = [e.name for e in registry.REGISTRY.values() if wrong[0] in e.reads]
             raise ValueError(
-                f"{wrong[0]}= is an option of estimator={_OPTIONS[wrong[0]]!r}, not {estimator!r}"
+                f"{wrong[0]}= is a setting of estimator {' or '.join(map(repr, readers)) or 'none'}, "
+                f"not of {entry.name!r}"
             )
-        if jacobian_step != "single" and estimator != "lazy":
-            raise ValueError(f"jacobian_step= sets η of estimator='lazy'; estimator={estimator!r} has none")
         if batched not in (True, False, "auto"):
             raise ValueError(f'batched must be True, False or "auto", got {batched!r}')
-        self.model, self.estimator, self.adapt_spec, self.batched = model, estimator, adapt, batched
-        self.loop = loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-        self.proximal = 0.0
-        self.per_task: PerTask
-        self.batched_task: batching.PerTask | None = None
-        if estimator in ("maml", "truncated"):
-            loop.require("sgd", by=f"estimator={estimator!r}")
-            depth = check_horizon(horizon, loop) if estimator == "truncated" else loop.steps
-            self.per_task = lambda s, t: truncated_gradient(s, t, loop, depth)
-            self.batched_task = batching.unrolled(depth)
-        elif estimator == "reptile":
-            self.per_task = lambda s, t: reptile_direction(s, t, loop)
-            self.batched_task = batching.reptile
-        elif estimator == "imaml":  # unset options take estimators.imaml's defaults
-            proximal = self.proximal = check_lam(_IMAML["lam"] if lam is None else lam)
-            iterations: int = _IMAML["cg_iterations"] if cg_iterations is None else cg_iterations
-            tol: float = _IMAML["cg_tol"] if cg_tol is None else cg_tol
-            self.per_task = lambda s, t: implicit_gradient(s, t, loop, proximal, iterations, tol)
-        else:
-            step = "horizon" if estimator == "lazy_horizon" else jacobian_step
-            eta = 0.0 if estimator == "first_order" else resolve_jacobian_step(step, loop)
-            self.per_task = lambda s, t: lazy_gradient(s, t, loop, eta)
-            self.batched_task = batching.lazy(eta)
+        self.model, self.estimator, self.batched = model, entry.name, batched
+        loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, **given)
+        self.loop = entry.settings(loop)
         self.cannot_batch = self._static_refusal()
         if batched is True and self.cannot_batch:
             raise ValueError(f"batched=True, but {self.cannot_batch}")
@@ -152,12 +126,10 @@ class MetaLearner:
 
     def _static_refusal(self) -> str | None:
         """Why no meta-batch can be batched with these settings, or None."""
-        if self.batched_task is None:
-            return f"estimator={self.estimator!r} is not batched (its conjugate gradient stops per task)"
-        optimizer = self.loop.inner_optimizer
-        graph_free = self.estimator not in ("maml", "truncated")
-        if not (optimizer == "sgd" or (optimizer == "adam" and graph_free)):
-            return f"inner_optimizer={optimizer!r} is not batched (only 'sgd', and 'adam' without a graph)"
+        if self.entry.not_batched:
+            return f"estimator={self.estimator!r} is not batched ({self.entry.not_batched})"
+        if not self.loop.update().pure:
+            return f"inner_optimizer={self.loop.inner_optimizer!r} is not batched (only 'sgd' and 'adam')"
         return None
 
     def _batch(
@@ -190,9 +162,9 @@ class MetaLearner:
             warnings.warn(f"MetaLearner runs sequentially: {message}", SequentialFallback, stacklevel=4)
 
     def _sequential(self, student: Student, tasks: Sequence[TaskLike]) -> tuple[dict[str, Tensor], Tensor]:
-        results = [self.per_task(student, task) for task in tasks]
-        gradients = {n: torch.stack([g[n] for g, _ in results]) for n in student.theta}
-        return gradients, torch.stack([loss for _, loss in results])
+        results = [registry.per_task(self.entry, student, task, self.loop) for task in tasks]
+        gradients = {n: torch.stack([g[n] for g, _, _ in results]) for n in student.theta}
+        return gradients, torch.stack([loss for _, loss, _ in results])
 
     def _timed(self, student: Student, run: Callable[[], _T]) -> tuple[float, _T]:
         """``run()`` and the seconds it took (the device synchronised)."""
@@ -224,12 +196,10 @@ class MetaLearner:
                 )
                 self._say("learner", self.cannot_batch)
             return result
-        per_task = self.batched_task
-        assert per_task is not None
         probe = self.batched == "auto" and "batched" not in self.seconds  # time it (synchronises)
 
         def run() -> batching.Estimate:
-            return batching.estimate(student, batch, self.loop, per_task, statistics)
+            return batching.estimate(self.entry, student, batch, self.loop, statistics)
 
         try:
             seconds, estimate = self._timed(student, run) if probe else (0.0, run())
@@ -252,7 +222,7 @@ class MetaLearner:
         loss L_Q(φ_T) (also for Reptile, which never uses it). With ``process_group``, both are means
         over every task of every rank. Nothing is written unless every task (every rank) succeeds."""
         tasks = task_or_tasks if isinstance(task_or_tasks, TaskBatch) else as_tasks(task_or_tasks)
-        student = Student.read(self.model, self.adapt_spec)
+        student = Student.read(self.model, self.loop.adapt)
         try:
             _check_devices(tasks, student)
             with preserved(self.model):
@@ -278,14 +248,16 @@ class MetaLearner:
     def adapt(self, task: TaskLike) -> nn.Module:
         """A copy of the model holding the student φ_K after K inner steps on ``task`` (the proximal
         student for "imaml"), with the buffers those steps produced."""
-        student = Student.read(self.model, self.adapt_spec)
+        student = Student.read(self.model, self.loop.adapt)
         _check_devices([task], student)
         with preserved(self.model):
-            phi, frozen = student.run(task, self.loop, proximal=self.proximal)
+            phi, untrained = student.run(
+                task, self.loop, proximal=self.loop.lam if self.entry.proximal else 0.0
+            )
         adapted = copy.deepcopy(self.model)
         tensors = {**dict(adapted.named_parameters()), **dict(adapted.named_buffers())}
         with torch.no_grad():
-            for name, value in {**phi, **frozen}.items():
+            for name, value in {**phi, **untrained}.items():
                 tensors[name].copy_(value)
         for p in adapted.parameters():
             p.grad = None

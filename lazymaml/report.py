@@ -11,7 +11,6 @@ bound is violated — so it doubles as a smoke test.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import time
@@ -25,12 +24,13 @@ from torch import nn
 
 from gradcheck import compare, oracle, problems
 from gradcheck.memory import SavedTensorMeter
+from gradcheck.settings import InnerLoop
 from gradcheck.task import Task
 
+from . import estimators as registry
 from .bound import bound_terms
-from .estimators import ESTIMATORS, Estimator, imaml, truncated
 
-__all__ = ["KS", "PROBLEMS", "Measurement", "estimators", "main", "plot", "run", "table"]
+__all__ = ["KS", "PROBLEMS", "Measurement", "configured", "main", "plot", "run", "table"]
 
 KS = (1, 2, 5, 10, 20)
 IDENTITY_RTOL = 1e-8  # lazy at K = 1 vs the oracle, float64 (measured ~1e-16)
@@ -63,16 +63,18 @@ PROBLEMS: dict[str, Callable[[int, str], tuple[nn.Module, Task]]] = {
 }
 
 
-def estimators(truncation: int, lam: float) -> dict[str, tuple[str, Estimator]]:
-    """name → (label, estimator): :data:`lazymaml.estimators.ESTIMATORS`, configured."""
-
-    def truncated_t(model: nn.Module, task: Task, steps: int, inner_lr: float, **kwargs: Any) -> dict:
-        return truncated(model, task, steps, inner_lr, horizon=min(truncation, steps), **kwargs)
-
-    configured: dict[str, tuple[str, Estimator]] = {name: (name, fn) for name, fn in ESTIMATORS.items()}
-    configured["truncated"] = (f"truncated(T={truncation})", truncated_t)
-    configured["imaml"] = (f"imaml(λ={lam:g})", functools.partial(imaml, lam=lam, cg_iterations=100))
-    return configured
+def configured(truncation: int, lam: float) -> dict[str, tuple[str, Callable[[int], dict[str, Any]]]]:
+    """name → (label, K ↦ its own settings) for every estimator of the registry: truncated
+    backpropagation through min(``truncation``, K) steps, iMAML at ``lam`` with 100 CG iterations."""
+    out: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {}
+    for name, entry in registry.REGISTRY.items():
+        if "horizon" in entry.reads:
+            out[name] = (f"{name}(T={truncation})", lambda k: {"horizon": min(truncation, k)})
+        elif "lam" in entry.reads:
+            out[name] = (f"{name}(λ={lam:g})", lambda k: {"lam": lam, "cg_iterations": 100})
+        else:
+            out[name] = (name, lambda k: {})
+    return out
 
 
 BOUNDED = {"lazy": "single", "lazy_horizon": "horizon"}
@@ -128,10 +130,10 @@ def run(
     """Measure every estimator (or ``names``) against the oracle for each K and problem."""
     from tqdm import tqdm
 
-    unknown = sorted(set(names or ()) - set(ESTIMATORS))
+    unknown = sorted(set(names or ()) - set(registry.REGISTRY))
     if unknown:
-        raise ValueError(f"unknown estimators {unknown}; choose from {list(ESTIMATORS)}")
-    chosen = {n: v for n, v in estimators(truncation, lam).items() if names is None or n in names}
+        raise ValueError(f"unknown estimators {unknown}; choose from {list(registry.REGISTRY)}")
+    chosen = {n: v for n, v in configured(truncation, lam).items() if names is None or n in names}
     rows = []
     jobs = [(p, k) for p in problem_names for k in ks]
     with tqdm(
@@ -145,9 +147,10 @@ def run(
             exact, seconds, mib = _measured(oracle.meta_gradient, model, task, k, inner_lr, leap=leap)
             rows.append(Measurement(problem, "exact (oracle)", k, 1.0, 0.0, 0.0, None, seconds, mib))
             bar.update()
-            for name, (label, fn) in chosen.items():
+            for name, (label, settings) in chosen.items():
+                loop = InnerLoop(k, inner_lr, leap, **settings(k))
                 try:
-                    g, seconds, mib = _measured(fn, model, task, k, inner_lr, leap=leap)
+                    g, seconds, mib = _measured(registry.run, name, model, task, loop)
                 except ValueError as error:  # e.g. iMAML on an indefinite system: reported, not fatal
                     rows.append(
                         Measurement(
@@ -241,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("gradcheck-report"), help="output directory")
-    parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), help="subset (default: all)")
+    parser.add_argument(
+        "--estimators", nargs="+", choices=list(registry.REGISTRY), help="subset (default: all)"
+    )
     parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
     parser.add_argument("--truncation", type=int, default=2, help="T for truncated backprop")
     parser.add_argument(

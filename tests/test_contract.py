@@ -30,7 +30,6 @@ import lazymaml
 from gradcheck import Task, finite_differences, oracle, validate
 from gradcheck.validate import Validation
 from lazymaml import MetaLearner, estimators
-from lazymaml.learner import ESTIMATOR_NAMES
 from tests.gradcheck.test_oracle import VarsNet
 from tests.gradcheck.test_state_frozen import stats_net, stats_task
 from tests.helpers import assert_same_state, conv_bn, image_task, model_state, with_gradients
@@ -71,7 +70,7 @@ def _straight_through(m, t, k, lr, **kw):
 
 
 def _estimator(name):
-    fn = estimators.ESTIMATORS[name]
+    fn = estimators.as_function(name)
     return lambda m, t, k, lr, **kw: fn(m, t, k, lr, **OPTIONS.get(name, {}), **kw)
 
 
@@ -95,10 +94,10 @@ ENTRY_POINTS = {
     "lazymaml.deviation_bound": lazymaml.deviation_bound,
     **{
         f"estimators.{name}": _estimator(name)
-        for name, fn in estimators.ESTIMATORS.items()
-        if fn is not lazymaml.meta_gradient  # "lazy" is lazymaml.meta_gradient, above
+        for name in estimators.REGISTRY
+        if name != "lazy"  # "lazy" is lazymaml.meta_gradient, above
     },
-    **{f"MetaLearner({e}).meta_backward": _learner(e, "meta_backward") for e in ESTIMATOR_NAMES},
+    **{f"MetaLearner({e}).meta_backward": _learner(e, "meta_backward") for e in estimators.REGISTRY},
     "LazyMAML.meta_backward": lambda m, t, k, lr, **kw: lazymaml.LazyMAML(m, k, lr, **kw).meta_backward([t]),
     "LazyMAML.adapt": lambda m, t, k, lr, **kw: lazymaml.LazyMAML(m, k, lr, **kw).adapt(t),
     "MetaLearner(imaml).adapt": _learner("imaml", "adapt"),  # the proximal student
@@ -111,9 +110,7 @@ QUERY_UNCHECKED = {*SUPPORT_ONLY, "lazymaml.straight_through"}  # ψ is returned
 LEARNED = {
     "maml": oracle.meta_gradient,
     "lazy": lazymaml.meta_gradient,
-    **{
-        name: _estimator(name) for name in ESTIMATOR_NAMES if name in estimators.ESTIMATORS and name != "lazy"
-    },
+    **{name: _estimator(name) for name in estimators.REGISTRY if name not in ("lazy", "maml")},
 }
 
 
@@ -133,7 +130,7 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("estimator", ESTIMATOR_NAMES)
+@pytest.mark.parametrize("estimator", list(estimators.REGISTRY))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_meta_backward_only_adds_its_estimate_to_the_trainable_gradients(estimator, model_name):
     build, task = MODELS[model_name]

@@ -51,7 +51,7 @@ ENTRY_POINTS = {
     "lazymaml.bound_terms": lazymaml.bound_terms,
     "LazyMAML": lazymaml.LazyMAML.__init__,
     "MetaLearner": lazymaml.MetaLearner.__init__,
-    **{f"estimators.{name}": getattr(estimators, name) for name in estimators.__all__ if name.islower()},
+    **{f"estimators.{name}": getattr(estimators, name) for name in estimators.REGISTRY if name != "lazy"},
 }
 CANDIDATE_FIRST = {
     "finite_differences.check": "gradient",

@@ -206,8 +206,8 @@ MUTANTS = [
     Mutant(
         "fresh-shares-tensors",
         "gradcheck/student.py",
-        "return {n: t.clone() for n, t in self.frozen.items()}",
-        "return dict(self.frozen)",
+        "return {n: t.clone() for n, t in self.untrained.items()}",
+        "return dict(self.untrained)",
         "runs share BatchNorm statistics: one run's in-place writes leak into the next",
         (f"{GC}/test_finite_differences.py", CONTRACT),
     ),

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradcheck.parameters import Functional, flat, resolve_adapt, state, trainable, unflat
+from gradcheck.parameters import Functional, copies, flat, resolve_adapt, trainable, unflat
 from tests.helpers import conv_bn
 
 
@@ -73,7 +73,7 @@ def test_ambiguous_preset_is_refused():
 
 def test_state_copies_buffers_and_casts():
     model = conv_bn().float()
-    params, buffers = state(model, torch.float64)
+    params, buffers = copies(model, torch.float64)
     assert all(t.dtype == torch.float64 for t in params.values())
     assert buffers["1.num_batches_tracked"].dtype == torch.long
     buffers["1.running_mean"].add_(1)
@@ -83,7 +83,7 @@ def test_state_copies_buffers_and_casts():
 def test_state_copies_without_a_cast_too():
     """No cast is no excuse for a view: a forward writing in place must write the copies."""
     model = conv_bn()
-    params, buffers = state(model)
+    params, buffers = copies(model)
     assert params["0.weight"].data_ptr() != model[0].weight.data_ptr()
     assert buffers["1.running_mean"].data_ptr() != model[1].running_mean.data_ptr()
     buffers["1.running_mean"].add_(1)
@@ -94,7 +94,7 @@ def test_state_copies_without_a_cast_too():
 
 def test_functional_view_and_flat_roundtrip():
     model = conv_bn().eval()
-    params, buffers = state(model)
+    params, buffers = copies(model)
     x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(Functional(model, params, buffers)(x), model(x))
     vector = flat(params)

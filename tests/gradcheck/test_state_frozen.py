@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradcheck import Task, compare, finite_differences, oracle
-from gradcheck.parameters import state
+from gradcheck.parameters import copies
 from gradcheck.settings import InnerLoop
 from gradcheck.state import Snapshot, preserved
 from gradcheck.student import Student
@@ -146,7 +146,7 @@ def test_state_copies_every_tensor_never_a_view(dtype):
     """``parameters.state`` on the no-cast path too (float64 model, dtype None or float64)."""
     model = stats_net()
     before = model_state(model)
-    params, buffers = state(model, dtype)
+    params, buffers = copies(model, dtype)
     originals = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for name, copy in {**params, **buffers}.items():
         assert copy.data_ptr() != originals[name].data_ptr(), name

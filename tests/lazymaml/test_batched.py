@@ -31,7 +31,7 @@ from torch.func import functional_call, grad, vmap
 
 import lazymaml
 from gradcheck import Task, compare, oracle
-from lazymaml.batched import NORMALISATION, VERIFIED
+from lazymaml.batched import BATCH_STATISTICS, VERIFIED
 from tests.helpers import (
     F64,
     Flat,
@@ -361,7 +361,7 @@ def _coverage_case(name, train):
 
 def test_every_verified_module_type_is_covered():
     covered = set().union(*(types for _, _, types in COVERAGE.values()))
-    assert covered == VERIFIED | NORMALISATION
+    assert covered == VERIFIED | BATCH_STATISTICS
 
 
 @pytest.mark.parametrize("name", list(COVERAGE))

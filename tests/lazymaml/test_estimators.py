@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 import lazymaml
 from gradcheck import Task, compare, oracle
 from lazymaml.estimators import (
-    ESTIMATORS,
+    REGISTRY,
     ConvergenceWarning,
     _conjugate_gradient,
+    as_function,
     first_order,
     imaml,
     reptile,
@@ -164,18 +165,18 @@ def test_imaml_refuses_bad_lambda(lam):
 def test_lazy_horizon_is_the_lazy_gradient_with_eta_gamma_k_alpha():
     model, task = mlp([2, 5, 1], "softplus"), regression_task()
     want = lazymaml.meta_gradient(model, task, 5, 0.1, leap=0.5, jacobian_step=0.5 * 5 * 0.1)
-    compare(ESTIMATORS["lazy_horizon"](model, task, 5, 0.1, leap=0.5), want).assert_close(0, 0)
+    compare(as_function("lazy_horizon")(model, task, 5, 0.1, leap=0.5), want).assert_close(0, 0)
 
 
-@pytest.mark.parametrize("name", list(ESTIMATORS))
+@pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_estimator_averages_a_meta_batch_however_it_is_given(name):
     """One task, a list and Task.stack(...) are the same call: the list's gradient is the mean of
     the single-task gradients (to rounding), for every parameter and in named_parameters() order."""
     model, tasks = conv_bn().train(), [image_task(0), image_task(1)]
     options = dict(leap=0.8, adapt="head")
-    single = [ESTIMATORS[name](model, t, 2, 0.1, **options) for t in tasks]
+    single = [as_function(name)(model, t, 2, 0.1, **options) for t in tasks]
     assert list(single[0]) == [n for n, _ in model.named_parameters()]
     mean = {n: (single[0][n] + single[1][n]) / 2 for n in single[0]}
-    compare(ESTIMATORS[name](model, tasks, 2, 0.1, **options), mean).assert_close(1e-12, 1e-15)
-    compare(ESTIMATORS[name](model, Task.stack(tasks), 2, 0.1, **options), mean).assert_close(1e-12, 1e-15)
+    compare(as_function(name)(model, tasks, 2, 0.1, **options), mean).assert_close(1e-12, 1e-15)
+    compare(as_function(name)(model, Task.stack(tasks), 2, 0.1, **options), mean).assert_close(1e-12, 1e-15)
     assert compare(single[0], single[1]).overall.rel_error > 1e-3  # the two tasks do differ

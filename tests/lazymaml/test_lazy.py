@@ -264,7 +264,9 @@ def test_other_inner_optimizers_drive_only_the_student():
     factory = lazymaml.meta_gradient(
         model, task, 5, 0.05, inner_optimizer=lambda p: torch.optim.Adam(p, lr=0.05)
     )
-    compare(adam, factory).assert_close(0, 0)
+    # "adam" is the pure update of gradcheck.optim, the factory torch.optim.Adam itself: the same
+    # arithmetic in another order, equal to rounding
+    compare(adam, factory).assert_close(RTOL, ATOL)
     student = Student.read(model)
     phi_t, frozen = student.teacher(task, InnerLoop(5, 0.05, inner_optimizer="adam"))
     v, _ = query_gradient(student, task, phi_t, frozen)
