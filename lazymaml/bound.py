@@ -124,7 +124,9 @@ def deviation_bound(
     inner_optimizer: InnerOptimizer = "sgd",
     max_parameters: int = 4000,
 ) -> float:
-    """The SPEC §2 bound on ‖g_exact − g_lazy‖ for this model and task (SGD student).
+    """The proven bound on ‖g_exact − g_lazy‖ for this model and task (SGD student).
+
+    Derived in the module docstring; written out in docs/mathematics.md.
 
     For several tasks, the mean of their bounds: it bounds the deviation of the mean gradients
     (triangle inequality).

@@ -6,7 +6,8 @@ With g(θ) = E_A ∇L_S(θ) built with ``create_graph=True`` and sg = stop-gradi
 
 has value φ_T (up to rounding) and Jacobian I − η E_A ∇²L_S(θ): backpropagating any L_Q(ψ)
 gives (I − η E_A ∇²L_S(θ))ᵀ ∇L_Q(φ_T) — the lazy meta-gradient — with no backward hooks and
-no fudged graph. Equivalent to SPEC's ψ = θ − η(g − sg(g) + d), d = sg(θ − φ_T)/η.
+no fudged graph. For η > 0 it is ψ = θ − η(g − sg(g) + d) with the constant d = sg(θ − φ_T)/η;
+the form above also covers η = 0 (docs/mathematics.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 On built-in generated problems (a tanh MLP on sinusoid regression, a small 4-conv few-shot
 classifier with BatchNorm), in float64, it measures for each estimator and K: cosine similarity
-and relative error against the exact meta-gradient, the SPEC §2 bound where it applies (the lazy
+and relative error against the exact meta-gradient, the proven deviation bound where it applies (the lazy
 estimators), time, and the peak bytes the autograd graph held. It prints a table, writes a PNG
 (relative error vs K, log scale) and a JSON, and exits non-zero if the K = 1 identity or the
 bound is violated — so it doubles as a smoke test.

@@ -141,8 +141,9 @@ def test_bound_is_attained_at_k1_by_a_one_parameter_model():
 def test_bound_terms_are_the_norms_a_dense_computation_gives(adapt, leap):
     """‖T_0‖, ‖E_A H_k‖ and ‖v‖ recomputed here from dense Hessians of a flat-vector model
     (tests.helpers.Flat: no project code), along an SGD trajectory written here; and the bound
-    assembled from them by the SPEC formula. Agreement to 1e-10 relative (float64, the same
-    eigenproblems solved twice); a ‖I + αH‖ or an unprojected H would be off by O(α‖H‖)."""
+    assembled from them by the bound's formula (docs/mathematics.md). Agreement to 1e-10 relative
+    (float64, the same eigenproblems solved twice); a ‖I + αH‖ or an unprojected H would be off by
+    O(α‖H‖)."""
     model, task = mlp([2, 4, 3, 1], "softplus"), regression_task()
     steps, alpha, eta = 3, 0.4, 0.05
     flat = Flat(model, task, adapt)
