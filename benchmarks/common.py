@@ -33,6 +33,23 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked configuration: ``lazymaml.MetaLearner(model, steps, α, estimator=…,
+    jacobian_step=…)`` (``jacobian_step`` is Lazy's alone); a benchmark's own settings extend it."""
+
+    label: str
+    family: str  # a line (or a marker) in the plots
+    estimator: str
+    steps: int
+    jacobian_step: str = "single"
+
+    def options(self) -> dict[str, Any]:
+        """The MetaLearner (and estimator) options this method fixes."""
+        return {"jacobian_step": self.jacobian_step} if self.estimator == "lazy" else {}
+
+
 # two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond: the normal's)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
