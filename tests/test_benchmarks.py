@@ -468,5 +468,7 @@ def test_analysis_of_the_committed_results():
     assert analysis.correlation_lines(sine.summary.rows, "mse") == ["  fewer than 3 approximate methods"]
     stopped = analysis.divergences(sine, sine)
     assert stopped[0].startswith("  lazy-k10: 3 of 3 seeds diverged, at outer steps [1417, 1805, 2139]")
-    assert "equal steps: MAML K=1: nothing to compare" in analysis.sinusoid_headlines(sine)[1]
+    headlines = analysis.sinusoid_headlines(sine)
+    assert "equal steps: MAML K=1: nothing to compare" in headlines[1]
+    assert headlines[3].endswith("Lazy K=40 is worse (intervals apart)")  # a lower MSE is better
     assert analysis.ci(math.inf, math.nan) == "diverged" and analysis.ci(0.5, math.nan) == "0.50 ± ?"
