@@ -47,9 +47,6 @@ under ``--out``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import hashlib
 import math
 import multiprocessing
 import statistics
@@ -62,28 +59,40 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also in the spawned workers
-from common import add_common_arguments, fingerprint, interval, pool_map, write_results
+from common import (
+    Divergence,
+    add_common_arguments,
+    cell,
+    fingerprint,
+    interval,
+    median_known,
+    outer_step,
+    peak_resident_bytes,
+    pool_map,
+    text_table,
+    write_results,
+)
+from common import Method as BaseMethod
 from common import parse as parse_common
+from records import FewShotRow, FewShotRun
 
 WAYS = 5
 QUERIES = 15
 VAL_SEED, TEST_SEED, MEMORY_SEED = 1, 2, 3  # the fixed validation, test and memory-probe tasks
 DEVIATION_TASKS = 4  # validation tasks on which each method's meta-gradient is compared with MAML's
 CG_ITERATIONS = 5  # iMAML's conjugate-gradient iterations per task (Rajeswaran et al. use 5)
+# The estimator registry's name for each method's estimator where the two differ.
+REGISTRY_NAME = {"maml": "truncated"}
 
 
 @dataclass(frozen=True)
-class Method:
-    """One configuration: ``MetaLearner(model, steps, α, estimator=…, adapt=…, leap=…, …)``;
-    estimator ``"none"`` is the no-meta-training control."""
+class Method(BaseMethod):
+    """A few-shot configuration; estimator ``"none"`` is the no-meta-training control. Unlike the
+    sinusoid benchmark, which sweeps γ with α, each method here fixes its adapted parameters
+    (ANIL: the head, BOIL: the body) and its γ: the sweep is over α alone."""
 
-    label: str
-    family: str  # a line (or a marker) in the plot
-    estimator: str
-    steps: int
     adapt: str | None = None
     leap: float = 1.0
-    jacobian_step: str = "single"
 
 
 def _methods() -> dict[str, Method]:
@@ -101,7 +110,7 @@ def _methods() -> dict[str, Method]:
             for k in (10, 20, 40):
                 label = f"Lazy K={k} {step} γ={leap:g}"
                 methods[f"lazy-k{k}-{step}-g{leap:g}"] = Method(
-                    label, f"Lazy {step} γ={leap:g}", "lazy", k, None, leap, step
+                    label, f"Lazy {step} γ={leap:g}", "lazy", k, jacobian_step=step, leap=leap
                 )
     for k in (1, 5, 10, 20, 40):
         methods[f"scratch-k{k}"] = Method(f"No meta-training K={k}", "no meta-training", "none", k)
@@ -150,32 +159,38 @@ def splits(args: argparse.Namespace) -> dict[str, Any]:
     return _SPLITS
 
 
+def options(method: Method, args: argparse.Namespace) -> dict[str, Any]:
+    """The estimator options ``method`` fixes (iMAML's: its λ and CG iterations)."""
+    if method.estimator == "imaml":
+        return {"lam": args.imaml_lam, "cg_iterations": CG_ITERATIONS}
+    return method.options()
+
+
 def learner(key: str, model, inner_lr: float, args: argparse.Namespace, batched: bool | str = "auto"):
     """The method's ``lazymaml.MetaLearner`` (the control adapts like first-order MAML)."""
     import lazymaml
 
     method = METHODS[key]
-    options: dict[str, Any] = {"adapt": method.adapt, "leap": method.leap, "batched": batched}
-    if method.estimator == "lazy":
-        options["jacobian_step"] = method.jacobian_step
-    if method.estimator == "imaml":
-        options.update(lam=args.imaml_lam, cg_iterations=CG_ITERATIONS)
     estimator = "first_order" if method.estimator == "none" else method.estimator
-    return lazymaml.MetaLearner(model, method.steps, inner_lr, estimator=estimator, **options)
+    return lazymaml.MetaLearner(
+        model,
+        method.steps,
+        inner_lr,
+        estimator=estimator,
+        adapt=method.adapt,
+        leap=method.leap,
+        batched=batched,
+        **options(method, args),
+    )
 
 
-def outer_step(meta, outer, tasks) -> tuple[float, list[warnings.WarningMessage]]:
-    """One meta-update; returns the mean query loss and the warnings it raised."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        outer.zero_grad()
-        loss = meta.meta_backward(tasks)
-        outer.step()
-    return float(loss), caught
+def train(
+    key: str, inner_lr: float, seed: int, shots: int, outer_steps: int, args: argparse.Namespace, progress
+):
+    """Meta-train ``key`` from ``seed`` (the control: no step); the model and how training went
+    (the keyword arguments of ``FewShotRun`` that training decides)."""
+    import hashlib
 
-
-def train(key: str, inner_lr: float, seed: int, outer_steps: int, args: argparse.Namespace, progress) -> dict:
-    """Meta-train ``key`` from ``seed`` (the control: no step); the model and how training went."""
     import torch
 
     from lazymaml.estimators import ConvergenceWarning
@@ -190,27 +205,25 @@ def train(key: str, inner_lr: float, seed: int, outer_steps: int, args: argparse
     seconds, losses, notes, diverged, unconverged = [], [], set(), None, 0
     seen = hashlib.blake2b(digest_size=16)  # the training tasks, to show every method saw the same
     for step in range(0 if METHODS[key].estimator == "none" else outer_steps):
-        tasks = [data["train"].task(stream, WAYS, args.shot, QUERIES) for _ in range(args.meta_batch)]
+        tasks = [data["train"].task(stream, WAYS, shots, QUERIES) for _ in range(args.meta_batch)]
         fingerprint(tasks, seen)
-        start = time.perf_counter()
         try:
-            loss, caught = outer_step(meta, outer, tasks)
+            loss, took, caught = outer_step(meta, outer, tasks)
         except (FloatingPointError, ValueError) as error:  # non-finite, or iMAML's CG refused
-            diverged = f"outer step {step + 1}: {error}"
+            diverged = Divergence(step + 1, str(error))
             progress.put(outer_steps - step)
             break
-        seconds.append(time.perf_counter() - start)
+        seconds.append(took)
         losses.append(loss)
         unconverged += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
         notes |= {str(w.message) for w in caught if not issubclass(w.category, ConvergenceWarning)}
         progress.put(1)
-    return {
-        "model": model,
+    return model, {
         "step_seconds": statistics.median(seconds[1:] or seconds) if seconds else None,
         "train_loss_last": statistics.fmean(losses[-10:]) if losses else None,
         "diverged": diverged,
         "cg_unconverged_tasks": unconverged,
-        "warnings": sorted(notes),
+        "warnings": tuple(sorted(notes)),
         "train_tasks_digest": seen.hexdigest(),
     }
 
@@ -233,41 +246,25 @@ def accuracy(key: str, model, inner_lr: float, tasks: list, args: argparse.Names
     return statistics.fmean(correct)
 
 
-def _resident() -> tuple[int, int] | None:
-    """(VmRSS, VmHWM) in bytes, or None where /proc/self/status does not exist."""
-    try:
-        with open("/proc/self/status") as status:
-            fields = dict(line.split(":", 1) for line in status)
-    except OSError:
-        return None
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-
-
-def memory(key: str, model, inner_lr: float, args: argparse.Namespace) -> dict:
+def memory(key: str, model, inner_lr: float, shots: int, args: argparse.Namespace) -> dict[str, int | None]:
     """Peak resident bytes above the baseline during one outer step (the learner as trained), and
     the autograd graph's peak bytes for one task on the sequential path (SavedTensorMeter)."""
+    import contextlib
+
     import torch
 
     from gradcheck.memory import SavedTensorMeter
 
-    if METHODS[key].estimator == "none":
-        return {"peak_rss_bytes": None, "graph_bytes_per_task": None}
-    generator = torch.Generator().manual_seed(MEMORY_SEED)
-    tasks = [splits(args)["train"].task(generator, WAYS, args.shot, QUERIES) for _ in range(args.meta_batch)]
     result: dict[str, int | None] = {"peak_rss_bytes": None, "graph_bytes_per_task": None}
+    if METHODS[key].estimator == "none":
+        return result
+    generator = torch.Generator().manual_seed(MEMORY_SEED)
+    tasks = [splits(args)["train"].task(generator, WAYS, shots, QUERIES) for _ in range(args.meta_batch)]
     with contextlib.suppress(FloatingPointError, ValueError), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         meta = learner(key, model, inner_lr, args)
         meta.meta_backward(tasks)  # warm-up: lazily built state is not the step's memory
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).malloc_trim(0)  # glibc: give freed heap back, so the baseline is live memory
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # reset the high-water mark VmHWM to the current VmRSS
-        before = _resident()
-        meta.meta_backward(tasks)
-        after = _resident()
-        if before and after:
-            result["peak_rss_bytes"] = after[1] - before[0]
+        result["peak_rss_bytes"] = peak_resident_bytes(lambda: meta.meta_backward(tasks))
         with SavedTensorMeter() as meter:
             learner(key, model, inner_lr, args, batched=False).meta_backward(tasks[:1])
         result["graph_bytes_per_task"] = meter.peak
@@ -275,7 +272,7 @@ def memory(key: str, model, inner_lr: float, args: argparse.Namespace) -> dict:
     return result
 
 
-def deviation(key: str, model, inner_lr: float, args: argparse.Namespace) -> float | None:
+def deviation(key: str, model, inner_lr: float, shots: int, args: argparse.Namespace) -> float | None:
     """‖g − g_MAML‖ / ‖g_MAML‖ at the model's θ, in float64, on the same validation tasks: the
     method's meta-gradient against exact second-order MAML with the same K, α, adapted set and γ
     (the oracle, ``gradcheck.oracle``). None for the control, or where the method's gradient fails."""
@@ -292,153 +289,161 @@ def deviation(key: str, model, inner_lr: float, args: argparse.Namespace) -> flo
     twin = copy.deepcopy(model).double()
     generator = torch.Generator().manual_seed(VAL_SEED)
     tasks = [
-        t.to(torch.float64)
-        for t in (
-            splits(args)["val"].task(generator, WAYS, args.shot, QUERIES) for _ in range(DEVIATION_TASKS)
-        )
+        splits(args)["val"].task(generator, WAYS, shots, QUERIES).to(torch.float64)
+        for _ in range(DEVIATION_TASKS)
     ]
     settings: dict[str, Any] = {"adapt": method.adapt, "leap": method.leap}
     exact = oracle.meta_gradient(twin, tasks, method.steps, inner_lr, **settings)
-    options: dict[str, Any] = {}
-    if method.estimator == "lazy":
-        options["jacobian_step"] = method.jacobian_step
-    if method.estimator == "imaml":
-        options.update(lam=args.imaml_lam, cg_iterations=CG_ITERATIONS)
-    name = {"maml": "truncated", "lazy": "lazy"}.get(method.estimator, method.estimator)
+    estimator = estimators.ESTIMATORS[REGISTRY_NAME.get(method.estimator, method.estimator)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            g = estimators.ESTIMATORS[name](twin, tasks, method.steps, inner_lr, **settings, **options)
+            g = estimator(twin, tasks, method.steps, inner_lr, **settings, **options(method, args))
     except (FloatingPointError, ValueError):
         return None
     return compare(g, exact).overall.rel_error
 
 
-def job(kind: str, key: str, inner_lr: float, seed: int, args: argparse.Namespace, progress) -> dict:
+def job(kind: str, key: str, inner_lr: float, seed: int, shots: int, args: argparse.Namespace, progress):
     """One sweep point (``kind="sweep"``: scored on meta-validation tasks) or one full run."""
     import torch
 
     torch.set_num_threads(1)
     sweep = kind == "sweep"
-    run = train(key, inner_lr, seed, args.sweep_steps if sweep else args.outer_steps, args, progress)
-    model = run.pop("model")
+    outer_steps = args.sweep_steps if sweep else args.outer_steps
+    model, trained = train(key, inner_lr, seed, shots, outer_steps, args, progress)
     split, count, task_seed = (
         ("val", args.val_tasks, VAL_SEED) if sweep else ("test", args.test_tasks, TEST_SEED)
     )
-    tasks = splits(args)[split].tasks(count, task_seed, WAYS, args.shot, QUERIES)
-    score = 1 / WAYS if run["diverged"] else accuracy(key, model, inner_lr, tasks, args)
-    result = {"kind": kind, "shots": args.shot, "method": key, "inner_lr": inner_lr, "seed": seed, **run}
-    result["val_accuracy" if sweep else "test_accuracy"] = score
-    result["eval_tasks_digest"] = fingerprint(tasks).hexdigest()
+    tasks = splits(args)[split].tasks(count, task_seed, WAYS, shots, QUERIES)
+    score = 1 / WAYS if trained["diverged"] else accuracy(key, model, inner_lr, tasks, args)
+    measured: dict[str, Any] = {}
     if not sweep:
-        result.update(memory(key, model, inner_lr, args))
-        result["deviation_from_maml"] = deviation(key, model, inner_lr, args)
-    return result
+        measured = memory(key, model, inner_lr, shots, args)
+        measured["deviation_from_maml"] = deviation(key, model, inner_lr, shots, args)
+    return FewShotRun(
+        kind=kind,
+        shots=shots,
+        method=key,
+        inner_lr=inner_lr,
+        seed=seed,
+        accuracy=score,
+        eval_tasks_digest=fingerprint(tasks).hexdigest(),
+        **trained,
+        **measured,
+    )
 
 
-def best_inner_lr(sweep: list[dict]) -> float:
+def best_inner_lr(sweep: list[FewShotRun]) -> float:
     """The swept α with the highest meta-validation accuracy; the smaller α on ties."""
-    return max(sweep, key=lambda r: (r["val_accuracy"], -r["inner_lr"]))["inner_lr"]
+    return max(sweep, key=lambda r: (r.accuracy, -r.inner_lr)).inner_lr
 
 
-def _median(values: list) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
-
-
-def summarise(runs: list[dict], shots: int, keys: list[str]) -> list[dict]:
+def summarise(runs: list[FewShotRun], shots: int, keys: list[str]) -> list[FewShotRow]:
     """One row per method: accuracy over seeds, median step time and memory."""
     rows = []
     for key in keys:
-        mine = [r for r in runs if r["method"] == key and r["shots"] == shots]
-        mean, half = interval([r["test_accuracy"] for r in mine])
-        seconds = _median([r["step_seconds"] for r in mine])
-        rss, graph = (_median([r[f] for r in mine]) for f in ("peak_rss_bytes", "graph_bytes_per_task"))
+        mine = [r for r in runs if r.method == key and r.shots == shots]
+        mean, half = interval([r.accuracy for r in mine])
+        seconds = median_known(r.step_seconds for r in mine)
+        rss = median_known(r.peak_rss_bytes for r in mine)
+        graph = median_known(r.graph_bytes_per_task for r in mine)
         rows.append(
-            {
-                "shots": shots,
-                "method": key,
-                "label": METHODS[key].label,
-                "K": METHODS[key].steps,
-                "inner_lr": mine[0]["inner_lr"],
-                "accuracy": mean,
-                "ci95": half,
-                "step_ms": None if seconds is None else 1e3 * seconds,
-                "peak_rss_mib": None if rss is None else rss / 2**20,
-                "graph_mib_per_task": None if graph is None else graph / 2**20,
-                "diverged_seeds": sum(bool(r["diverged"]) for r in mine),
-                "deviation_from_maml": _median([r.get("deviation_from_maml") for r in mine]),
-            }
+            FewShotRow(
+                shots=shots,
+                method=key,
+                label=METHODS[key].label,
+                K=METHODS[key].steps,
+                inner_lr=mine[0].inner_lr,
+                accuracy=mean,
+                ci95=half,
+                step_ms=None if seconds is None else 1e3 * seconds,
+                peak_rss_mib=None if rss is None else rss / 2**20,
+                graph_mib_per_task=None if graph is None else graph / 2**20,
+                diverged_seeds=sum(r.diverged is not None for r in mine),
+                deviation_from_maml=median_known(r.deviation_from_maml for r in mine),
+            )
         )
     return rows
 
 
-def _cell(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def table(summary: list[dict]) -> str:
+def table(summary: list[FewShotRow]) -> str:
     header = ("shots", "method", "α", "accuracy %", "ms/step", "RSS MiB", "graph MiB", "dev. vs MAML")
     widths = (5, -26, 6, 15, 8, 8, 9, 12)  # negative: left-aligned
-
-    def line(cells: tuple[str, ...]) -> str:
-        return " ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cells, widths))
-
-    lines = [line(header)]
+    lines = []
     for r in summary:
         cells = (
-            str(r["shots"]),
-            r["label"],
-            f"{r['inner_lr']:g}",
-            f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f}",
-            _cell(r["step_ms"], ".1f"),
-            _cell(r["peak_rss_mib"], ".1f"),
-            _cell(r["graph_mib_per_task"], ".3f"),
-            _cell(r["deviation_from_maml"], ".2e"),
+            str(r.shots),
+            r.label,
+            f"{r.inner_lr:g}",
+            f"{100 * r.accuracy:.2f} ± {100 * r.ci95:.2f}",
+            cell(r.step_ms, ".1f"),
+            cell(r.peak_rss_mib, ".1f"),
+            cell(r.graph_mib_per_task, ".3f"),
+            cell(r.deviation_from_maml, ".2e"),
         )
-        flag = f"  ({r['diverged_seeds']} seeds diverged)" if r["diverged_seeds"] else ""
-        lines.append(line(cells) + flag)
-    return "\n".join(lines)
+        note = f"  ({r.diverged_seeds} seeds diverged: scored at chance)" if r.diverged_seeds else ""
+        lines.append((cells, note))
+    return text_table(header, widths, lines)
 
 
-def plot(summary: list[dict], path: Path) -> None:
-    """Accuracy against K, against ms per outer step and against peak memory; a row per shot count."""
-    import matplotlib
+# the plots' x axes: the summary field and its label
+STEPS_AXIS = ("K", "inner steps K")
+TIME_AXIS = ("step_ms", "ms per outer step")
+RSS_AXIS = ("peak_rss_mib", "peak RSS MiB above baseline, one outer step")
+GRAPH_AXIS = ("graph_mib_per_task", "autograd graph MiB per task")
 
-    matplotlib.use("Agg")
+
+def plot_accuracy(axes, summary: list[FewShotRow], shots: int, xs=(STEPS_AXIS, TIME_AXIS, RSS_AXIS)) -> None:
+    """On each of ``axes``: meta-test accuracy (± the 95% interval) of each family of methods at
+    ``shots`` against one field of ``xs``; the no-meta-training control dashed black."""
     import matplotlib.pyplot as plt
 
-    shots = sorted({r["shots"] for r in summary})
-    axes_of = ("K", "step_ms", "peak_rss_mib")
-    xlabels = ("inner steps K", "ms per outer step", "peak RSS MiB above baseline, one outer step")
-    families = sorted({METHODS[r["method"]].family for r in summary})
+    families = sorted({METHODS[r.method].family for r in summary})
     colours = dict(zip(families, plt.get_cmap("tab20").colors))
-    fig, axes = plt.subplots(len(shots), 3, figsize=(15, 4.2 * len(shots)), squeeze=False)
+    mine = [r for r in summary if r.shots == shots]
+    for family in families:
+        rs = sorted((r for r in mine if METHODS[r.method].family == family), key=lambda r: r.K)
+        control = family == "no meta-training"
+        for ax, (x, _) in zip(axes, xs):
+            known = [r for r in rs if getattr(r, x) is not None]
+            if known:
+                ax.errorbar(
+                    [getattr(r, x) for r in known],
+                    [100 * r.accuracy for r in known],
+                    yerr=[0 if math.isnan(r.ci95) else 100 * r.ci95 for r in known],
+                    fmt="--" if control else "-o" if len(known) > 1 else "s",
+                    color="black" if control else colours[family],
+                    capsize=3,
+                    label=family,
+                )
+    for ax, (x, xlabel) in zip(axes, xs):
+        ax.set(xlabel=xlabel, ylabel=f"meta-test accuracy %, 5-way {shots}-shot", xscale="log")
+        ax.grid(alpha=0.3, which="both")
+        if x == "K":
+            ax.set_xticks([1, 5, 10, 20, 40], ["1", "5", "10", "20", "40"])
+    axes[0].legend(fontsize=7)
+
+
+def plot(summary: list[FewShotRow], path: Path | None = None, xs=(STEPS_AXIS, TIME_AXIS, RSS_AXIS)):
+    """Accuracy against each of ``xs`` (by default K, ms per outer step and peak memory), a row per
+    shot count; saved to ``path`` (and closed) where given, else returned."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = sorted({r.shots for r in summary})
+    fig, axes = plt.subplots(len(shots), len(xs), figsize=(5 * len(xs), 4.2 * len(shots)), squeeze=False)
     for row, shot in zip(axes, shots):
-        mine = [r for r in summary if r["shots"] == shot]
-        for family in families:
-            rs = sorted((r for r in mine if METHODS[r["method"]].family == family), key=lambda r: r["K"])
-            control = family == "no meta-training"
-            for ax, x in zip(row, axes_of):
-                known = [r for r in rs if r[x] is not None]
-                if known:
-                    ax.errorbar(
-                        [r[x] for r in known],
-                        [100 * r["accuracy"] for r in known],
-                        yerr=[0 if math.isnan(r["ci95"]) else 100 * r["ci95"] for r in known],
-                        fmt="--" if control else "-o" if len(known) > 1 else "s",
-                        color="black" if control else colours[family],
-                        capsize=3,
-                        label=family,
-                    )
-        for ax, xlabel in zip(row, xlabels):
-            ax.set(xlabel=xlabel, ylabel=f"meta-test accuracy %, 5-way {shot}-shot", xscale="log")
-            ax.grid(alpha=0.3)
-        row[0].set_xticks([1, 5, 10, 20, 40], ["1", "5", "10", "20", "40"])
-        row[0].legend(fontsize=7)
+        plot_accuracy(row, summary, shot, xs)
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return None
 
 
 QUICK = {
@@ -478,34 +483,35 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parse_common(parser, argv, QUICK, METHODS)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def meta_train(args: argparse.Namespace) -> tuple[list[FewShotRun], list[FewShotRun], dict[int, dict]]:
+    """Per shot count the α sweep, then every method from every seed at its chosen α, on the
+    worker processes: the sweep points, the runs and the chosen α per shot count and method."""
     from tqdm import tqdm
 
-    started = time.perf_counter()
     progress = multiprocessing.Manager().Queue()
     trained = [k for k in args.keys if METHODS[k].estimator != "none"]
     per_shot = len(trained) * (len(args.inner_lrs) * args.sweep_steps + args.seeds * args.outer_steps)
-    sweep, runs, chosen = [], [], {}
+    sweep: list[FewShotRun] = []
+    runs: list[FewShotRun] = []
+    chosen: dict[int, dict[str, float]] = {}
     with (
         ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool,
         tqdm(total=len(args.shots) * per_shot, unit="outer step", desc="few-shot", smoothing=0.05) as bar,
     ):
         for shot in args.shots:
-            args.shot = shot
-            points = [("sweep", k, lr, 0) for k in args.keys for lr in args.inner_lrs]
-            sweep += pool_map(pool, job, points, args, bar, progress)
-            scores = {k: [r for r in sweep if r["method"] == k and r["shots"] == shot] for k in args.keys}
-            chosen[shot] = {k: best_inner_lr(rs) for k, rs in scores.items()}
-            runs += pool_map(
-                pool,
-                job,
-                [("run", k, chosen[shot][k], s) for k in args.keys for s in range(args.seeds)],
-                args,
-                bar,
-                progress,
-            )
-    del args.shot
+            points = [("sweep", k, lr, 0, shot) for k in args.keys for lr in args.inner_lrs]
+            scored = pool_map(pool, job, points, args, bar, progress)
+            sweep += scored
+            chosen[shot] = {k: best_inner_lr([r for r in scored if r.method == k]) for k in args.keys}
+            finals = [("run", k, chosen[shot][k], s, shot) for k in args.keys for s in range(args.seeds)]
+            runs += pool_map(pool, job, finals, args, bar, progress)
+    return sweep, runs, chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    started = time.perf_counter()
+    sweep, runs, chosen = meta_train(args)
     summary = [row for shot in args.shots for row in summarise(runs, shot, args.keys)]
     data = "digits (scikit-learn, rotation classes)" if args.data is None else str(args.data)
     print(

@@ -1,28 +1,30 @@
 """Time and peak memory of the lazy, exact and first-order meta-gradients vs the inner horizon K.
 
-    python benchmarks/lazy_vs_exact.py                 # SPEC §5 network, K ∈ {1, 5, 10, 20, 40}
+    python benchmarks/lazy_vs_exact.py                 # the network below, K ∈ {1, 5, 10, 20, 40}
     python benchmarks/lazy_vs_exact.py --device cuda --json results.json
 
 The network is the 4-conv few-shot classifier on 84×84×3 inputs, 5-way 1-shot with 15 queries
-per class (SPEC §5). Every (method, K) runs in its own process: after a warm-up run, the peak
+per class. Every (method, K) runs in its own process: after a warm-up run, the peak
 of resident memory above the process's baseline is measured for one run (Linux: VmHWM reset
 through /proc/self/clear_refs, glibc told to return freed blocks; CUDA: allocator statistics),
 then the median time of ``--repeats`` runs. Methods: ``lazy`` (lazymaml.meta_gradient),
 ``exact`` (gradcheck.oracle, on higher), ``first_order`` (first-order MAML, graph-free student),
 ``unroll`` (a hand-written torch.func unroll of exact MAML: estimators.truncated with T = K).
-The ratio table at the end compares one run's figures with the SPEC §5 targets.
+The ratio table at the end compares one run's figures with the performance targets.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
+from common import MEASURING_ENV, Ratio, machine, peak_resident_bytes, ratio_lines
 
 METHODS = ("lazy", "exact", "first_order", "unroll")
 KS = (1, 5, 10, 20, 40)
@@ -39,14 +41,6 @@ def _estimator(method: str):
         "first_order": estimators.first_order,
         "unroll": estimators.truncated,
     }[method]
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(method: str, steps: int, args: argparse.Namespace) -> dict:
@@ -75,11 +69,9 @@ def worker(method: str, steps: int, args: argparse.Namespace) -> dict:
         run()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # reset the peak resident set size (VmHWM) to the current one
-        base = _rss_bytes("VmRSS")
-        run()
-        peak = _rss_bytes("VmHWM") - base
+        peak = peak_resident_bytes(run)
+        if peak is None:
+            raise RuntimeError("peak resident memory needs Linux's /proc/self (or --device cuda)")
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -91,10 +83,7 @@ def worker(method: str, steps: int, args: argparse.Namespace) -> dict:
 def measure(method: str, steps: int, args: argparse.Namespace) -> dict:
     """Run :func:`worker` in a fresh process (so peaks of earlier runs do not interfere)."""
     command = [sys.executable, __file__, "--worker", method, str(steps), *_forwarded(args)]
-    # glibc keeps freed blocks below a dynamic mmap threshold in its heap, which would hide the
-    # warm-up's memory from the baseline; a fixed threshold returns large blocks to the system.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(command, capture_output=True, text=True, env=MEASURING_ENV, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -123,22 +112,14 @@ def directional_check_seconds(device: str) -> tuple[int, float]:
     return sum(p.numel() for p in model.parameters()), time.perf_counter() - start
 
 
-def ratio_table(results: list[dict], k: int = 20) -> list[tuple[str, float, str, bool]]:
-    """SPEC §5 ratios from one run's results (rows whose inputs were not measured are left out)."""
+def ratio_table(results: list[dict], k: int = 20) -> list[Ratio]:
+    """The target ratios from one run's results (rows whose inputs were not measured are left out)."""
     at = {(r["method"], r["steps"]): r for r in results}
     rows = []
 
-    def add(label, num, den, field, bound, at_most):
+    def add(label: str, num: tuple, den: tuple, field: str, bound: float, at_most: bool) -> None:
         if num in at and den in at:
-            value = at[num][field] / at[den][field]
-            rows.append(
-                (
-                    label,
-                    value,
-                    f"{'≤' if at_most else '≥'} {bound}",
-                    value <= bound if at_most else value >= bound,
-                )
-            )
+            rows.append(Ratio(label, at[num][field] / at[den][field], bound, at_most))
 
     add(f"lazy peak memory K={k} / lazy K=1", ("lazy", k), ("lazy", 1), "peak_mib", 1.2, True)
     add(f"lazy time K={k} / first-order K={k}", ("lazy", k), ("first_order", k), "seconds", 1.25, True)
@@ -172,18 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args)))
         return 0
 
-    import platform
-
-    import torch
-
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    )
-    if args.device.startswith("cuda"):
-        machine += f", {torch.cuda.get_device_name(args.device)}"
+    described = machine(args.device)
     print(
         f"# {args.image_size}×{args.image_size} 4-conv ({args.channels} channels), 5-way 1-shot, "
-        f"15 queries/class; device {args.device}; {machine}"
+        f"15 queries/class; device {args.device}; {described}"
     )
     results = []
     print(f"{'method':<12} {'K':>3} {'time (s)':>10} {'peak (MiB)':>11}")
@@ -193,20 +166,18 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(f"{method:<12} {k:>3} {r['seconds']:>10.3f} {r['peak_mib']:>11.1f}", flush=True)
     k = 20 if 20 in args.ks else max(args.ks)
-    rows = ratio_table(results, k)
-    print(f"\n{'SPEC §5 target':<52} {'measured':>9}  {'target':<7} ok")
-    for label, value, target, ok in rows:
-        print(f"{label:<52} {value:>9.2f}  {target:<7} {'yes' if ok else 'NO'}")
+    ratios = ratio_table(results, k)
+    print("\n" + "\n".join(ratio_lines(ratios)))
     n, seconds = directional_check_seconds(args.device)
     print(f"directional FD check (8 directions, K=5) of a {n}-parameter MLP: {seconds:.2f} s")
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
-                    "machine": machine,
+                    "machine": described,
                     "device": args.device,
                     "results": results,
-                    "ratios": rows,
+                    "ratios": [r.row() for r in ratios],
                     "directional_check": [n, seconds],
                 },
                 indent=1,

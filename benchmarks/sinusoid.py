@@ -62,13 +62,24 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also in the spawned workers
-from common import add_common_arguments, fingerprint, interval, pool_map, write_results
+from common import (
+    Divergence,
+    Method,
+    add_common_arguments,
+    cell,
+    fingerprint,
+    interval,
+    outer_step,
+    pool_map,
+    text_table,
+    write_results,
+)
 from common import parse as parse_common
+from records import CurvePoint, MemoryBest, SinusoidRow, SinusoidRun, SinusoidSummary, SweepChoice
 
 SHOTS = QUERIES = 10
 HIDDEN = (40, 40)
@@ -79,18 +90,9 @@ DEVIATION_TASKS = 4
 PLATEAU = 0.02  # relative improvement over the last fifth of the budget below which a curve has stopped
 
 
-@dataclass(frozen=True)
-class Method:
-    """``MetaLearner(model, steps, α, estimator=…, leap=γ, jacobian_step=…)``; α, γ from the sweep."""
-
-    label: str
-    family: str  # one line in the plots
-    estimator: str
-    steps: int
-    jacobian_step: str = "single"
-
-
 def _methods() -> dict[str, Method]:
+    """The methods: the plain ``Method`` (unlike the few-shot benchmark's, no γ of its own: γ is
+    swept with α for every method and passed to ``learner``)."""
     methods = {
         "maml-k1": Method("MAML K=1", "MAML", "maml", 1),
         "maml-k5": Method("MAML K=5", "MAML", "maml", 5),
@@ -108,13 +110,18 @@ DEFAULT_METHODS = [k for k in METHODS if not k.endswith("horizon")]
 
 
 def learner(key: str, model, inner_lr: float, leap: float, batched: bool = True):
-    """The method's ``lazymaml.MetaLearner``."""
+    """The method's ``lazymaml.MetaLearner`` at the swept (α, γ)."""
     import lazymaml
 
     method = METHODS[key]
-    options: dict[str, Any] = {"jacobian_step": method.jacobian_step} if method.estimator == "lazy" else {}
     return lazymaml.MetaLearner(
-        model, method.steps, inner_lr, estimator=method.estimator, leap=leap, batched=batched, **options
+        model,
+        method.steps,
+        inner_lr,
+        estimator=method.estimator,
+        leap=leap,
+        batched=batched,
+        **method.options(),
     )
 
 
@@ -156,8 +163,9 @@ def checkpoints(outer_steps: int, points: int) -> list[int]:
 
 
 def train(key: str, inner_lr: float, leap: float, seed: int, outer_steps: int, held_out, args, progress):
-    """Meta-train ``key`` from ``seed``; the model and its learning curve on ``held_out`` (after a
-    divergence, the remaining points have no MSE)."""
+    """Meta-train ``key`` from ``seed``; the model and how training went (the keyword arguments of
+    ``SinusoidRun`` that training decides: its learning curve on ``held_out``, after a divergence
+    without MSE)."""
     import torch
 
     from gradcheck import Task, problems
@@ -170,32 +178,31 @@ def train(key: str, inner_lr: float, leap: float, seed: int, outer_steps: int, h
     steps = METHODS[key].steps
     seen = hashlib.blake2b(digest_size=16)  # the training tasks, to show every method saw the same
     marks = set(checkpoints(outer_steps, args.curve_points))
-    curve, seconds, losses, step_seconds, diverged = [], 0.0, [], [], None
+    curve: list[CurvePoint] = []
+    seconds, losses, step_seconds, diverged = 0.0, [], [], None
     for step in range(outer_steps + 1):
         if step in marks:
             error = None if diverged else mse(model, held_out, steps, inner_lr)
             train_mse = statistics.fmean(losses) if losses else None  # since the last point
-            curve.append({"step": step, "seconds": seconds, "mse": error, "train_mse": train_mse})
+            curve.append(CurvePoint(step, seconds, error, train_mse))
             losses = []
         if step == outer_steps or diverged:
             continue
         batch = Task.stack([problems.sinusoid(stream, SHOTS, QUERIES) for _ in range(args.meta_batch)])
         fingerprint([batch], seen)
-        start = time.perf_counter()
         try:
-            outer.zero_grad()
-            losses.append(float(meta.meta_backward(batch)))
-            outer.step()
+            loss, took, _ = outer_step(meta, outer, batch)
         except (FloatingPointError, ValueError) as failure:
-            diverged = f"outer step {step + 1}: {failure}"
+            diverged = Divergence(step + 1, str(failure))
             progress.put(outer_steps - step)
             continue
-        step_seconds.append(time.perf_counter() - start)
-        seconds += step_seconds[-1]
+        losses.append(loss)
+        step_seconds.append(took)
+        seconds += took
         progress.put(1)
     return model, {
-        "curve": curve,
-        "final_mse": curve[-1]["mse"],
+        "curve": tuple(curve),
+        "final_mse": curve[-1].mse,
         "train_seconds": seconds,
         "step_seconds": statistics.median(step_seconds[1:] or step_seconds) if step_seconds else None,
         "diverged": diverged,
@@ -239,7 +246,7 @@ def deviation(key: str, model, inner_lr: float, leap: float) -> float | None:
     return compare({n: p.grad for n, p in twin.named_parameters()}, exact).overall.rel_error
 
 
-def job(kind: str, key: str, inner_lr: float, leap: float, seed: int, args, progress) -> dict:
+def job(kind: str, key: str, inner_lr: float, leap: float, seed: int, args, progress) -> SinusoidRun:
     """One sweep point (``kind="sweep"``: scored on the validation tasks) or one full run."""
     import torch
 
@@ -249,36 +256,42 @@ def job(kind: str, key: str, inner_lr: float, leap: float, seed: int, args, prog
         *((TASK_SEEDS["val"], args.val_tasks) if sweep else (TASK_SEEDS["test"], args.test_tasks))
     )
     outer_steps = args.sweep_steps if sweep else args.outer_steps
-    model, run = train(key, inner_lr, leap, seed, outer_steps, held_out, args, progress)
-    result = {"kind": kind, "method": key, "inner_lr": inner_lr, "leap": leap, "seed": seed, **run}
+    model, trained = train(key, inner_lr, leap, seed, outer_steps, held_out, args, progress)
+    measured: dict[str, Any] = {}
     if not sweep:
-        result["graph_bytes_per_task"] = graph_bytes(key)
-        result["deviation_from_maml"] = None if run["diverged"] else deviation(key, model, inner_lr, leap)
-    return result
+        measured["graph_bytes_per_task"] = graph_bytes(key)
+        diverged = trained["diverged"] is not None
+        measured["deviation_from_maml"] = None if diverged else deviation(key, model, inner_lr, leap)
+    return SinusoidRun(kind=kind, method=key, inner_lr=inner_lr, leap=leap, seed=seed, **trained, **measured)
 
 
-def best(sweep: list[dict]) -> dict[str, float]:
+def best(sweep: list[SinusoidRun]) -> SweepChoice:
     """The grid point with the lowest validation MSE (diverged: +∞); the smaller α, then the larger
     γ on ties."""
 
-    def score(r: dict) -> tuple[float, float, float]:
-        return (math.inf if r["final_mse"] is None else r["final_mse"], r["inner_lr"], -r["leap"])
+    def score(r: SinusoidRun) -> tuple[float, float, float]:
+        return (math.inf if r.final_mse is None else r.final_mse, r.inner_lr, -r.leap)
 
     winner = min(sweep, key=score)
-    return {"inner_lr": winner["inner_lr"], "leap": winner["leap"]}
+    return SweepChoice(winner.inner_lr, winner.leap)
 
 
-def at_time(curve: list[dict], seconds: float) -> float | None:
+def at_time(curve: tuple[CurvePoint, ...], seconds: float) -> float | None:
     """The MSE of the last evaluation at or before ``seconds`` of training (None if it diverged)."""
-    return [p for p in curve if p["seconds"] <= seconds][-1]["mse"]
+    return [p for p in curve if p.seconds <= seconds][-1].mse
 
 
-def _finite(values: list) -> list[float]:
+def _finite(values) -> list[float]:
     """None (diverged) as +∞."""
     return [math.inf if v is None else v for v in values]
 
 
-def summarise(runs: list[dict], keys: list[str]) -> dict[str, Any]:
+def mean_curve(runs: list[SinusoidRun]) -> list[float]:
+    """Per checkpoint the mean MSE over the runs (seeds); +∞ where one of them has diverged."""
+    return [statistics.fmean(_finite(r.curve[i].mse for r in runs)) for i in range(len(runs[0].curve))]
+
+
+def summarise(runs: list[SinusoidRun], keys: list[str]) -> SinusoidSummary:
     """Per method: the final MSE, the improvement over the last fifth, the MSE at equal wall time,
     memory, time and deviation; per memory budget, the best method within it.
 
@@ -286,124 +299,139 @@ def summarise(runs: list[dict], keys: list[str]) -> dict[str, Any]:
     so that it is compared at its end), among the methods none of whose runs diverged (a diverged
     run stops early: its time is not the budget's); each run counts with its last evaluation by
     then."""
-    mine = {k: [r for r in runs if r["method"] == k] for k in keys}
-    finished = [rs for rs in mine.values() if not any(r["diverged"] for r in rs)] or list(mine.values())
-    budget = min(max(r["train_seconds"] for r in rs) for rs in finished)
-    marks = [p["step"] for p in runs[0]["curve"]]
+    mine = {k: [r for r in runs if r.method == k] for k in keys}
+    finished = [rs for rs in mine.values() if all(r.diverged is None for r in rs)] or list(mine.values())
+    budget = min(max(r.train_seconds for r in rs) for rs in finished)
+    marks = [p.step for p in runs[0].curve]
     late = min(range(len(marks)), key=lambda i: abs(marks[i] - 0.8 * marks[-1]))
     rows = []
     for key, rs in mine.items():
-        final = interval(_finite([r["final_mse"] for r in rs]))
-        equal_time = interval(_finite([at_time(r["curve"], budget) for r in rs]))
-        at_late = statistics.fmean(_finite([r["curve"][late]["mse"] for r in rs]))
+        final = interval(_finite(r.final_mse for r in rs))
+        equal_time = interval(_finite(at_time(r.curve, budget) for r in rs))
+        at_late = mean_curve(rs)[late]
         improvement = (
             (at_late - final[0]) / at_late if math.isfinite(at_late) and math.isfinite(final[0]) else None
         )
         rows.append(
-            {
-                "method": key,
-                "label": METHODS[key].label,
-                "K": METHODS[key].steps,
-                "inner_lr": rs[0]["inner_lr"],
-                "leap": rs[0]["leap"],
-                "mse": final[0],
-                "ci95": final[1],
-                "last_fifth_improvement": improvement,
-                "mse_equal_time": equal_time[0],
-                "ci95_equal_time": equal_time[1],
-                "step_ms": 1e3
-                * statistics.median([r["step_seconds"] for r in rs if r["step_seconds"]] or [math.nan]),
-                "train_seconds": statistics.fmean(r["train_seconds"] for r in rs),
-                "graph_bytes_per_task": rs[0]["graph_bytes_per_task"],
-                "deviation_from_maml": statistics.median(_finite([r["deviation_from_maml"] for r in rs])),
-                "diverged_seeds": sum(bool(r["diverged"]) for r in rs),
-            }
+            SinusoidRow(
+                method=key,
+                label=METHODS[key].label,
+                K=METHODS[key].steps,
+                inner_lr=rs[0].inner_lr,
+                leap=rs[0].leap,
+                mse=final[0],
+                ci95=final[1],
+                last_fifth_improvement=improvement,
+                mse_equal_time=equal_time[0],
+                ci95_equal_time=equal_time[1],
+                step_ms=1e3 * statistics.median([r.step_seconds for r in rs if r.step_seconds] or [math.nan]),
+                train_seconds=statistics.fmean(r.train_seconds for r in rs),
+                graph_bytes_per_task=rs[0].graph_bytes_per_task,
+                deviation_from_maml=statistics.median(_finite(r.deviation_from_maml for r in rs)),
+                diverged_seeds=sum(r.diverged is not None for r in rs),
+            )
         )
     by_memory = []
-    for limit in sorted({r["graph_bytes_per_task"] for r in rows}):
-        winner = min((r for r in rows if r["graph_bytes_per_task"] <= limit), key=lambda r: r["mse"])
-        by_memory.append({"graph_bytes": limit, "best": winner["method"], "mse": winner["mse"]})
-    return {"rows": rows, "equal_time_seconds": budget, "equal_memory": by_memory}
+    for limit in sorted({r.graph_bytes_per_task for r in rows}):
+        winner = min((r for r in rows if r.graph_bytes_per_task <= limit), key=lambda r: r.mse)
+        by_memory.append(MemoryBest(limit, winner.method, winner.mse))
+    return SinusoidSummary(tuple(rows), budget, tuple(by_memory))
 
 
 def _ci(mean: float, half: float) -> str:
     return f"{mean:.3f} ± {half:.3f}" if math.isfinite(mean) else "diverged"
 
 
-def table(summary: dict[str, Any]) -> str:
-    header = ("method", "α", "γ", "MSE", "last 1/5", f"MSE at {summary['equal_time_seconds']:.0f} s")
+def table(summary: SinusoidSummary) -> str:
+    header = ("method", "α", "γ", "MSE", "last 1/5", f"MSE at {summary.equal_time_seconds:.0f} s")
     header += ("ms/step", "graph KiB", "dev. vs MAML")
     widths = (-18, 6, 4, 16, 8, 18, 8, 9, 12)  # negative: left-aligned
-
-    def line(cells: tuple[str, ...]) -> str:
-        return " ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cells, widths))
-
-    lines = [line(header)]
-    for r in summary["rows"]:
-        improvement = r["last_fifth_improvement"]
+    lines = []
+    for r in summary.rows:
+        improvement = None if r.last_fifth_improvement is None else 100 * r.last_fifth_improvement
         cells = (
-            r["label"],
-            f"{r['inner_lr']:g}",
-            f"{r['leap']:g}",
-            _ci(r["mse"], r["ci95"]),
-            "—" if improvement is None else f"{100 * improvement:.1f}%",
-            _ci(r["mse_equal_time"], r["ci95_equal_time"]),
-            f"{r['step_ms']:.1f}",
-            f"{r['graph_bytes_per_task'] / 1024:.1f}",
-            f"{r['deviation_from_maml']:.2e}",
+            r.label,
+            f"{r.inner_lr:g}",
+            f"{r.leap:g}",
+            _ci(r.mse, r.ci95),
+            "—" if improvement is None else f"{improvement:.1f}%",
+            _ci(r.mse_equal_time, r.ci95_equal_time),
+            cell(r.step_ms, ".1f"),
+            f"{r.graph_bytes_per_task / 1024:.1f}",
+            cell(r.deviation_from_maml, ".2e"),
         )
-        flag = f"  ({r['diverged_seeds']} seeds diverged)" if r["diverged_seeds"] else ""
-        lines.append(line(cells) + flag)
-    lines.append("best within the graph memory of:")
-    label = {r["method"]: r["label"] for r in summary["rows"]}
-    for m in summary["equal_memory"]:
-        lines.append(f"  {m['graph_bytes'] / 1024:8.1f} KiB: {label[m['best']]} (MSE {m['mse']:.3f})")
-    return "\n".join(lines)
+        lines.append((cells, f"  ({r.diverged_seeds} seeds diverged)" if r.diverged_seeds else ""))
+    label = {r.method: r.label for r in summary.rows}
+    memory = [
+        f"  {m.graph_bytes / 1024:8.1f} KiB: {label[m.best]} (MSE {m.mse:.3f})" for m in summary.equal_memory
+    ]
+    return "\n".join([text_table(header, widths, lines), "best within the graph memory of:", *memory])
 
 
-def plot(runs: list[dict], summary: dict[str, Any], path: Path) -> None:
-    """Held-out MSE against the outer step and against training time (each seed thin, the mean
-    over seeds thick), and the final MSE against the graph's bytes per task."""
+def plot_curves(axes, runs: list[SinusoidRun], summary: SinusoidSummary) -> None:
+    """Held-out MSE against the outer step (``axes[0]``) and against training time (``axes[1]``):
+    each seed thin, the mean over seeds thick (a gap where a seed diverged)."""
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip((r.method for r in summary.rows), plt.get_cmap("tab10").colors))
+    for row in summary.rows:
+        mine = [r for r in runs if r.method == row.method]
+        for r in mine:
+            for ax, x in zip(axes, ("step", "seconds")):
+                points = [p for p in r.curve if p.mse is not None and getattr(p, x) > 0]  # log axes
+                ax.plot(
+                    [getattr(p, x) for p in points],
+                    [p.mse for p in points],
+                    color=colours[row.method],
+                    lw=0.6,
+                    alpha=0.4,
+                )
+        steps = [p.step for p in mine[0].curve]
+        mean = [m if math.isfinite(m) else math.nan for m in mean_curve(mine)]
+        seconds = [statistics.fmean(r.curve[i].seconds for r in mine) for i in range(len(steps))]
+        label = f"{row.label} (α={row.inner_lr:g}, γ={row.leap:g})"
+        axes[0].plot(steps[1:], mean[1:], color=colours[row.method], lw=2, label=label)
+        axes[1].plot(seconds[1:], mean[1:], color=colours[row.method], lw=2, label=label)
+    axes[1].axvline(summary.equal_time_seconds, color="grey", ls=":", label="equal-time budget")
+    axes[0].set(xlabel="outer step", title="held-out MSE against outer steps")
+    axes[1].set(xlabel="training wall time, s (evaluation excluded)", title="held-out MSE against wall time")
+    for ax in axes[:2]:
+        ax.set(xscale="log", yscale="log", ylabel="held-out MSE after own K steps")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+
+
+def plot_memory(ax, summary: SinusoidSummary) -> None:
+    """The final MSE (± the 95% interval) against the graph's bytes per task."""
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip((r.method for r in summary.rows), plt.get_cmap("tab10").colors))
+    for row in (r for r in summary.rows if math.isfinite(r.mse)):
+        ax.errorbar(
+            row.graph_bytes_per_task / 1024,
+            row.mse,
+            yerr=0 if math.isnan(row.ci95) else row.ci95,
+            fmt="o",
+            color=colours[row.method],
+            capsize=3,
+            label=row.label,
+        )
+    ax.set(xlabel="autograd graph KiB per task (sequential path)", title="final MSE against memory")
+    ax.set(ylabel="held-out MSE after own K steps", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+
+def plot(runs: list[SinusoidRun], summary: SinusoidSummary, path: Path) -> None:
+    """The learning curves (``plot_curves``) and the final MSE against memory (``plot_memory``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [r["method"] for r in summary["rows"]]
-    colours = dict(zip(keys, plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for key in keys:
-        mine = [r for r in runs if r["method"] == key]
-        for r in mine:
-            for ax, x in zip(axes, ("step", "seconds")):
-                points = [p for p in r["curve"] if p["mse"] is not None and p[x] > 0]  # log axes
-                ax.plot(
-                    [p[x] for p in points], [p["mse"] for p in points], color=colours[key], lw=0.6, alpha=0.4
-                )
-        steps = [p["step"] for p in mine[0]["curve"]]
-        mean = [statistics.fmean(_finite([r["curve"][i]["mse"] for r in mine])) for i in range(len(steps))]
-        mean = [m if math.isfinite(m) else math.nan for m in mean]  # a gap where a seed diverged
-        seconds = [statistics.fmean(r["curve"][i]["seconds"] for r in mine) for i in range(len(steps))]
-        axes[0].plot(steps[1:], mean[1:], color=colours[key], lw=2, label=METHODS[key].label)
-        axes[1].plot(seconds[1:], mean[1:], color=colours[key], lw=2, label=METHODS[key].label)
-    axes[1].axvline(summary["equal_time_seconds"], color="grey", ls=":", label="equal-time budget")
-    for row in (r for r in summary["rows"] if math.isfinite(r["mse"])):
-        axes[2].errorbar(
-            row["graph_bytes_per_task"] / 1024,
-            row["mse"],
-            yerr=0 if math.isnan(row["ci95"]) else row["ci95"],
-            fmt="o",
-            color=colours[row["method"]],
-            capsize=3,
-            label=row["label"],
-        )
-    axes[0].set(xlabel="outer step", xscale="log", title="held-out MSE during meta-training")
-    axes[1].set(xlabel="training wall time, s (evaluation excluded)", xscale="log", title="against time")
-    axes[2].set(xlabel="autograd graph KiB per task (sequential path)", title="final MSE against memory")
-    for ax in axes:
-        ax.set(ylabel="held-out MSE after own K steps", yscale="log")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+    plot_curves(axes, runs, summary)
+    plot_memory(axes[2], summary)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -471,11 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     ):
         points = [("sweep", k, lr, leap, SWEEP_SEED) for k in args.keys for lr, leap in grid]
         sweep = pool_map(pool, job, points, args, bar, progress, cost)
-        chosen = {k: best([r for r in sweep if r["method"] == k]) for k in args.keys}
+        chosen = {k: best([r for r in sweep if r.method == k]) for k in args.keys}
         finals = [
-            ("run", k, chosen[k]["inner_lr"], chosen[k]["leap"], s)
-            for k in args.keys
-            for s in range(args.seeds)
+            ("run", k, chosen[k].inner_lr, chosen[k].leap, s) for k in args.keys for s in range(args.seeds)
         ]
         runs = pool_map(pool, job, finals, args, bar, progress, cost)
     summary = summarise(runs, args.keys)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,12 @@ from torch.func import functional_call, grad, vmap
 import lazymaml
 from gradcheck import Task, compare, problems
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py
+from common import MEASURING_ENV, Ratio, machine, peak_resident_bytes, ratio_lines
+
 INNER_LR = 0.01
+# section 1's learners (estimator, K) and the speed-up of batched over sequential each must reach
+SINUSOID_TARGETS = (("lazy", 20, 4), ("first_order", 20, 4), ("maml", 5, 2))
 TABLE_ESTIMATORS = {  # name -> MetaLearner options ("lazy_horizon" costs what "lazy" does)
     "maml": dict(estimator="maml"),
     "truncated (T=1)": dict(estimator="truncated", horizon=1),
@@ -52,6 +56,25 @@ TABLE_ESTIMATORS = {  # name -> MetaLearner options ("lazy_horizon" costs what "
     "lazy": dict(estimator="lazy"),
     "reptile": dict(estimator="reptile"),
 }
+
+
+def timing_key(estimator: str, steps: int, path: str) -> str:
+    """The name of a timed configuration in the printed tables and the results file."""
+    return f"{estimator} K={steps} {path}"
+
+
+def memory_key(path: str, steps: int) -> str:
+    """The name of a peak-memory measurement (lazy, conv4) in the results file."""
+    return f"{path} K={steps}"
+
+
+def table_key(estimator: str, batch: int, steps: int, path: str) -> str:
+    """The name of one cell of section 3's table in the results file."""
+    return f"{estimator}|{batch}|{steps}|{path}"
+
+
+LAZY_MODE = timing_key("lazy", 20, "batched, BatchStatistics mode")
+LAZY_VMAP = timing_key("lazy", 20, "hand-written vmap")
 
 
 class Wrapped(nn.Module):
@@ -131,20 +154,21 @@ def sinusoid_targets(args: argparse.Namespace, device: torch.device) -> dict:
     model, tasks = sinusoid_setup(25, device)
     learners = {
         (name, path): lazymaml.MetaLearner(model, steps, INNER_LR, estimator=name, batched=path == "batched")
-        for name, steps in (("lazy", 20), ("first_order", 20), ("maml", 5))
+        for name, steps, _ in SINUSOID_TARGETS
         for path in ("batched", "sequential")
     }
+    steps_of = {name: steps for name, steps, _ in SINUSOID_TARGETS}
     calls = {
-        f"{name} K={20 if name != 'maml' else 5} {path}": step(learner, tasks)
+        timing_key(name, steps_of[name], path): step(learner, tasks)
         for (name, path), learner in learners.items()
     }
     wrapped = lazymaml.MetaLearner(Wrapped(model), 20, INNER_LR, batched=True)
-    calls["lazy K=20 batched, BatchStatistics mode"] = step(wrapped, tasks)
-    calls["lazy K=20 hand-written vmap"] = lambda: reference_lazy(model, tasks, 20, INNER_LR)
+    calls[LAZY_MODE] = step(wrapped, tasks)
+    calls[LAZY_VMAP] = lambda: reference_lazy(model, tasks, 20, INNER_LR)
     timing = interleaved(calls, args.rounds, device)
 
     checks = {}
-    for name in ("lazy", "first_order", "maml"):
+    for name in steps_of:
         step(learners[name, "batched"], tasks)()
         batched = grads(model)
         step(learners[name, "sequential"], tasks)()
@@ -168,20 +192,16 @@ def conv4_timing(args: argparse.Namespace, device: torch.device) -> tuple[dict, 
     """Interleaved timing of the three learners, and what auto decided after its two trials."""
     model, tasks = conv4_setup(4, device)
     calls = {
-        f"lazy K=20 {name}": step(lazymaml.MetaLearner(model, 20, INNER_LR, batched=batched), tasks)
+        timing_key("lazy", 20, name): step(lazymaml.MetaLearner(model, 20, INNER_LR, batched=batched), tasks)
         for name, batched in (("batched", True), ("sequential", False), ("auto", "auto"))
     }
+    auto = calls[timing_key("lazy", 20, "auto")]
     with warnings.catch_warnings(record=True) as said:  # the first two meta-batches are auto's trials
         warnings.simplefilter("always", lazymaml.SequentialFallback)
-        calls["lazy K=20 auto"]()
-        calls["lazy K=20 auto"]()
+        auto()
+        auto()
     decision = str(said[0].message) if said else "stays batched"
     return interleaved(calls, args.conv_rounds, device), decision
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
 
 
 def memory_probe(path: str, steps: int, device: torch.device) -> float:
@@ -194,24 +214,20 @@ def memory_probe(path: str, steps: int, device: torch.device) -> float:
         base = torch.cuda.memory_allocated(device)
         call()
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset the peak resident set size (VmHWM) to the current one
-    base = _rss("VmRSS")
-    call()
-    return (_rss("VmHWM") - base) / 2**20
+    peak = peak_resident_bytes(call)
+    if peak is None:
+        raise RuntimeError("peak resident memory needs Linux's /proc/self (or a CUDA device)")
+    return peak / 2**20
 
 
 def conv4_memory(args: argparse.Namespace, ks: tuple[int, ...]) -> dict[str, float]:
     """Each (path, K) in a fresh process: earlier peaks and caches do not leak into the figure."""
-    # glibc keeps freed blocks below a dynamic mmap threshold in its heap, which would hide the
-    # warm-up's memory from the baseline; a fixed threshold returns large blocks to the system.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     out = {}
     for path in ("batched", "sequential"):
         for k in ks:
             command = [sys.executable, __file__, "--device", args.device, "--memory-probe", path, str(k)]
-            result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-            out[f"{path} K={k}"] = float(result.stdout.strip().splitlines()[-1])
+            result = subprocess.run(command, capture_output=True, text=True, env=MEASURING_ENV, check=True)
+            out[memory_key(path, k)] = float(result.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -225,7 +241,7 @@ def table(args: argparse.Namespace, device: torch.device) -> dict:
             for k in args.ks:
                 for path in ("batched", "sequential"):
                     learner = lazymaml.MetaLearner(model, k, INNER_LR, batched=path == "batched", **options)
-                    calls[f"{name}|{b}|{k}|{path}"] = step(learner, tasks)
+                    calls[table_key(name, b, k, path)] = step(learner, tasks)
         rows.update(interleaved(calls, args.table_rounds, device))
     return rows
 
@@ -238,63 +254,44 @@ def print_timing(title: str, timing: dict) -> None:
         print(f"  {name:<{width}}  {t['best_ms']:>9.1f} {t['median_ms']:>10.1f}")
 
 
-def targets(sinusoid: dict, conv: dict, memory: dict[str, float]) -> list[tuple[str, float, str, bool]]:
-    """The issue's targets, from best-of times (and peak memory): (label, ratio, target, met)."""
+def targets(sinusoid: dict, conv: dict, memory: dict[str, float], ks: tuple[int, ...]) -> list[Ratio]:
+    """The performance targets, from best-of times (and peak memory at the smallest and largest
+    of ``ks``)."""
     t = {n: v["best_ms"] for n, v in sinusoid["timing"].items()}
     c = {n: v["best_ms"] for n, v in conv.items()}
     rows = []
-
-    def ratio(label: str, value: float, bound: float, at_most: bool) -> None:
-        rows.append(
-            (
-                label,
-                value,
-                f"{'≤' if at_most else '≥'} {bound:g}",
-                value <= bound if at_most else value >= bound,
-            )
-        )
-
-    for name, k, bound in (("lazy", 20, 4), ("first_order", 20, 4), ("maml", 5, 2)):
-        speedup = t[f"{name} K={k} sequential"] / t[f"{name} K={k} batched"]
-        ratio(f"sinusoid {name} K={k}: sequential / batched", speedup, bound, False)
-    vmap_ratio = t["lazy K=20 batched"] / t["lazy K=20 hand-written vmap"]
-    ratio("sinusoid lazy K=20: batched / hand-written vmap", vmap_ratio, 1.3, True)
-    batched = c["lazy K=20 batched"] / c["lazy K=20 sequential"]
-    ratio("conv4 lazy K=20 B=4: batched / sequential", batched, 1, True)
+    for name, k, bound in SINUSOID_TARGETS:
+        speedup = t[timing_key(name, k, "sequential")] / t[timing_key(name, k, "batched")]
+        rows.append(Ratio(f"sinusoid {name} K={k}: sequential / batched", speedup, bound, False))
+    vmap_ratio = t[timing_key("lazy", 20, "batched")] / t[LAZY_VMAP]
+    rows.append(Ratio("sinusoid lazy K=20: batched / hand-written vmap", vmap_ratio, 1.3, True))
+    batched, sequential, auto = (c[timing_key("lazy", 20, p)] for p in ("batched", "sequential", "auto"))
+    rows.append(Ratio("conv4 lazy K=20 B=4: batched / sequential", batched / sequential, 1, True))
     # after its two trials auto runs the path it chose: the same code as one of the two (±10% noise)
-    auto = c["lazy K=20 auto"] / min(c["lazy K=20 batched"], c["lazy K=20 sequential"])
-    ratio("conv4 lazy K=20 B=4: auto / the faster path", auto, 1.1, True)
+    rows.append(
+        Ratio("conv4 lazy K=20 B=4: auto / the faster path", auto / min(batched, sequential), 1.1, True)
+    )
     if memory:
-        ks = sorted(int(k.split("=")[1]) for k in memory if k.startswith("batched"))
-        flat = memory[f"batched K={ks[-1]}"] / memory[f"batched K={ks[0]}"]
-        ratio(f"conv4 lazy batched peak memory K={ks[-1]} / K={ks[0]}", flat, 1.2, True)
+        flat = memory[memory_key("batched", max(ks))] / memory[memory_key("batched", min(ks))]
+        rows.append(Ratio(f"conv4 lazy batched peak memory K={max(ks)} / K={min(ks)}", flat, 1.2, True))
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with the rounds and the table's B and K of a full or a ``--quick`` run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, B ∈ {1, 25}, K ∈ {1, 20}")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--memory-probe", nargs=2, metavar=("PATH", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    if args.memory_probe:
-        print(memory_probe(args.memory_probe[0], int(args.memory_probe[1]), device))
-        return 0
     args.rounds, args.conv_rounds, args.table_rounds = (3, 1, 2) if args.quick else (9, 3, 5)
     args.batches, args.ks = ((1, 25), (1, 20)) if args.quick else ((1, 5, 25), (1, 5, 20))
+    return args
 
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    )
-    if device.type == "cuda":
-        machine += f", {torch.cuda.get_device_name(device)}"
-    load = os.getloadavg()
-    print(f"# device {device}; {machine}; float32; 1 thread on CPU; load average at start {load[0]:.2f}")
 
+def report_sinusoid(args: argparse.Namespace, device: torch.device) -> dict:
+    """Section 1, measured and printed."""
     sinusoid = sinusoid_targets(args, device)
     print_timing(
         f"1. sinusoid MLP 1-40-40-1, B=25, α={INNER_LR} (best and median of {args.rounds} rounds)",
@@ -302,19 +299,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     for what, value in sinusoid["relative_differences"].items():
         print(f"  relative difference, {what}: {value:.1e}")
-    t = {n: v["best_ms"] for n, v in sinusoid["timing"].items()}
-    overhead = t["lazy K=20 batched, BatchStatistics mode"] / t["lazy K=20 batched"]
+    t = sinusoid["timing"]
+    overhead = t[LAZY_MODE]["best_ms"] / t[timing_key("lazy", 20, "batched")]["best_ms"]
     print(f"  BatchStatistics mode switched on (a custom model class): {overhead:.2f}× the time")
+    return sinusoid
 
+
+def report_conv4(args: argparse.Namespace, device: torch.device) -> dict:
+    """Section 2, measured and printed: the timing, auto's decision and the peak memory."""
     conv, decision = conv4_timing(args, device)
     print_timing(
         f"2. conv4 84×84×3, 5-way 1-shot, 15 queries, B=4 (best and median of {args.conv_rounds} rounds)",
         conv,
     )
     print(f"  auto after its two trials: {decision}")
-    memory = conv4_memory(args, (1, 20) if args.quick else (1, 5, 20))
+    memory = conv4_memory(args, args.ks)
     print("  peak memory above baseline, MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+    return {"timing": conv, "auto": decision, "peak_mib": memory}
 
+
+def report_table(args: argparse.Namespace, device: torch.device) -> dict:
+    """Section 3, measured and printed."""
     rows = table(args, device)
     print(
         f"\n3. sinusoid: ms per outer step, batched (speed-up over sequential), best of {args.table_rounds}"
@@ -325,32 +330,39 @@ def main(argv: list[str] | None = None) -> int:
             cells = []
             for k in args.ks:
                 batched, sequential = (
-                    rows[f"{name}|{b}|{k}|{p}"]["best_ms"] for p in ("batched", "sequential")
+                    rows[table_key(name, b, k, p)]["best_ms"] for p in ("batched", "sequential")
                 )
                 cells.append(f"{batched:>7.1f} ({sequential / batched:>4.1f}×)")
             print(f"  {name:<16} {b:>3} " + " ".join(f"{c:>16}" for c in cells))
+    return rows
 
-    checked = targets(sinusoid, conv, memory)
-    print(f"\n{'target':<52} {'measured':>9}  {'target':<6} ok")
-    for label, value, target, ok in checked:
-        print(f"{label:<52} {value:>9.2f}  {target:<6} {'yes' if ok else 'NO'}")
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    if args.memory_probe:
+        print(memory_probe(args.memory_probe[0], int(args.memory_probe[1]), device))
+        return 0
+    described, load = machine(args.device), os.getloadavg()
+    print(f"# device {device}; {described}; float32; 1 thread on CPU; load average at start {load[0]:.2f}")
+    sinusoid = report_sinusoid(args, device)
+    conv4 = report_conv4(args, device)
+    rows = report_table(args, device)
+    checked = targets(sinusoid, conv4["timing"], conv4["peak_mib"], args.ks)
+    print("\n" + "\n".join(ratio_lines(checked)))
     end_load = os.getloadavg()
     print(f"# load average at end {end_load[0]:.2f} (1 min), {end_load[1]:.2f} (5 min)")
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": machine,
-                    "device": str(device),
-                    "load_average": {"start": load, "end": end_load},
-                    "sinusoid": sinusoid,
-                    "conv4": {"timing": conv, "auto": decision, "peak_mib": memory},
-                    "table": rows,
-                    "targets": [dict(zip(("target", "measured", "bound", "ok"), r)) for r in checked],
-                },
-                indent=1,
-            )
-        )
+        record = {
+            "machine": described,
+            "device": str(device),
+            "load_average": {"start": load, "end": end_load},
+        }
+        record.update(sinusoid=sinusoid, conv4=conv4, table=rows)
+        record["targets"] = [dict(zip(("target", "measured", "bound", "ok"), r.row())) for r in checked]
+        args.json.write_text(json.dumps(record, indent=1))
     return 0
 
 

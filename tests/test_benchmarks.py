@@ -11,11 +11,12 @@ autograd graph of a lazy step the same size for every K while exact MAML's grows
 1e-10 relative is ~10⁵ ulps of slack for a 10-step loop on a 1.7k-parameter MLP).
 """
 
-import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -24,19 +25,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "few_shot.py"
 SINUSOID = ROOT / "benchmarks" / "sinusoid.py"
+RESULTS = ROOT / "benchmarks" / "results"
 
-
-def _module(script=SCRIPT):
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{script.stem}", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
-
-
-few_shot = _module()
-sinusoid = _module(SINUSOID)
-common = _module(ROOT / "benchmarks" / "common.py")
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/ is not a package: its modules by name
+import analysis  # noqa: E402
+import common  # noqa: E402
+import few_shot  # noqa: E402
+import lazy_vs_exact  # noqa: E402
+import records  # noqa: E402
+import sinusoid  # noqa: E402
+import throughput  # noqa: E402
 
 
 def _run_quick(script, out):
@@ -44,6 +42,7 @@ def _run_quick(script, out):
     done = subprocess.run(
         [sys.executable, str(script), "--quick", "--out", str(out)],
         cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's packages, in the workers too
         capture_output=True,
         text=True,
         timeout=900,  # a hang guard, not a timing check
@@ -83,7 +82,7 @@ def test_inner_lr_is_chosen_on_validation_only(quick):
     for shot, chosen in record["chosen_inner_lr"].items():
         for key, lr in chosen.items():
             sweep = [r for r in record["sweep"] if r["shots"] == int(shot) and r["method"] == key]
-            assert lr == few_shot.best_inner_lr(sweep)
+            assert lr == few_shot.best_inner_lr([records.FewShotRun.from_json(r) for r in sweep])
             assert {
                 r["inner_lr"] for r in record["runs"] if r["method"] == key and r["shots"] == int(shot)
             } == {lr}
@@ -195,7 +194,8 @@ def test_sinusoid_sweep_chose_from_its_grid_on_validation_tasks(sine):
     settings = record["settings"]
     for key, chosen in record["chosen"].items():
         assert chosen["inner_lr"] in settings["inner_lrs"] and chosen["leap"] in settings["leaps"]
-        assert chosen == sinusoid.best([r for r in record["sweep"] if r["method"] == key])
+        sweep = [records.SinusoidRun.from_json(r) for r in record["sweep"] if r["method"] == key]
+        assert chosen == asdict(sinusoid.best(sweep))
         assert {(r["inner_lr"], r["leap"]) for r in record["runs"] if r["method"] == key} == {
             (chosen["inner_lr"], chosen["leap"])
         }
@@ -276,15 +276,36 @@ def test_sinusoid_mse_is_the_adapted_students_query_loss():
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
 
 
+def _sine_run(method="maml-k1", seed=0, mses=(1.0,), seconds=(0.0,), diverged=None, inner_lr=0.01, leap=1.0):
+    """A SinusoidRun with a curve at steps 0, 10, 20, … (the fields a summary reads)."""
+    curve = tuple(records.CurvePoint(10 * i, s, m, None) for i, (m, s) in enumerate(zip(mses, seconds)))
+    return records.SinusoidRun(
+        kind="run",
+        method=method,
+        inner_lr=inner_lr,
+        leap=leap,
+        seed=seed,
+        curve=curve,
+        final_mse=mses[-1],
+        train_seconds=seconds[-1],
+        step_seconds=None if diverged else 0.1,
+        diverged=diverged,
+        train_tasks_digest="",
+        eval_tasks_digest="",
+        graph_bytes_per_task=100 if method == "maml-k1" else 50,
+        deviation_from_maml=0.0 if method == "maml-k1" else None,
+    )
+
+
 def test_sinusoid_sweep_choice_and_plain_json():
     points = [
-        {"inner_lr": 0.01, "leap": 1.0, "final_mse": 1.0},
-        {"inner_lr": 0.003, "leap": 0.5, "final_mse": 1.0},
-        {"inner_lr": 0.003, "leap": 1.0, "final_mse": 1.0},
-        {"inner_lr": 0.001, "leap": 1.0, "final_mse": None},  # diverged: never chosen
+        _sine_run(inner_lr=0.01, leap=1.0, mses=(1.0,)),
+        _sine_run(inner_lr=0.003, leap=0.5, mses=(1.0,)),
+        _sine_run(inner_lr=0.003, leap=1.0, mses=(1.0,)),
+        _sine_run(inner_lr=0.001, leap=1.0, mses=(None,)),  # diverged: never chosen
     ]
-    assert sinusoid.best(points) == {"inner_lr": 0.003, "leap": 1.0}
-    assert sinusoid.best([*points[:1], {"inner_lr": 0.03, "leap": 1.0, "final_mse": 0.5}])["inner_lr"] == 0.03
+    assert sinusoid.best(points) == records.SweepChoice(0.003, 1.0)
+    assert sinusoid.best([points[0], _sine_run(inner_lr=0.03, mses=(0.5,))]).inner_lr == 0.03
     assert common.plain({"a": [math.inf, 1.0, (math.nan, 2)], "b": "x"}) == {
         "a": [None, 1.0, [None, 2]],
         "b": "x",
@@ -299,46 +320,31 @@ def test_sinusoid_graph_bytes_depend_on_the_method_alone():
 
 
 def test_sinusoid_summary_of_a_diverged_seed():
-    def run(method, seed, mses, seconds, diverged=None):
-        curve = [{"step": 10 * i, "seconds": s, "mse": m} for i, (m, s) in enumerate(zip(mses, seconds))]
-        return {
-            "method": method,
-            "seed": seed,
-            "inner_lr": 0.01,
-            "leap": 1.0,
-            "curve": curve,
-            "final_mse": mses[-1],
-            "train_seconds": seconds[-1],
-            "step_seconds": None if diverged else 0.1,
-            "diverged": diverged,
-            "graph_bytes_per_task": 100 if method == "maml-k1" else 50,
-            "deviation_from_maml": 0.0 if method == "maml-k1" else None,
-        }
-
+    inf = common.Divergence(1, "inf")
     runs = [
-        run("maml-k1", 0, [4.0, 2.0, 1.0], [0, 1, 2]),
-        run("maml-k1", 1, [4.0, 3.0, 1.0], [0, 1, 3]),
-        run("lazy-k40", 0, [4.0, None, None], [0, 0, 0], diverged="outer step 1: inf"),
-        run("lazy-k40", 1, [4.0, 1.0, 0.5], [0, 4, 9]),
+        _sine_run("maml-k1", 0, (4.0, 2.0, 1.0), (0, 1, 2)),
+        _sine_run("maml-k1", 1, (4.0, 3.0, 1.0), (0, 1, 3)),
+        _sine_run("lazy-k40", 0, (4.0, None, None), (0, 0, 0), diverged=inf),
+        _sine_run("lazy-k40", 1, (4.0, 1.0, 0.5), (0, 4, 9)),
     ]
     summary = sinusoid.summarise(runs, ["maml-k1", "lazy-k40"])
-    maml, lazy = summary["rows"]
-    assert summary["equal_time_seconds"] == 3  # maml-k1's slowest seed
-    assert maml["mse"] == maml["mse_equal_time"] == 1.0 and maml["diverged_seeds"] == 0
-    assert lazy["mse"] == math.inf and lazy["diverged_seeds"] == 1 and lazy["last_fifth_improvement"] is None
-    assert lazy["mse_equal_time"] == math.inf and lazy["step_ms"] == pytest.approx(100)
-    assert summary["equal_memory"] == [
-        {"graph_bytes": 50, "best": "lazy-k40", "mse": math.inf},
-        {"graph_bytes": 100, "best": "maml-k1", "mse": 1.0},
-    ]
+    maml, lazy = summary.rows
+    assert summary.equal_time_seconds == 3  # maml-k1's slowest seed
+    assert maml.mse == maml.mse_equal_time == 1.0 and maml.diverged_seeds == 0
+    assert lazy.mse == math.inf and lazy.diverged_seeds == 1 and lazy.last_fifth_improvement is None
+    assert lazy.mse_equal_time == math.inf and lazy.step_ms == pytest.approx(100)
+    assert summary.equal_memory == (
+        records.MemoryBest(50, "lazy-k40", math.inf),
+        records.MemoryBest(100, "maml-k1", 1.0),
+    )
     assert "diverged" in sinusoid.table(summary)
     assert common.plain(summary)["rows"][1]["mse"] is None  # strict JSON
     # a method whose every run diverged stopped early: its time does not set the equal-time budget
     stopped = [
-        run("lazy-k40", 0, [4.0, 2.0, None], [0, 1, 1], diverged="outer step 15: inf"),
-        run("lazy-k40", 1, [4.0, 2.0, None], [0, 1, 2], diverged="outer step 25: inf"),
+        _sine_run("lazy-k40", 0, (4.0, 2.0, None), (0, 1, 1), diverged=common.Divergence(15, "inf")),
+        _sine_run("lazy-k40", 1, (4.0, 2.0, None), (0, 1, 2), diverged=common.Divergence(25, "inf")),
     ]
-    assert sinusoid.summarise(runs[:2] + stopped, ["maml-k1", "lazy-k40"])["equal_time_seconds"] == 3
+    assert sinusoid.summarise(runs[:2] + stopped, ["maml-k1", "lazy-k40"]).equal_time_seconds == 3
 
 
 def test_unknown_sinusoid_methods_are_refused():
@@ -347,3 +353,122 @@ def test_unknown_sinusoid_methods_are_refused():
     assert sinusoid.parse(["--methods", "lazy-*-horizon"]).keys == [
         f"lazy-k{k}-horizon" for k in (10, 20, 40)
     ]
+
+
+# ── the shared helpers ─────────────────────────────────────────────────────────────────────────
+def test_peak_resident_bytes_sees_an_allocation_inside_the_call():
+    if common.resident_bytes("VmRSS") is None:
+        pytest.skip("no /proc/self/status")
+    size = 64 * 2**20
+
+    def allocate():
+        block = bytearray(size)  # zero-filled: every page touched
+        return len(block)
+
+    peak = common.peak_resident_bytes(allocate)
+    assert 0.9 * size <= peak < 2 * size  # the baseline moves by a few pages
+    assert common.resident_bytes("VmHWM") >= common.resident_bytes("VmRSS") > 0
+    with pytest.raises(KeyError):
+        common.resident_bytes("VmNothing")
+    assert common.MEASURING_ENV["MALLOC_MMAP_THRESHOLD_"] == "65536"
+
+
+def test_ratio_rows_and_tables():
+    at_most, at_least = common.Ratio("a", 1.25, 1.2, True), common.Ratio("b", 2.0, 2, False)
+    assert at_most.row() == ("a", 1.25, "≤ 1.2", False) and at_least.row() == ("b", 2.0, "≥ 2", True)
+    lines = common.ratio_lines([at_most, at_least])
+    assert lines[1].endswith("NO") and lines[2].endswith("yes") and len(lines) == 3
+    table = common.text_table(("x", "y"), (-3, 4), [(("a", "1"), ""), (("bb", "22"), " !")])
+    assert table.splitlines() == ["x      y", "a      1", "bb    22 !"]
+    assert (
+        common.cell(None, ".1f") == common.cell(math.inf, ".1f") == "—" and common.cell(2.0, ".1f") == "2.0"
+    )
+
+
+def test_throughput_and_lazy_vs_exact_targets_rebuild_the_committed_ones():
+    measured = json.loads((RESULTS / "throughput-cpu.json").read_text())
+    conv4 = measured["conv4"]
+    checked = throughput.targets(measured["sinusoid"], conv4["timing"], conv4["peak_mib"], (1, 5, 20))
+    assert [dict(zip(("target", "measured", "bound", "ok"), r.row())) for r in checked] == measured["targets"]
+    assert throughput.timing_key("lazy", 20, "batched") in measured["sinusoid"]["timing"]
+    assert throughput.LAZY_VMAP in measured["sinusoid"]["timing"]
+    assert throughput.memory_key("sequential", 5) in conv4["peak_mib"]
+    assert throughput.table_key("maml", 25, 20, "batched") in measured["table"]
+    exact = json.loads((RESULTS / "lazy_vs_exact-cpu.json").read_text())
+    assert [list(r.row()) for r in lazy_vs_exact.ratio_table(exact["results"])] == exact["ratios"]
+
+
+def test_divergence_reads_the_record_and_the_older_text():
+    record = common.Divergence(1417, "support loss L_S(φ_5) at inner step 6 of 10 is inf")
+    assert common.Divergence.from_json(common.plain(record)) == record
+    assert common.Divergence.from_json(str(record)) == record
+    assert common.Divergence.from_json(None) is None
+    with pytest.raises(ValueError):
+        common.Divergence.from_json("step 3: inf")
+
+
+# ── the records and their loaders, on the committed results ────────────────────────────────────
+def test_loaders_read_every_committed_results_file_back_to_its_json():
+    def strict(data):  # what the file holds, with divergences in the current form
+        for r in [*data["runs"], *data["sweep"]]:
+            r["diverged"] = common.plain(common.Divergence.from_json(r["diverged"]))
+        return data
+
+    for name, load in (
+        ("few_shot.json", records.load_few_shot),
+        ("few_shot-quick.json", records.load_few_shot),
+        ("sinusoid.json", records.load_sinusoid),
+        ("sinusoid-quick.json", records.load_sinusoid),
+        ("sinusoid-lazy-alpha0.003/sinusoid.json", records.load_sinusoid),
+    ):
+        data = json.loads((RESULTS / name).read_text())
+        loaded = load(name)
+        written = common.plain(loaded)
+        if name == "few_shot-quick.json" and "deviation_from_maml" not in data["summary"][0]:
+            for row in written["summary"]:
+                del row["deviation_from_maml"]  # written before deviations were recorded
+        assert written == strict(data), name
+
+
+def test_loaded_records_keep_the_numbers_the_benchmark_computed():
+    sine = records.load_sinusoid("sinusoid.json")
+    lazy = sine.summary.row("lazy-k10")
+    assert lazy.mse == math.inf and math.isnan(lazy.ci95) and lazy.diverged_seeds == 3
+    assert sorted(r.diverged.step for r in sine.runs_of("lazy-k10")) == [1417, 1805, 2139]
+    assert sine.chosen["maml-k1"] == records.SweepChoice(0.03, 1.0)
+    follow = records.load_sinusoid("sinusoid-lazy-alpha0.003/sinusoid.json")
+    assert [r.diverged and r.diverged.step for r in follow.runs_of("lazy-k10")] == [None, 3704]
+    few = records.load_few_shot("few_shot.json")
+    assert [r.method for r in few.rows(5)] == few.settings["keys"]
+    assert few.chosen_inner_lr[1]["maml-k1"] == 0.1
+    imaml = [r for r in few.runs if r.method == "imaml-k10"]
+    assert all(r.diverged.step == 1 and r.accuracy == 1 / few_shot.WAYS for r in imaml)
+
+
+# ── the analysis behind notebook 04 ────────────────────────────────────────────────────────────
+def test_ranks_average_ties_and_spearman_matches_a_hand_computed_case():
+    assert analysis.ranks([10.0, 30.0, 20.0, 20.0]) == [0.0, 3.0, 1.5, 1.5]
+    # ranks x: 0, 1.5, 1.5, 3; y: 1, 0, 2, 3. Centred (mean 1.5): x −1.5, 0, 0, 1.5; y −0.5, −1.5,
+    # 0.5, 1.5; covariance 0.75 + 2.25 = 3; norms² 4.5 and 5: ρ = 3 / √22.5
+    rho = analysis.spearman([1.0, 2.0, 2.0, 5.0], [0.2, 0.1, 0.3, 0.9])
+    assert rho == pytest.approx(3 / math.sqrt(22.5), rel=1e-12)
+    assert analysis.spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert analysis.spearman([1, 2], [1, 2]) is None and analysis.spearman([1, 1, 1], [1, 2, 3]) is None
+    with pytest.raises(ValueError):
+        analysis.spearman([1, 2, 3], [1, 2])
+
+
+def test_analysis_of_the_committed_results():
+    few = records.load_few_shot("few_shot.json")
+    sine = records.load_sinusoid("sinusoid.json")
+    lines = analysis.few_shot_headlines(few.rows(1))
+    assert lines[0].startswith("  equal steps:  Lazy K=10 single γ=1 91.05 ± 0.24 vs MAML K=1 84.69 ± 2.83")
+    assert lines[0].endswith("is better (intervals apart)") and "overlap" in lines[1]
+    assert analysis.correlations(few.rows(5), "accuracy")[0] == (10, pytest.approx(-0.8), 5)
+    assert analysis.correlation_lines(sine.summary.rows, "mse") == ["  fewer than 3 approximate methods"]
+    stopped = analysis.divergences(sine, sine)
+    assert stopped[0].startswith("  lazy-k10: 3 of 3 seeds diverged, at outer steps [1417, 1805, 2139]")
+    headlines = analysis.sinusoid_headlines(sine)
+    assert "equal steps: MAML K=1: nothing to compare" in headlines[1]
+    assert headlines[3].endswith("Lazy K=40 is worse (intervals apart)")  # a lower MSE is better
+    assert analysis.ci(math.inf, math.nan) == "diverged" and analysis.ci(0.5, math.nan) == "0.50 ± ?"
