@@ -81,8 +81,6 @@ QUERIES = 15
 VAL_SEED, TEST_SEED, MEMORY_SEED = 1, 2, 3  # the fixed validation, test and memory-probe tasks
 DEVIATION_TASKS = 4  # validation tasks on which each method's meta-gradient is compared with MAML's
 CG_ITERATIONS = 5  # iMAML's conjugate-gradient iterations per task (Rajeswaran et al. use 5)
-# The estimator registry's name for each method's estimator where the two differ.
-REGISTRY_NAME = {"maml": "truncated"}
 
 
 @dataclass(frozen=True)
@@ -294,7 +292,7 @@ def deviation(key: str, model, inner_lr: float, shots: int, args: argparse.Names
     ]
     settings: dict[str, Any] = {"adapt": method.adapt, "leap": method.leap}
     exact = oracle.meta_gradient(twin, tasks, method.steps, inner_lr, **settings)
-    estimator = estimators.ESTIMATORS[REGISTRY_NAME.get(method.estimator, method.estimator)]
+    estimator = estimators.as_function(method.estimator)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
