@@ -1,4 +1,4 @@
-"""SPEC §3–§4 for every public entry point that takes (model, task, steps, inner_lr):
+"""What every public entry point that takes (model, task, steps, inner_lr) promises its caller:
 
 * the model is left exactly as it was — every parameter (trainable or frozen), buffer, ``.grad``,
   ``requires_grad`` and train/eval mode, compared by value — after every call, successful or
@@ -6,13 +6,13 @@
   exactly its estimate;
 * every bad input gets an exception that names the problem;
 * under ``torch.no_grad()`` every entry point computes exactly what it computes outside it;
-* a model that overrides ``parameters()`` (tests/gradcheck/test_oracle.py's ``VarsNet``) gets from
-  every entry point what an ordinary model with the same tensors gets.
+* a model that overrides ``parameters()`` (``tests.helpers.VarsNet``) gets from every entry point
+  what an ordinary model with the same tensors gets.
 
 Two models, both with gradients already set: conv + BatchNorm (train mode unless stated), and
-``stats_net`` (tests/gradcheck/test_state_frozen.py), which keeps BatchNorm-like statistics as
-frozen parameters *and* as buffers and writes both in place in forward, through ``.data`` (no
-version-counter bump). Any leak of statistics, mode or ``.grad`` shows.
+``stats_net`` (tests.helpers), which keeps BatchNorm-like statistics as frozen parameters *and*
+as buffers and writes both in place in forward, through ``.data`` (no version-counter bump).
+Any leak of statistics, mode or ``.grad`` shows.
 
 Tolerances: results under ``torch.no_grad()`` are compared for exact equality (the same
 operations run); the learners' accumulated estimate and the twin model's results to rtol 1e-10,
@@ -31,9 +31,16 @@ from gradcheck import Task, finite_differences, oracle, validate
 from gradcheck.validate import Validation
 from lazymaml import MetaLearner, estimators
 from lazymaml.learner import ESTIMATOR_NAMES
-from tests.gradcheck.test_oracle import VarsNet
-from tests.gradcheck.test_state_frozen import stats_net, stats_task
-from tests.helpers import assert_same_state, conv_bn, image_task, model_state, with_gradients
+from tests.helpers import (
+    VarsNet,
+    assert_same_state,
+    conv_bn,
+    image_task,
+    model_state,
+    stats_net,
+    stats_task,
+    with_gradients,
+)
 
 # the learners say when a model or a meta-batch runs task by task; expected here
 pytestmark = pytest.mark.filterwarnings("ignore::lazymaml.SequentialFallback")
