@@ -423,18 +423,3 @@ def test_straight_through_needs_every_trainable_parameter():
     teacher = {n: p.detach() for n, p in model.named_parameters() if n != "4.bias"}
     with pytest.raises(ValueError, match=r"missing \['4.bias'\]"):
         lazymaml.straight_through(model, task, 1, 0.1, teacher=teacher)
-
-
-def test_task_construction_errors():
-    x = image_task().support[0]
-    y = torch.zeros(len(x), dtype=torch.long)
-    with pytest.raises(TypeError, match=r"Task support must be a pair \(inputs, targets\)"):
-        Task(x, (x, y), nn.functional.cross_entropy)
-    with pytest.raises(TypeError, match="Task query must hold tensors"):
-        Task((x, y), (x, [1, 2]), nn.functional.cross_entropy)
-    with pytest.raises(TypeError, match="Task loss must be callable"):
-        Task((x, y), (x, y), "cross_entropy")
-    with pytest.raises(TypeError, match="query_loss must be callable"):
-        Task.from_closures(lambda f: f(x).sum(), None)
-    with pytest.raises(TypeError, match="closure task cannot be converted"):
-        Task.from_closures(lambda f: f(x).sum(), lambda f: f(x).sum()).to(torch.float64)
