@@ -178,6 +178,18 @@ class VarsNet(nn.Module):
         return twin
 
 
+class Spare(nn.Module):
+    """A linear layer and a parameter its forward never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1).double()
+        self.spare = nn.Parameter(torch.ones(3, dtype=F64))
+
+    def forward(self, x):
+        return self.linear(x)
+
+
 @st.composite
 def mlp_problems(draw):
     """A small smooth MLP (at least one hidden layer, so "head" and "body" both exist) and a task."""

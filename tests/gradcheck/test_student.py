@@ -12,7 +12,6 @@ two runs of the same student) equality is exact.
 
 import pytest
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from gradcheck import Task
@@ -20,6 +19,7 @@ from gradcheck.settings import InnerLoop
 from gradcheck.student import Student, apply_leap, checked_loss, converted, support_loss_at
 from tests.helpers import (
     F64,
+    Spare,
     adapted_names,
     assert_same_state,
     conv_bn,
@@ -221,18 +221,6 @@ def test_converted_casts_data_tasks_only_when_the_model_is_not_in_the_dtype():
     closure = Task.from_closures(lambda f: f(task.support[0]).sum(), lambda f: f(task.query[0]).sum())
     with pytest.raises(ValueError, match=r"the checks need torch.float64, and parameters \['0.weight'"):
         converted([closure], conv_bn(dtype=torch.float32), F64, "the checks")
-
-
-class Spare(nn.Module):
-    """A linear layer and a parameter its forward never reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(2, 1).double()
-        self.spare = nn.Parameter(torch.ones(3, dtype=F64))
-
-    def forward(self, x):
-        return self.linear(x)
 
 
 def test_a_parameter_the_support_loss_never_reads_gets_no_step_but_the_proximal_pull():
