@@ -1,4 +1,5 @@
-"""Pins for the defects of ``higher`` 0.2.1 (SPEC §4): each is demonstrated, then shown handled.
+"""Pins for the defects of ``higher`` 0.2.1 that the oracle works around: each is demonstrated, then
+shown handled.
 
 If a future ``higher`` fixes one, its "demonstrated" test fails — a signal that the workaround
 can go — while the "handled" tests keep guarding the oracle.

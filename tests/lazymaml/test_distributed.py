@@ -5,7 +5,7 @@ localhost port, one spawn for every scenario (starting processes costs seconds).
 3 and 2 tasks: a mean of the ranks' means would weigh rank 1's tasks 3/2 as much, a sum would
 be 5 times too large, so both are caught by the comparison.
 
-Tolerance 1e-12 relative (float64, the issue's): the distributed result sums the same per-task
+Tolerance 1e-12 relative (float64): the distributed result sums the same per-task
 gradients in a different order (per rank, then across ranks) and divides once; that reorders a
 handful of additions, ~1e-16 relative each.
 """
