@@ -29,7 +29,7 @@ from torch import nn
 
 from gradcheck import compare, finite_differences, oracle
 from gradcheck.state import Snapshot, preserved
-from tests.helpers import assert_same_state, model_state, stats_net, stats_task, with_gradients
+from tests.helpers import assert_same_state, conv_bn, model_state, stats_net, stats_task, with_gradients
 
 FROZEN = ["0.mean", "0.var", "2.mean", "2.var"]
 BUFFERS = ["0.running_mean", "0.running_var", "0.count", "2.running_mean", "2.running_var", "2.count"]
@@ -102,3 +102,30 @@ def test_the_meta_objective_is_the_same_however_often_it_is_evaluated():
     first = objective(x0)
     objective(x0 + 1e-3)
     assert objective(x0) == first
+
+
+def test_snapshot_reports_every_kind_of_change_and_restores_it():
+    """Each kind of change a forward or closure could make, reported by name and undone."""
+    model = with_gradients(conv_bn().train())
+    before = model_state(model)
+    snapshot = Snapshot(model)
+    model[0].weight.grad = None
+    model[0].bias.grad.add_(0.25)
+    model[4].bias.requires_grad_(False)
+    model[1].eval()
+    model[4].weight = nn.Parameter(model[4].weight.detach().clone())
+    with torch.no_grad():
+        model[1].running_mean.add_(0.5)
+    assert sorted(snapshot.differences()) == sorted(
+        [
+            "gradient 0.weight.grad changed (max |change| inf)",
+            "gradient 0.bias.grad changed (max |change| 0.25)",
+            "requires_grad 4.bias.requires_grad changed",
+            "mode 1 switched to eval",
+            "parameter 4.weight replaced",
+            "buffer 1.running_mean modified (max |change| 0.5)",
+        ]
+    )
+    snapshot.restore()
+    assert snapshot.changes() == []
+    assert_same_state(before, model_state(model))
