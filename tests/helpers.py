@@ -1,5 +1,10 @@
 """Models, tasks and an *independent* exact meta-gradient shared by the tests.
 
+Besides the small MLPs and the conv + BatchNorm network, two models that stress the "model left
+as it was" guarantee: ``stats_net``, whose forward writes statistics kept as frozen parameters
+and as buffers in place through ``.data``, and ``VarsNet``, a hand-written learner that overrides
+``parameters()``.
+
 ``reference_meta_gradient`` is written from the definition with ``torch.func.functional_call``
 over one flat parameter vector — no ``higher``, no project code beyond ``Task`` — so that the
 oracle is checked against something that shares none of its machinery.
@@ -65,6 +70,124 @@ def image_task(seed=0, dtype=F64, shots=2, queries=3) -> Task:
         return x.to(dtype), y
 
     return Task(batch(shots), batch(queries), F.cross_entropy)
+
+
+class Statistics(nn.Module):
+    """Running statistics kept as frozen parameters (``mean``, ``var``: a cumulative average) and
+    as buffers (``running_mean``, ``running_var``: momentum 0.1; ``count``), all written in place
+    through ``.data`` in training. ``running=True`` normalises with the statistics just written,
+    otherwise with the batch's own (BatchNorm in training); in eval mode with ``mean``/``var``."""
+
+    def __init__(self, features: int, running: bool):
+        super().__init__()
+        self.running = running
+        self.mean = nn.Parameter(torch.zeros(features, dtype=F64), requires_grad=False)
+        self.var = nn.Parameter(torch.ones(features, dtype=F64), requires_grad=False)
+        self.register_buffer("running_mean", torch.zeros(features, dtype=F64))
+        self.register_buffer("running_var", torch.ones(features, dtype=F64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            mean, var = x.detach().mean(0), x.detach().var(0)
+            self.count.data += 1
+            self.mean.data.lerp_(mean, 1.0 / int(self.count))
+            self.var.data.lerp_(var, 1.0 / int(self.count))
+            self.running_mean.data.lerp_(mean, 0.1)
+            self.running_var.data.lerp_(var, 0.1)
+        if self.running or not self.training:
+            return (x - self.mean) / (self.var + 1e-5).sqrt()
+        return (x - x.mean(0)) / (x.var(0) + 1e-5).sqrt()
+
+
+def stats_net(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        Statistics(3, running=True), nn.Linear(3, 6), Statistics(6, running=False), nn.Tanh(), nn.Linear(6, 2)
+    ).to(F64)
+    with torch.no_grad():  # statistics as a model mid-training has them
+        for m in (net[0], net[2]):
+            m.mean.uniform_(-0.5, 0.5)
+            m.var.uniform_(0.5, 2.0)
+            m.running_mean.copy_(m.mean)
+            m.running_var.copy_(m.var)
+            m.count.fill_(3)
+    return net
+
+
+def stats_task(seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(n):
+        x = 2 * torch.randn(n, 3, generator=g, dtype=F64) + 1
+        return x, torch.sin(x[:, :2])
+
+    return Task(batch(6), batch(7), F.mse_loss)
+
+
+class VarsNet(nn.Module):
+    """The hand-written MAML learner of a popular repository, as its users write it: the weights
+    in ``self.vars`` (an ``nn.ParameterList``), the BatchNorm running statistics in
+    ``self.vars_bn`` as frozen parameters, ``forward(x, vars=None, bn_training=True)`` built from
+    ``F.conv2d``, ``F.batch_norm`` and ``F.linear``, and ``parameters()`` overridden to return
+    ``self.vars`` only. Conv 3×3 (3 channels) → batch norm → tanh → linear, float64, for 6×6
+    inputs of ``image_task``."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+
+        def weight(*shape, scale=0.3, mean=0.0):
+            return nn.Parameter(mean + scale * torch.randn(*shape, generator=g, dtype=torch.float64))
+
+        self.vars = nn.ParameterList(
+            [
+                weight(3, 1, 3, 3),
+                weight(3),
+                weight(3, mean=1.0),
+                weight(3),
+                weight(3, 48, scale=0.2),
+                weight(3),
+            ]
+        )
+        running_mean = weight(3, scale=0.1).requires_grad_(False)
+        running_var = nn.Parameter(
+            1 + 0.5 * torch.rand(3, generator=g, dtype=torch.float64), requires_grad=False
+        )
+        self.vars_bn = nn.ParameterList([running_mean, running_var])
+
+    def forward(self, x, vars=None, bn_training=True):
+        w, b, gamma, beta, head_w, head_b = self.vars if vars is None else vars
+        x = nn.functional.conv2d(x, w, b)
+        x = nn.functional.batch_norm(x, self.vars_bn[0], self.vars_bn[1], gamma, beta, training=bn_training)
+        return nn.functional.linear(torch.tanh(x).flatten(1), head_w, head_b)
+
+    def parameters(self, recurse=True):
+        return self.vars
+
+    def plain(self):
+        """The same network as an ordinary ``nn.Sequential``, with the same values."""
+        conv, bn, head = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Linear(48, 3)
+        twin = nn.Sequential(conv, bn, nn.Tanh(), nn.Flatten(), head).double()
+        targets = [conv.weight, conv.bias, bn.weight, bn.bias, head.weight, head.bias]
+        with torch.no_grad():
+            for target, value in zip(
+                [*targets, bn.running_mean, bn.running_var], [*self.vars, *self.vars_bn]
+            ):
+                target.copy_(value)
+        return twin
+
+
+class Spare(nn.Module):
+    """A linear layer and a parameter its forward never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1).double()
+        self.spare = nn.Parameter(torch.ones(3, dtype=F64))
+
+    def forward(self, x):
+        return self.linear(x)
 
 
 @st.composite

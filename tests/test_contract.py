@@ -1,4 +1,4 @@
-"""SPEC §3–§4 for every public entry point that takes (model, task, steps, inner_lr):
+"""What every public entry point that takes (model, task, steps, inner_lr) promises its caller:
 
 * the model is left exactly as it was — every parameter (trainable or frozen), buffer, ``.grad``,
   ``requires_grad`` and train/eval mode, compared by value — after every call, successful or
@@ -6,13 +6,13 @@
   exactly its estimate;
 * every bad input gets an exception that names the problem;
 * under ``torch.no_grad()`` every entry point computes exactly what it computes outside it;
-* a model that overrides ``parameters()`` (tests/gradcheck/test_oracle.py's ``VarsNet``) gets from
-  every entry point what an ordinary model with the same tensors gets.
+* a model that overrides ``parameters()`` (``tests.helpers.VarsNet``) gets from every entry point
+  what an ordinary model with the same tensors gets.
 
 Two models, both with gradients already set: conv + BatchNorm (train mode unless stated), and
-``stats_net`` (tests/gradcheck/test_state_frozen.py), which keeps BatchNorm-like statistics as
-frozen parameters *and* as buffers and writes both in place in forward, through ``.data`` (no
-version-counter bump). Any leak of statistics, mode or ``.grad`` shows.
+``stats_net`` (tests.helpers), which keeps BatchNorm-like statistics as frozen parameters *and*
+as buffers and writes both in place in forward, through ``.data`` (no version-counter bump).
+Any leak of statistics, mode or ``.grad`` shows.
 
 Tolerances: results under ``torch.no_grad()`` are compared for exact equality (the same
 operations run); the learners' accumulated estimate and the twin model's results to rtol 1e-10,
@@ -30,9 +30,16 @@ import lazymaml
 from gradcheck import Task, finite_differences, oracle, validate
 from gradcheck.validate import Validation
 from lazymaml import MetaLearner, estimators
-from tests.gradcheck.test_oracle import VarsNet
-from tests.gradcheck.test_state_frozen import stats_net, stats_task
-from tests.helpers import assert_same_state, conv_bn, image_task, model_state, with_gradients
+from tests.helpers import (
+    VarsNet,
+    assert_same_state,
+    conv_bn,
+    image_task,
+    model_state,
+    stats_net,
+    stats_task,
+    with_gradients,
+)
 
 # the learners say when a model or a meta-batch runs task by task; expected here
 pytestmark = pytest.mark.filterwarnings("ignore::lazymaml.SequentialFallback")
@@ -406,25 +413,3 @@ def test_a_closure_that_writes_to_the_real_model_is_undone(entry, model_name):
     with pytest.raises(KeyError, match="rogue closure"):
         ENTRY_POINTS[entry](model, Task.from_closures(rogue, rogue), 2, 0.1)
     assert_same_state(before, model_state(model))
-
-
-def test_straight_through_needs_every_trainable_parameter():
-    model, task = conv_bn(), image_task()
-    teacher = {n: p.detach() for n, p in model.named_parameters() if n != "4.bias"}
-    with pytest.raises(ValueError, match=r"missing \['4.bias'\]"):
-        lazymaml.straight_through(model, task, 1, 0.1, teacher=teacher)
-
-
-def test_task_construction_errors():
-    x = image_task().support[0]
-    y = torch.zeros(len(x), dtype=torch.long)
-    with pytest.raises(TypeError, match=r"Task support must be a pair \(inputs, targets\)"):
-        Task(x, (x, y), nn.functional.cross_entropy)
-    with pytest.raises(TypeError, match="Task query must hold tensors"):
-        Task((x, y), (x, [1, 2]), nn.functional.cross_entropy)
-    with pytest.raises(TypeError, match="Task loss must be callable"):
-        Task((x, y), (x, y), "cross_entropy")
-    with pytest.raises(TypeError, match="query_loss must be callable"):
-        Task.from_closures(lambda f: f(x).sum(), None)
-    with pytest.raises(TypeError, match="closure task cannot be converted"):
-        Task.from_closures(lambda f: f(x).sum(), lambda f: f(x).sum()).to(torch.float64)

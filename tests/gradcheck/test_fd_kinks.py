@@ -9,9 +9,8 @@ wrong gradient is still rejected and a smooth F is judged at h itself.
 The ReLU net is the project's 4-conv few-shot network (conv → BatchNorm → ReLU → max-pool, four
 times; problems.conv4) at test size: 4 channels, 16×16 inputs, 5-way 1-shot, 3 queries per class,
 K = 5, α = 0.5, float64. The number of switches crossed within 2h grows with h and with the ReLU
-evaluations per F; a full-size net crosses them at the default h = 1e-6 (there the old criterion
-flagged 6 of 8 directions, measured), this small one at h = 3e-3, where the old criterion flags
-4 of 8 (measured).
+evaluations per F; a full-size net crosses them at the default h = 1e-6 (6 of 8 directions
+flagged there), this small one at h = 3e-3, where the old criterion flags 4 of 8 (measured).
 
 The old criterion, computed here from the check's own evaluations at h, is the pre-0.2 rule:
 |⟨g,u⟩ − D(h)| ≤ |D(2h) − D(h)| + 4ε|F|/h + rtol·max(|D(h)|, ‖g‖/√n). No tolerance here is ours:

@@ -1,4 +1,4 @@
-"""Pins for the defects of ``higher`` 0.2.1 the oracle must not inherit: each is demonstrated, then
+"""Pins for the defects of ``higher`` 0.2.1 that the oracle works around: each is demonstrated, then
 shown handled.
 
 If a future ``higher`` fixes one, its "demonstrated" test fails — a signal that the workaround

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from gradcheck.parameters import Functional, copies, flat, resolve_adapt, trainable, unflat
-from tests.helpers import conv_bn
+from tests.helpers import F64, assert_same_state, conv_bn, model_state, stats_net
 
 
 class Named(nn.Module):
@@ -71,7 +71,7 @@ def test_ambiguous_preset_is_refused():
     assert resolve_adapt(HeadFirst(), ["head"]) == ("head.weight", "head.bias")
 
 
-def test_state_copies_buffers_and_casts():
+def test_copies_buffers_and_casts():
     model = conv_bn().float()
     params, buffers = copies(model, torch.float64)
     assert all(t.dtype == torch.float64 for t in params.values())
@@ -80,7 +80,7 @@ def test_state_copies_buffers_and_casts():
     assert not torch.equal(buffers["1.running_mean"].float(), model[1].running_mean)
 
 
-def test_state_copies_without_a_cast_too():
+def test_copies_without_a_cast_too():
     """No cast is no excuse for a view: a forward writing in place must write the copies."""
     model = conv_bn()
     params, buffers = copies(model)
@@ -90,6 +90,19 @@ def test_state_copies_without_a_cast_too():
     params["0.weight"].add_(1)
     assert not torch.equal(buffers["1.running_mean"], model[1].running_mean)
     assert not torch.equal(params["0.weight"], model[0].weight)
+
+
+@pytest.mark.parametrize("dtype", [None, F64, torch.float32])
+def test_copies_every_tensor_never_a_view(dtype):
+    """``parameters.copies`` on the no-cast path too (float64 model, dtype None or float64)."""
+    model = stats_net()
+    before = model_state(model)
+    params, buffers = copies(model, dtype)
+    originals = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, copy in {**params, **buffers}.items():
+        assert copy.data_ptr() != originals[name].data_ptr(), name
+        copy.add_(1)
+    assert_same_state(before, model_state(model))
 
 
 def test_functional_view_and_flat_roundtrip():

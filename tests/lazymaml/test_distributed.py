@@ -5,10 +5,9 @@ localhost port, one spawn for every scenario (starting processes costs seconds).
 3 and 2 tasks: a mean of the ranks' means would weigh rank 1's tasks 3/2 as much, a sum would
 be 5 times too large, so both are caught by the comparison.
 
-Tolerance 1e-12 relative (float64): the distributed result sums the same per-task gradients in
-a different order (per rank, then across ranks) and divides once; that reorders a handful of
-additions, ~1e-16 relative each, so 1e-12 leaves ample headroom, while a wrongly weighted mean
-(off by 3/2 on a rank's tasks) or a sum (5 times too large) misses it by twelve orders.
+Tolerance 1e-12 relative (float64): the distributed result sums the same per-task
+gradients in a different order (per rank, then across ranks) and divides once; that reorders a
+handful of additions, ~1e-16 relative each.
 """
 
 from __future__ import annotations
