@@ -1,6 +1,7 @@
 """Each estimator against its own definition, written independently in the tests (float64)."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -9,15 +10,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lazymaml
+import lazymaml.report
 from gradcheck import Task, compare, oracle
+from gradcheck.settings import InnerLoop
+from gradcheck.student import apply_leap
 from lazymaml.estimators import (
     REGISTRY,
     ConvergenceWarning,
+    Estimator,
     _conjugate_gradient,
     as_function,
     first_order,
+    get,
     imaml,
+    register,
     reptile,
+    run,
     truncated,
 )
 from tests.helpers import (
@@ -180,3 +188,73 @@ def test_every_estimator_averages_a_meta_batch_however_it_is_given(name):
     compare(as_function(name)(model, tasks, 2, 0.1, **options), mean).assert_close(1e-12, 1e-15)
     compare(as_function(name)(model, Task.stack(tasks), 2, 0.1, **options), mean).assert_close(1e-12, 1e-15)
     assert compare(single[0], single[1]).overall.rel_error > 1e-3  # the two tasks do differ
+
+
+def _half_first_order(objective, theta, untrained):
+    """A toy estimator, written once: half the first-order MAML gradient."""
+    phi, losses = objective.descend(theta, untrained, objective.loop.steps)
+    v, loss = objective.query_gradient(apply_leap(theta, phi, objective.loop.leap), untrained)
+    return {n: 0.5 * g for n, g in v.items()}, loss, losses
+
+
+@pytest.fixture
+def toy():
+    entry = register(Estimator("toy_half_first_order", _half_first_order, "half of first-order MAML"))
+    yield entry
+    del REGISTRY[entry.name]
+
+
+def test_a_registered_estimator_runs_everywhere_an_estimator_is_named(toy):
+    """One entry, added in one place: the registry's sequential mean, its calling-convention
+    function, MetaLearner sequential and batched, and the report — each against half of the
+    first-order gradient computed by the flat-vector unroll of tests.helpers."""
+    model, tasks = mlp([2, 5, 1]), [regression_task(s) for s in range(3)]
+    first = [reference_meta_gradient(model, t, 3, 0.1, leap=0.8, first_order=True) for t in tasks]
+    want = {n: sum(0.5 * g[n] for g in first) / len(first) for n in first[0]}
+    compare(run(toy.name, model, tasks, InnerLoop(3, 0.1, 0.8)), want).assert_close(RTOL, ATOL)
+    compare(as_function(toy.name)(model, tasks, 3, 0.1, leap=0.8), want).assert_close(RTOL, ATOL)
+    for batched in (True, False):
+        learner_model = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", lazymaml.SequentialFallback)
+            lazymaml.MetaLearner(
+                learner_model, 3, 0.1, estimator=toy.name, leap=0.8, batched=batched
+            ).meta_backward(tasks)
+        compare({n: p.grad for n, p in learner_model.named_parameters()}, want).assert_close(RTOL, ATOL)
+    rows = lazymaml.report.run(ks=[1, 2], names=[toy.name], problem_names=["sinusoid-mlp"], progress=False)
+    mine = [r for r in rows if r.estimator == toy.name]
+    assert [r.steps for r in mine] == [1, 2] and all(0 < r.rel_error < math.inf for r in mine)
+
+
+def test_the_registry_refuses_a_taken_name_and_names_the_known_ones():
+    with pytest.raises(ValueError, match="registered already"):
+        register(Estimator("lazy", _half_first_order, "another lazy"))
+    with pytest.raises(ValueError, match=r"unknown estimator 'nope'; registered: \['first_order'"):
+        get("nope")
+    assert get(REGISTRY["lazy"]) is REGISTRY["lazy"]
+
+
+@pytest.mark.parametrize(
+    ("name", "optimizer", "pattern"),
+    [
+        (
+            "truncated",
+            "adam",
+            r"estimator 'truncated' differentiates exactly through inner_optimizer in \['sgd'\]",
+        ),
+        ("maml", lambda p: torch.optim.SGD(p, lr=0.1), "estimator 'maml' differentiates exactly"),
+    ],
+)
+def test_an_entry_refuses_the_optimizers_it_cannot_differentiate(name, optimizer, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        run(name, mlp([2, 3, 1]), regression_task(), InnerLoop(2, 0.1, inner_optimizer=optimizer))
+
+
+def test_exact_maml_with_an_adam_student_is_the_oracle():
+    """The registry's unroll through the pure Adam update against higher with its own
+    differentiable Adam (they share only gradcheck.optim.adam_update, itself pinned against
+    torch.optim.Adam in tests/gradcheck/test_optim.py)."""
+    model, task = mlp([2, 5, 1]), regression_task()
+    got = as_function("maml")(model, task, 4, 0.05, inner_optimizer="adam", leap=0.7)
+    want = oracle.meta_gradient(model, task, 4, 0.05, inner_optimizer="adam", leap=0.7)
+    compare(got, want).assert_close(RTOL, ATOL)
