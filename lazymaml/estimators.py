@@ -317,6 +317,7 @@ for _entry in (
 def _call(
     name: str, model: nn.Module, task_or_tasks: Tasks, steps: int, inner_lr: float, **settings: Any
 ) -> Params:
+    """The registry entry ``name`` with a public function's arguments (its ``locals()``)."""
     return run(name, model, task_or_tasks, InnerLoop(steps, inner_lr, **settings))
 
 
@@ -331,9 +332,7 @@ def maml(
     inner_optimizer: InnerOptimizer = "sgd",
 ) -> Params:
     """Exact second-order MAML by a ``torch.func`` unroll (SGD or Adam inner loop)."""
-    return _call(
-        "maml", model, task_or_tasks, steps, inner_lr, adapt=adapt, leap=leap, inner_optimizer=inner_optimizer
-    )
+    return _call("maml", **locals())
 
 
 def truncated(
@@ -349,17 +348,7 @@ def truncated(
 ) -> Params:
     """Backpropagation through the last T = ``horizon`` SGD steps (default T = K: exact MAML);
     T = 0 is first-order MAML."""
-    return _call(
-        "truncated",
-        model,
-        task_or_tasks,
-        steps,
-        inner_lr,
-        adapt=adapt,
-        leap=leap,
-        inner_optimizer=inner_optimizer,
-        horizon=horizon,
-    )
+    return _call("truncated", **locals())
 
 
 def first_order(
@@ -373,16 +362,7 @@ def first_order(
     inner_optimizer: InnerOptimizer = "sgd",
 ) -> Params:
     """First-order MAML: g = ∇L_Q(φ_T), the inner loop's Jacobian taken as the identity."""
-    return _call(
-        "first_order",
-        model,
-        task_or_tasks,
-        steps,
-        inner_lr,
-        adapt=adapt,
-        leap=leap,
-        inner_optimizer=inner_optimizer,
-    )
+    return _call("first_order", **locals())
 
 
 def lazy_horizon(
@@ -396,16 +376,7 @@ def lazy_horizon(
     inner_optimizer: InnerOptimizer = "sgd",
 ) -> Params:
     """The lazy meta-gradient with η = γKα (``jacobian_step="horizon"``)."""
-    return _call(
-        "lazy_horizon",
-        model,
-        task_or_tasks,
-        steps,
-        inner_lr,
-        adapt=adapt,
-        leap=leap,
-        inner_optimizer=inner_optimizer,
-    )
+    return _call("lazy_horizon", **locals())
 
 
 def reptile(
@@ -419,16 +390,7 @@ def reptile(
     inner_optimizer: InnerOptimizer = "sgd",
 ) -> Params:
     """Reptile's direction g = (θ − φ_K)/(Kα) (γ cancels; zero outside A and at K = 0)."""
-    return _call(
-        "reptile",
-        model,
-        task_or_tasks,
-        steps,
-        inner_lr,
-        adapt=adapt,
-        leap=leap,
-        inner_optimizer=inner_optimizer,
-    )
+    return _call("reptile", **locals())
 
 
 def imaml(
@@ -449,19 +411,7 @@ def imaml(
     Hessian-vector products at φ_K) and g_B = v_B − H_BA g_A / λ; with γ < 1 the result is
     (1 − γ) v + γ of that. Warns when CG stops above ``cg_tol`` (relative residual).
     """
-    return _call(
-        "imaml",
-        model,
-        task_or_tasks,
-        steps,
-        inner_lr,
-        adapt=adapt,
-        leap=leap,
-        inner_optimizer=inner_optimizer,
-        lam=lam,
-        cg_iterations=cg_iterations,
-        cg_tol=cg_tol,
-    )
+    return _call("imaml", **locals())
 
 
 def as_function(name: str | Estimator, **options: Any) -> Callable[..., Mapping[str, Tensor]]:

@@ -1,7 +1,7 @@
 """Mutation testing: does the suite catch the mistakes a careless edit would make?
 
     python tools/mutants.py                 # every mutant; exit 1 unless all are killed
-    python tools/mutants.py --only lazy     # mutants whose id contains "lazy"
+    python tools/mutants.py --only lazy eta # mutants whose id contains "lazy" or "eta"
     python tools/mutants.py --list          # the list, without running anything
 
 Each mutant (``tools/mutant_list.py``) replaces one snippet, which must occur exactly once, in one
@@ -81,11 +81,11 @@ def _apply(copy: Path, mutant: Mutant) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="run the mutants whose id contains this")
+    parser.add_argument("--only", nargs="+", help="run the mutants whose id contains any of these")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist workers for the full suite")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTANTS if args.only is None or args.only in m.id]
+    chosen = [m for m in MUTANTS if args.only is None or any(part in m.id for part in args.only)]
     live = [m for m in chosen if not m.equivalent]
     if args.list:
         for m in chosen:
