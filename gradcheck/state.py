@@ -1,4 +1,5 @@
-"""The user's model is left exactly as it was: parameters, buffers, ``.grad``, train/eval mode.
+"""The user's model is left exactly as it was: parameters, buffers, ``.grad``, ``requires_grad``,
+train/eval mode, and plain tensor attributes of its modules.
 
 Nothing in this project writes to the model; :func:`preserved` is the guarantee that holds also
 when a user's forward, closure or loss writes to it anyway, or raises. :class:`Snapshot` is how
@@ -7,7 +8,10 @@ that is done, and how :func:`gradcheck.validate` reports what a candidate implem
 Everything is recorded *by value*: in-place writes (BatchNorm running statistics, statistics kept
 in frozen parameters, writes through ``.data``) do not bump the autograd version counter, so
 versions cannot be trusted. A tensor reachable under several names (a shared submodule) is
-recorded, restored and reported once, under its first name.
+recorded, restored and reported once, under its first name. Plain tensor attributes — what
+``torch.nn.utils.prune`` and the hook-based ``weight_norm`` recompute into ``module.weight`` on
+every forward — are put back too: a forward at perturbed parameters would otherwise leave them
+holding perturbed values until the user's next forward.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def _difference(now: Tensor | None, then: Tensor | None) -> float | None:
 class Change:
     """One thing that differs from the snapshot: ``what`` happened to ``name``, by ``max_abs``."""
 
-    kind: str  # "parameter", "buffer", "gradient", "mode" or "requires_grad"
+    kind: str  # "parameter", "buffer", "attribute", "gradient", "mode" or "requires_grad"
     name: str
     what: str  # "modified", "replaced", "changed" or "switched to train/eval"
     max_abs: float | None = None  # max |new − old| where a value changed
@@ -78,6 +82,12 @@ class Snapshot:
         self.values: dict[int, Tensor] = {}
         self.grads: dict[int, tuple[Tensor | None, Tensor | None]] = {}
         self.requires_grad: dict[int, bool] = {}
+        self.attributes: list[tuple[str, nn.Module, str, Tensor, Tensor]] = []  # plain tensor attributes
+        for prefix, m in model.named_modules():  # each module once, under its first name
+            for key, value in vars(m).items():
+                if isinstance(value, Tensor):
+                    name = f"{prefix}.{key}".lstrip(".")
+                    self.attributes.append((name, m, key, value, value.detach().clone()))
         for prefix, m in modules:
             for kind, registry in (("parameter", m._parameters), ("buffer", m._buffers)):
                 for key, t in registry.items():
@@ -103,8 +113,11 @@ class Snapshot:
         for kind, slots in self.slots.items():
             for slot in slots:
                 t, name = slot.tensor, self.names[id(slot.tensor)]
-                if self._registry(kind, slot).get(slot.key) is not t:
-                    out.append(Change(kind, name, "replaced"))
+                now = self._registry(kind, slot).get(slot.key)
+                if now is not t:  # one line for the tensor: replaced, by how much if comparable
+                    delta = None if now is None else _difference(now.detach(), self.values[id(t)])
+                    out.append(Change(kind, name, "replaced", None if delta == float("inf") else delta))
+                    seen.add(id(t))
                 if id(t) in seen:
                     continue
                 seen.add(id(t))
@@ -117,6 +130,14 @@ class Snapshot:
                     grad, value = self.grads[id(t)]
                     if t.grad is not grad or _difference(t.grad, value) is not None:
                         out.append(Change("gradient", name, "changed", _difference(t.grad, value)))
+        for name, m, key, tensor, value in self.attributes:
+            now = vars(m).get(key)
+            if not isinstance(now, Tensor):
+                out.append(Change("attribute", name, "replaced"))
+                continue
+            delta = _difference(now.detach(), value)
+            if now is not tensor or delta is not None:
+                out.append(Change("attribute", name, "replaced" if now is not tensor else "modified", delta))
         out += [
             Change("mode", prefix or type(m).__name__, f"switched to {'train' if m.training else 'eval'}")
             for prefix, m, mode in self.modes
@@ -133,6 +154,12 @@ class Snapshot:
         """Undo every change: registrations, values, ``.grad``, ``requires_grad`` and modes."""
         for _, m, mode in self.modes:
             m.training = mode
+        for _, m, key, tensor, value in self.attributes:
+            if tensor.shape != value.shape or tensor.dtype != value.dtype or tensor.device != value.device:
+                tensor.data = value.clone()
+            elif _difference(tensor.detach(), value) is not None:
+                tensor.detach().copy_(value)
+            vars(m)[key] = tensor  # the attribute itself, if it was rebound
         for kind, slots in self.slots.items():
             for slot in slots:
                 self._registry(kind, slot)[slot.key] = slot.tensor

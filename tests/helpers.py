@@ -268,6 +268,12 @@ def model_state(model):
         "modes": [m.training for m in model.modules()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
         "ids": [id(t) for t in (*model.parameters(), *model.buffers())],
+        "attributes": {  # plain tensor attributes (prune and hook-based weight_norm keep `weight` there)
+            f"{prefix}.{key}": value.detach().clone()
+            for prefix, module in model.named_modules()
+            for key, value in vars(module).items()
+            if isinstance(value, torch.Tensor)
+        },
     }
 
 
@@ -277,6 +283,9 @@ def assert_same_state(before, after):
     assert before["ids"] == after["ids"], "a parameter or buffer was replaced"
     for k, v in before["state_dict"].items():
         assert torch.equal(v, after["state_dict"][k]), f"{k} changed"
+    assert before["attributes"].keys() == after["attributes"].keys(), "tensor attributes added or removed"
+    for k, v in before["attributes"].items():
+        assert torch.equal(v, after["attributes"][k]), f"attribute {k} changed"
     for k, v in before["grads"].items():
         w = after["grads"][k]
         assert (v is None) == (w is None) and (v is None or torch.equal(v, w)), f"{k}.grad changed"

@@ -25,9 +25,11 @@ the evaluations at θ ± h e_i shifts F by O(1e-2) and the difference quotient b
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
-from gradcheck import compare, finite_differences, oracle
+import lazymaml
+from gradcheck import Task, compare, finite_differences, oracle
 from gradcheck.state import Snapshot, preserved
 from tests.helpers import assert_same_state, conv_bn, model_state, stats_net, stats_task, with_gradients
 
@@ -129,3 +131,54 @@ def test_snapshot_reports_every_kind_of_change_and_restores_it():
     snapshot.restore()
     assert snapshot.changes() == []
     assert_same_state(before, model_state(model))
+
+
+def _pruned():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    x = torch.randn(6, 2, dtype=torch.float64)
+    task = Task((x, torch.sin(x[:, :1])), (x + 0.1, torch.cos(x[:, :1])), nn.functional.mse_loss)
+    model(x)  # the pruning hook has written model[0].weight = weight_orig * weight_mask
+    return model, task
+
+
+@pytest.mark.filterwarnings("ignore::lazymaml.SequentialFallback")
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, t: finite_differences.check(oracle.meta_gradient(m, t, 3, 0.1), m, t, 3, 0.1),
+        lambda m, t: (  # it writes p.grad by design: cleared again here
+            lazymaml.MetaLearner(m, 3, 0.1, estimator="reptile").meta_backward([t, t]),
+            m.zero_grad(set_to_none=True),
+        ),
+        lambda m, t: lazymaml.meta_gradient(m, t, 3, 0.1),
+    ],
+    ids=["finite_differences.check", "MetaLearner(reptile)", "lazymaml.meta_gradient"],
+)
+def test_a_pruned_layers_plain_weight_attribute_is_restored(call):
+    """``prune`` recomputes ``module.weight`` (a plain attribute) in a forward pre-hook: a forward
+    at perturbed or adapted parameters leaves it holding their product until the user's next
+    forward. The snapshot restores plain tensor attributes too."""
+    model, task = _pruned()
+    before, weight = model_state(model), model[0].weight.detach().clone()
+    call(model, task)
+    assert torch.equal(model[0].weight, weight)
+    assert_same_state(before, model_state(model))
+
+
+def test_a_rebound_attribute_and_a_replaced_buffer_are_each_one_change():
+    model, _ = _pruned()
+    bn = nn.BatchNorm1d(3).double()
+    model.add_module("norm", bn)
+    snapshot = Snapshot(model)
+    model[0].weight = model[0].weight * 2  # rebinds the plain attribute
+    bn._buffers["running_mean"] = bn.running_mean + 1.0  # replaced, with other values
+    changes = snapshot.changes()
+    assert [(c.kind, c.name, c.what) for c in changes] == [
+        ("buffer", "norm.running_mean", "replaced"),
+        ("attribute", "0.weight", "replaced"),
+    ]
+    assert changes[0].max_abs == pytest.approx(1.0)
+    snapshot.restore()
+    assert not snapshot.changes()
