@@ -119,7 +119,9 @@ def meta_objective(
     return _objective(model, task_or_tasks, loop)
 
 
-def _objective(model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop) -> tuple[Callable[[Tensor], float], Tensor]:
+def _objective(
+    model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop
+) -> tuple[Callable[[Tensor], float], Tensor]:
     """:func:`meta_objective` under the settings ``loop`` (steps, inner_lr, leap, inner_optimizer,
     adapt; F has no first-order variant)."""
     tasks = as_tasks(task_or_tasks)

@@ -9,8 +9,9 @@ float32) and adds its own error bound E.
 The smallest error rejected: a gradient off by 1e-5 relative, in n = 2,690 dimensions. Along a
 random unit u, ⟨δg, u⟩ ≈ 1e-5 ‖g‖/√n ≈ 2·10⁻⁷ ‖g‖ (for g(1 + 1e-5) it is exactly 1e-5 ⟨g, u⟩),
 while the check allows its error bound E ≈ δ/h = 64 ε max|F| / h ≈ 10⁻⁸ (the rounding term
-dominates at h = 1e-6; F ≈ 0.5 here) plus rtol · max(|D(h)|, ‖g‖/√n) ≈ 1e-9 · 0.02, so E dominates: an error of 1e-5 relative
-to ⟨g, u⟩ exceeds the allowance on every direction (measured).
+dominates at h = 1e-6; F ≈ 0.5 here) plus rtol · max(|D(h)|, ‖g‖/√n) ≈ 1e-9 · 0.02, so E
+dominates: an error of 1e-5 relative to ⟨g, u⟩ exceeds the allowance on every direction
+(measured).
 n is large enough for the typical size ‖g‖/√n to matter: with ‖g‖ in its place the allowance
 would be √n ≈ 52 times larger and both perturbations would pass.
 """
