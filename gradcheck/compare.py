@@ -29,8 +29,10 @@ of the overall tolerance instead of to its own norm,
 entries (the same device as the typical size ‖g‖/√n in :mod:`gradcheck.finite_differences`).
 A wrong value on such a row (a conv bias gradient of 2e-4 where the truth is 0) still fails.
 
-:func:`default_rtol` is the tolerance matched to the candidate's precision that
-:func:`gradcheck.validate` and :func:`gradcheck.diagnose` use unless told otherwise.
+**Tolerances.** ``ok()`` and ``assert_close()`` default to the candidate's precision — rtol from
+:data:`gradcheck.tolerances.PRECISIONS` for the coarsest floating dtype among the candidate's
+tensors (``Report.rtol``), atol 0 — the one policy every checker here follows (docs/verification.md,
+"Tolerances").
 """
 
 from __future__ import annotations
@@ -42,16 +44,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["RTOL", "Report", "Row", "compare", "default_rtol"]
+from .tolerances import ATOL, PRECISIONS, default_rtol
 
-RTOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
-"""Default relative tolerance by the candidate's dtype: float64 implementations of the same
-quantity agree to ~1e-14 (rounding, amplified by the inner loop), float32 ones to ~1e-5."""
-
-
-def default_rtol(gradient: Mapping[str, Tensor]) -> float:
-    """The relative tolerance :data:`RTOL` gives the coarsest floating dtype in ``gradient``."""
-    return max((RTOL.get(t.dtype, 5e-2) for t in gradient.values() if t.is_floating_point()), default=1e-9)
+__all__ = ["Report", "Row", "compare"]
 
 
 def _eps(tensors: Iterable[Tensor]) -> float:
@@ -112,7 +107,9 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 class Report:
     """Per-parameter comparison of a candidate with a reference; ``str(report)`` is a table.
 
-    ``eps`` is the machine epsilon of the coarser of the two dtypes (it defines ≈0 references).
+    ``eps`` is the machine epsilon of the coarser of the two dtypes (it defines ≈0 references);
+    ``rtol`` is the candidate's precision (:func:`gradcheck.tolerances.default_rtol`), the
+    default of every verdict below.
     """
 
     rows: list[Row]
@@ -121,6 +118,7 @@ class Report:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     eps: float = torch.finfo(torch.float64).eps
+    rtol: float = PRECISIONS[torch.float64]
 
     @property
     def keys_match(self) -> bool:
@@ -145,12 +143,15 @@ class Report:
         """``row`` is within ``atol + rtol · scale(row)`` of its reference."""
         return row.ok(rtol, atol, self.scale(row))
 
-    def failing(self, rtol: float, atol: float) -> list[str]:
-        """The names of the rows (``overall`` included) that fail."""
+    def failing(self, rtol: float | None = None, atol: float = ATOL) -> list[str]:
+        """The names of the rows (``overall`` included) that fail (``rtol`` by default ``self.rtol``)."""
+        rtol = self.rtol if rtol is None else rtol
         return [r.name for r in (*self.rows, self.overall) if not self.passes(r, rtol, atol)]
 
-    def ok(self, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
-        return self.keys_match and all(self.passes(r, rtol, atol) for r in (*self.rows, self.overall))
+    def ok(self, rtol: float | None = None, atol: float = ATOL) -> bool:
+        """Keys and shapes match and every row passes; by default at the candidate's precision
+        (``self.rtol``) and atol 0."""
+        return self.keys_match and not self.failing(rtol, atol)
 
     def table(self, rtol: float | None = None, atol: float | None = None) -> str:
         """The aligned table; with tolerances, failing rows are marked."""
@@ -190,8 +191,9 @@ class Report:
     def __str__(self) -> str:
         return self.table()
 
-    def assert_close(self, rtol: float = 1e-5, atol: float = 1e-8) -> None:
-        """Raise an AssertionError carrying the table unless ``ok(rtol, atol)``."""
+    def assert_close(self, rtol: float | None = None, atol: float = ATOL) -> None:
+        """Raise an AssertionError carrying the table unless ``ok(rtol, atol)`` (same defaults)."""
+        rtol = self.rtol if rtol is None else rtol
         if not self.ok(rtol, atol):
             failing = self.failing(rtol, atol)
             why = f"failing: {', '.join(failing)}" if failing else "keys or shapes differ"
@@ -228,4 +230,5 @@ def compare(candidate: Mapping[str, Tensor], reference: Mapping[str, Tensor]) ->
         unexpected=[k for k in candidate if k not in reference],
         mismatched=mismatched,
         eps=_eps([*candidate.values(), *reference.values()]),
+        rtol=default_rtol(candidate),
     )

@@ -1,20 +1,20 @@
-"""What a candidate meta-gradient computes instead, when it is not the oracle's.
+"""What a candidate meta-gradient computes instead, when it is not the reference's.
 
 The discrepancies found in real MAML code fall into a few classes, each the exact meta-gradient
-of a nearby setting. :func:`diagnose` computes the oracle g_h under such hypotheses h and names
-the first that explains the candidate c to the checking tolerance — ``compare(c, g_h).ok(rtol,
-atol)``, the same test as the verdict — in this order (oracle calls in brackets), each setting
-computed once:
+of a nearby setting. :func:`diagnose` computes the reference — the oracle by default — as g_h
+under such hypotheses h and names the first that explains the candidate c to the checking
+tolerance — ``compare(c, g_h).ok(rtol, atol)``, the same test as the verdict — in this order
+(reference calls in brackets), each setting computed once:
 
 =====================  ===============================================  ======================
-label                  hypothesis [oracle calls]                        typical cause
+label                  hypothesis [reference calls]                     typical cause
 =====================  ===============================================  ======================
 ``exact``              c = g [0]                                        —
 ``no_meta_gradient``   ‖c‖ ≤ atol + rtol ‖g‖ [0]                         θ detached (``higher``'s
                                                                         copy_initial_weights)
 ``scaled``             c = s g, s = ⟨c, g⟩/⟨g, g⟩ (least squares) [0]    sum over B tasks, not
                                                                         the mean (s = B)
-``first_order``        first-order MAML [1]                             ``create_graph=False``
+``first_order``        first-order MAML [1] (the oracle only)           ``create_graph=False``
 ``adapt``              the presets (all, head, body), all but the       BatchNorm's affine
                        modules of one type [1 each]                     parameters not adapted;
                                                                         ANIL vs MAML
@@ -26,14 +26,23 @@ label                  hypothesis [oracle calls]                        typical 
 ``unexplained``        none of these                                    —
 =====================  ===============================================  ======================
 
-Every hypothesis but ``scaled`` changes one setting of the oracle, so one that explains c to
-rtol = 1e-9 pins the cause: two different settings agree that closely only by accident.
+Every hypothesis but ``scaled`` changes one setting of the reference (``loop.replace(...)`` on
+its :class:`gradcheck.settings.InnerLoop`), so one that explains c to rtol = 1e-9 pins the cause:
+two different settings agree that closely only by accident.
+
+**The reference** is the exact oracle unless ``reference=`` names another: a callable
+``reference(model, task_or_tasks, steps, inner_lr, **settings) -> {name: tensor}`` (e.g. one of
+:mod:`lazymaml`'s estimators), called with ``adapt``, ``leap`` and ``inner_optimizer`` and any
+other :class:`~gradcheck.settings.InnerLoop` field that differs from its default — never
+``first_order``, which only the oracle has. Every hypothesis that varies a setting applies to it
+by calling it with the changed setting; ``first_order`` is tried with the oracle only. The text
+names the reference: "the oracle", or "the reference 'lazy'" after the callable's ``__name__``.
 
 **The 1-D fit** (α in log space, so α′ > 0; γ directly, clipped to (0, 1]) is secant
 Gauss–Newton: with J the difference quotient of the last two evaluated gradients, the next x is
 x + ⟨c − g(x), J⟩/⟨J, J⟩ (the least-squares step of the linearised residual), at most 1 away.
 Its first probe is the requested value rounded to float32, so the α of a float32 tensor — a
-relative deviation of ~1e-8 — costs one oracle call; a general α′ takes a few, the error
+relative deviation of ~1e-8 — costs one reference call; a general α′ takes a few, the error
 shrinking superlinearly. A fit gives up as soon as its step would remove less than a tenth of
 ‖c − g(x)‖: the discrepancy is then not along the curve.
 
@@ -41,11 +50,15 @@ When nothing explains c, the diagnosis names the closest hypothesis (smallest �
 the parameters with the largest share of ‖c − g‖², and any parameter whose true gradient is ≈0
 (:meth:`gradcheck.Report.negligible`) but the candidate's is not — the signature of a wrong
 normalisation backward.
+
+``rtol`` defaults to the candidate's precision and ``atol`` to 0, the policy of
+:mod:`gradcheck.tolerances` (docs/verification.md, "Tolerances").
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -56,12 +69,15 @@ import torch
 from torch import Tensor, nn
 
 from . import oracle
-from .compare import Report, compare, default_rtol
-from .parameters import Adapt, flat, resolve_adapt, trainable, unflat
+from ._higher import DIFFERENTIABLE
+from .compare import Report, compare
+from .parameters import Adapt, flat, resolve_adapt, trainable
 from .settings import InnerLoop, InnerOptimizer
+from .state import preserved
 from .task import Tasks, as_tasks
+from .tolerances import ATOL, default_rtol
 
-__all__ = ["LABELS", "Diagnosis", "diagnose"]
+__all__ = ["LABELS", "Diagnosis", "ReferenceFunction", "diagnose"]
 
 LABELS = (
     "exact",
@@ -74,20 +90,30 @@ LABELS = (
     "leap",
     "unexplained",
 )
-FIT_CALLS = 8  # oracle evaluations per 1-D fit, the starting probe included
+FIT_CALLS = 8  # reference evaluations per 1-D fit, the starting probe included
 STALL = 0.9  # a fit stops when its next step would leave more than this share of ‖c − g(x)‖
-NORMALISATION = ("BatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm")
+_NORMALISATION_LAYER_PREFIXES = ("BatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm")
+"""Class-name prefixes of the normalisation layers, whose affine parameters get their own hint."""
+
+ReferenceFunction = Callable[..., Mapping[str, Tensor]]
+"""``reference(model, task_or_tasks, steps, inner_lr, **settings) -> {name: tensor}``."""
+
+_PASSED_ALWAYS = ("adapt", "leap", "inner_optimizer")
+_NOT_FOR_REFERENCES = ("steps", "inner_lr", "first_order", *_PASSED_ALWAYS)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(InnerLoop)}
 
 
 @dataclass(frozen=True)
 class Diagnosis:
     """What the candidate computes: ``label`` (one of :data:`LABELS`) and a sentence, ``detail``.
 
-    ``settings`` holds the oracle settings that reproduce the candidate (``{"steps": 4}``,
-    ``{"inner_lr": 0.10000000149}``, ``{"adapt": (...)}``, ``{"first_order": True}``), ``scale``
-    the factor for ``"scaled"``; ``residual`` is ‖c − g_h‖/‖g‖ for the explaining hypothesis h
-    (for ``"unexplained"``, the closest one, named by ``hypothesis``); ``disagree`` names the
-    parameters with the largest share of ‖c − g‖²; ``oracle_calls`` and ``seconds`` are the cost.
+    ``settings`` holds the settings under which the reference reproduces the candidate
+    (``{"steps": 4}``, ``{"inner_lr": 0.10000000149}``, ``{"adapt": (...)}``,
+    ``{"first_order": True}``), ``scale`` the factor for ``"scaled"``; ``residual`` is
+    ‖c − g_h‖/‖g‖ for the explaining hypothesis h (for ``"unexplained"``, the closest one, named
+    by ``hypothesis``); ``disagree`` names the parameters with the largest share of ‖c − g‖²;
+    ``reference`` names what the candidate was compared with ("the oracle" or "the reference
+    'lazy'"); ``oracle_calls`` (the reference's calls) and ``seconds`` are the cost.
     """
 
     label: str
@@ -99,45 +125,102 @@ class Diagnosis:
     disagree: tuple[str, ...] = ()
     oracle_calls: int = 0
     seconds: float = 0.0
+    reference: str = "the oracle"
 
     def __str__(self) -> str:
         return f"diagnosis: {self.label} — {self.detail}"
 
 
+class Reference:
+    """The reference meta-gradient on fixed tasks — the exact oracle, or a user's
+    :data:`ReferenceFunction` — under settings near the requested ``loop``, each computed once
+    (the cache is keyed by the :class:`InnerLoop` itself). Used by :func:`diagnose` and
+    :func:`gradcheck.validate`; ``loop.adapt`` is resolved to parameter names once, here."""
+
+    def __init__(
+        self, function: ReferenceFunction | None, model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop
+    ) -> None:
+        if function is None:
+            loop.require(*DIFFERENTIABLE, by="the oracle")
+        elif not callable(function):
+            raise TypeError(
+                "reference must be None (the oracle) or a callable "
+                f"(model, task_or_tasks, steps, inner_lr, **settings) -> {{name: tensor}}, got {function!r}"
+            )
+        elif loop.first_order:
+            raise ValueError(
+                "first_order=True applies to the oracle only (reference=None); "
+                f"{_name(function)} computes its own estimator"
+            )
+        self.function, self.model, self.task_or_tasks = function, model, task_or_tasks
+        self.tasks = as_tasks(task_or_tasks)
+        self.adapted = resolve_adapt(model, loop.adapt)
+        self.loop = loop.replace(adapt=self.adapted)
+        self.name = _name(function)
+        self.cache: dict[InnerLoop, dict[str, Tensor]] = {}
+        self.calls = 0
+
+    @property
+    def is_oracle(self) -> bool:
+        return self.function is None
+
+    def on(self, task_or_tasks: Tasks) -> Reference:
+        """The same reference and settings on other tasks (a cache of its own)."""
+        return Reference(self.function, self.model, task_or_tasks, self.loop)
+
+    def __call__(self, loop: InnerLoop | None = None) -> dict[str, Tensor]:
+        """The reference meta-gradient under ``loop`` (by default the requested settings)."""
+        loop = self.loop if loop is None else loop
+        if loop not in self.cache:
+            self.calls += 1
+            self.cache[loop] = self._compute(loop)
+        return self.cache[loop]
+
+    def _compute(self, loop: InnerLoop) -> dict[str, Tensor]:
+        if self.function is None:
+            return oracle.gradient(self.model, self.task_or_tasks, loop)
+        settings = {name: getattr(loop, name) for name in _PASSED_ALWAYS}
+        settings |= {
+            name: getattr(loop, name)
+            for name in _DEFAULTS
+            if name not in _NOT_FOR_REFERENCES and getattr(loop, name) != _DEFAULTS[name]
+        }
+        with preserved(self.model):
+            out = self.function(self.model, self.task_or_tasks, loop.steps, loop.inner_lr, **settings)
+        if not isinstance(out, Mapping) or not all(isinstance(t, Tensor) for t in out.values()):
+            raise TypeError(f"{self.name} must return {{name: tensor}}, got {type(out).__name__}")
+        return {n: t.detach() for n, t in out.items()}
+
+
+def _name(function: ReferenceFunction | None) -> str:
+    if function is None:
+        return "the oracle"
+    return f"the reference {getattr(function, '__name__', type(function).__name__)!r}"
+
+
 @dataclass(frozen=True)
 class _Hypothesis:
-    """A nearby setting: the oracle with ``change`` applied, and what it means if it explains c."""
+    """A nearby setting, or a changed candidate: the reference under ``loop.replace(**change)``,
+    times ``scale``; ``detail`` says what the candidate then computes and ``hint`` a likely cause."""
 
     label: str
     description: str
-    change: dict[str, Any]
     detail: str
+    hint: str = ""
+    change: Mapping[str, Any] = field(default_factory=dict)
+    scale: float = 1.0
 
+    def gradient(self, reference: Reference, truth: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        base = reference(reference.loop.replace(**self.change)) if self.change else truth
+        return base if self.scale == 1 else {n: self.scale * t.double() for n, t in base.items()}
 
-class _Oracle:
-    """The oracle under settings near the requested ones, each computed once."""
+    def what(self, reference: str) -> str:
+        """The hypothesis with the reference named: "4 × the oracle", "the oracle with K = 4"."""
+        return self.description if not self.change else f"{reference} with {self.description}"
 
-    def __init__(self, model: nn.Module, tasks: Tasks, settings: dict[str, Any]) -> None:
-        self.model, self.tasks, self.settings = model, tasks, settings
-        self.cache: dict[tuple[tuple[str, Any], ...], dict[str, Tensor]] = {}
-        self.calls = 0
-
-    def __call__(self, **change: Any) -> dict[str, Tensor]:
-        s = {**self.settings, **change}
-        key = tuple(sorted(s.items()))
-        if key not in self.cache:
-            self.calls += 1
-            self.cache[key] = oracle.meta_gradient(
-                self.model,
-                self.tasks,
-                s["steps"],
-                s["inner_lr"],
-                adapt=list(s["adapt"]),
-                leap=s["leap"],
-                first_order=s["first_order"],
-                inner_optimizer=s["inner_optimizer"],
-            )
-        return self.cache[key]
+    def explanation(self, reference: str) -> str:
+        sentence = self.detail + (f": {self.hint}" if self.hint else "")
+        return sentence if not self.change else f"{sentence} ({self.what(reference)} explains it)"
 
 
 def _names(chosen: tuple[str, ...], limit: int = 6) -> str:
@@ -173,7 +256,7 @@ def _adapted_sets(
     for kind in dict.fromkeys(kinds.values()):
         members = [n for prefix, mine in owners.items() if kinds[prefix] == kind for n in mine]
         why = f"the {kind} modules' parameters kept out of the inner loop"
-        if kind.startswith(NORMALISATION):
+        if kind.startswith(_NORMALISATION_LAYER_PREFIXES):
             why = f"{kind}'s affine parameters kept out of the inner loop"
         likely.append((f"all but the {kind} modules", without(members), why))
         likely.append((f"all but the {kind} modules", without(members, names), why))
@@ -197,9 +280,7 @@ def _adapted_sets(
             if chosen not in seen:
                 seen.add(chosen)
                 detail = f"the candidate adapts {what} in the inner loop ({_names(chosen)}), not {wanted}"
-                out.append(
-                    _Hypothesis("adapt", f"adapt = {what}", {"adapt": chosen}, f"{detail}: e.g. {why}")
-                )
+                out.append(_Hypothesis("adapt", f"adapt = {what}", detail, f"e.g. {why}", {"adapt": chosen}))
         return out
 
     return hypotheses(likely), hypotheses(per_module)
@@ -246,22 +327,22 @@ def _near(x: float, value: float, rel: float = 1e-6) -> bool:
 
 def _scale_hint(scale: float, tasks: int, inner_lr: float) -> str:
     if tasks > 1 and _near(scale, tasks):
-        return f": the sum over the {tasks} tasks instead of their mean"
+        return f"the sum over the {tasks} tasks instead of their mean"
     if tasks > 1 and _near(scale, 1 / tasks):
-        return f": divided by the number of tasks ({tasks}) once too often"
+        return f"divided by the number of tasks ({tasks}) once too often"
     if _near(scale, -1.0):
-        return ": the sign is flipped (the loss negated, or a step up the meta-gradient)"
+        return "the sign is flipped (the loss negated, or a step up the meta-gradient)"
     if _near(scale, inner_lr) or _near(scale, 1 / inner_lr):
-        return ": a stray factor of the inner learning rate"
+        return "a stray factor of the inner learning rate"
     return ""
 
 
 def _lr_hint(found: float, inner_lr: float) -> str:
     rounded = _float32(inner_lr)
     if rounded != inner_lr and abs(found - rounded) <= 1e-3 * abs(rounded - inner_lr):
-        return f": α rounded to float32 ({rounded!r}), e.g. α stored as a float32 tensor"
+        return f"α rounded to float32 ({rounded!r}), e.g. α stored as a float32 tensor"
     if _near(found, inner_lr**2):
-        return ": α² — the learning rate applied twice"
+        return "α² — the learning rate applied twice"
     return ""
 
 
@@ -286,54 +367,6 @@ def _zero_rows(report: Report, rtol: float, atol: float) -> str:
     )
 
 
-def _hypotheses(
-    at: _Oracle, candidate: Tensor, truth: Tensor, like: Mapping[str, Tensor], model: nn.Module
-) -> Iterator[tuple[_Hypothesis, Mapping[str, Tensor]]]:
-    """Every hypothesis that costs oracle calls, cheapest and likeliest first, with its gradient."""
-    s = at.settings
-    loop_lr, k, first_order = s["inner_lr"], s["steps"], s["first_order"]
-    order = "second-order MAML" if first_order else "first-order MAML"
-    why = (
-        ""
-        if first_order
-        else ": the inner gradients taken as constants — e.g. create_graph=False in the inner step"
-    )
-    hypothesis = _Hypothesis(
-        "first_order", order, {"first_order": not first_order}, f"the candidate equals {order}{why}"
-    )
-    yield hypothesis, at(**hypothesis.change)
-    likely, per_module = _adapted_sets(model, s["adapt"])
-    for hypothesis in likely:
-        yield hypothesis, at(**hypothesis.change)
-    for steps in (k - 1, k + 1):
-        if steps >= 0:
-            detail = f"the candidate takes K = {steps} inner steps, not {k} (an off-by-one in the inner loop)"
-            hypothesis = _Hypothesis("steps", f"K = {steps}", {"steps": steps}, detail)
-            yield hypothesis, at(**hypothesis.change)
-
-    def vector(g: Mapping[str, Tensor]) -> Tensor:
-        return flat(g[n] for n in like).detach().double()
-
-    # α in log space (α′ > 0), probing α's float32 rounding first
-    probe = math.log(_float32(loop_lr) / loop_lr) or 1e-3
-    bounds = (-math.log(1e3), math.log(1e3))
-    lr_at = lambda x: at(inner_lr=loop_lr * math.exp(x))  # noqa: E731
-    for x in _secant(lambda x: vector(lr_at(x)), candidate, (0.0, truth), probe, bounds, 1.0):
-        value = loop_lr * math.exp(x)
-        detail = (
-            f"the candidate's inner step size is α′ = {value!r}, not {loop_lr!r} "
-            f"(relative {value / loop_lr - 1:+.2e}){_lr_hint(value, loop_lr)}"
-        )
-        yield _Hypothesis("inner_lr", f"α′ = {value!r}", {"inner_lr": value}, detail), lr_at(x)
-    for hypothesis in per_module:
-        yield hypothesis, at(**hypothesis.change)
-    leap = s["leap"]
-    probe = leap - 1e-3 if _float32(leap) == leap else _float32(leap)
-    for x in _secant(lambda x: vector(at(leap=x)), candidate, (leap, truth), probe, (1e-6, 1.0), 1.0):
-        detail = f"the candidate scores the teacher θ + γ′(φ_K − θ) at γ′ = {x:.9g}, not γ = {leap:g}"
-        yield _Hypothesis("leap", f"γ′ = {x!r}", {"leap": x}, detail), at(leap=x)
-
-
 @torch.enable_grad()
 def diagnose(
     candidate_gradient: Mapping[str, Tensor],
@@ -347,108 +380,173 @@ def diagnose(
     first_order: bool = False,
     inner_optimizer: InnerOptimizer = "sgd",
     rtol: float | None = None,
-    atol: float = 0.0,
-    reference: Mapping[str, Tensor] | None = None,
+    atol: float = ATOL,
+    reference: ReferenceFunction | None = None,
+    reference_gradient: Mapping[str, Tensor] | None = None,
 ) -> Diagnosis:
-    """Name what ``candidate_gradient`` computes, by the oracle under nearby settings.
+    """Name what ``candidate_gradient`` computes, by the reference under nearby settings.
 
-    ``rtol`` defaults to the candidate's precision (:func:`gradcheck.compare.default_rtol`).
-    ``reference``, the oracle's meta-gradient under the requested settings where already known,
-    saves one oracle call. The model is left exactly as it was.
+    ``reference`` is None for the exact oracle, or a :data:`ReferenceFunction` (module
+    docstring). ``rtol`` defaults to the candidate's precision and ``atol`` to 0
+    (:mod:`gradcheck.tolerances`). ``reference_gradient``, the reference's meta-gradient under
+    the requested settings where already known, saves one reference call. The model is left
+    exactly as it was.
     """
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, first_order=first_order)
+    source = Reference(reference, model, task_or_tasks, loop)
+    return run(candidate_gradient, source, rtol=rtol, atol=atol, truth=reference_gradient)
+
+
+def run(
+    candidate: Mapping[str, Tensor],
+    reference: Reference,
+    *,
+    rtol: float | None = None,
+    atol: float = ATOL,
+    truth: Mapping[str, Tensor] | None = None,
+) -> Diagnosis:
+    """:func:`diagnose` against a :class:`Reference` (``truth``: its gradient under the requested
+    settings, where already known): the screen, then the hypotheses in order, then the finish."""
     started = time.perf_counter()
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-    loop.require("sgd", "adam", by="diagnose (through the oracle)")
-    tasks = as_tasks(task_or_tasks)
-    rtol = default_rtol(candidate_gradient) if rtol is None else rtol
-    settings = {
-        "steps": loop.steps,
-        "inner_lr": loop.inner_lr,
-        "leap": loop.leap,
-        "first_order": first_order,
-        "inner_optimizer": inner_optimizer,
-        "adapt": resolve_adapt(model, adapt),
-    }
-    at = _Oracle(model, tasks, settings)
-    truth = dict(reference) if reference is not None else at()
-    report = compare(candidate_gradient, truth)
-    disagree, shares = _shares(report)
+    rtol = default_rtol(candidate) if rtol is None else rtol
+    truth = dict(truth) if truth is not None else reference()
+    report = compare(candidate, truth)
+    found = _screen(report, rtol, atol, reference.name) or _search(
+        candidate, truth, report, reference, rtol, atol
+    )
+    return _finish(found, report, reference, started)
 
-    def finish(label: str, detail: str, **extra: Any) -> Diagnosis:
-        if label not in ("exact", "scaled", "no_meta_gradient") and shares:  # those: c − g ∝ g
-            detail += f"; the parameters that disagree most: {shares}"
-        return Diagnosis(
-            label,
-            detail,
-            disagree=() if label == "exact" else disagree,
-            oracle_calls=at.calls,
-            seconds=time.perf_counter() - started,
-            **extra,
-        )
 
+def _screen(report: Report, rtol: float, atol: float, name: str) -> Diagnosis | None:
+    """The verdicts that need no further reference call: names or shapes differ, not finite,
+    exact, zero; None when the candidate needs explaining."""
     overall = report.overall
     if not report.keys_match:
         wrong = f"missing {report.missing}, unexpected {report.unexpected}, wrong shapes {report.mismatched}"
-        return finish("unexplained", f"the candidate's names or shapes differ from the model's: {wrong}")
+        return Diagnosis("unexplained", f"the candidate's names or shapes differ from the model's: {wrong}")
     broken = [r.name for r in report.rows if not math.isfinite(r.abs_error)]
     if broken:
-        return finish("unexplained", f"the candidate is not finite (NaN or inf) in {', '.join(broken)}")
+        return Diagnosis("unexplained", f"the candidate is not finite (NaN or inf) in {', '.join(broken)}")
     if report.ok(rtol, atol):
-        return finish("exact", f"agrees with the oracle (relative error {overall.rel_error:.1e})")
+        return Diagnosis("exact", f"agrees with {name} (relative error {overall.rel_error:.1e})")
     if overall.candidate_norm <= atol + rtol * overall.reference_norm:
-        return finish(
+        return Diagnosis(
             "no_meta_gradient",
             f"the candidate is zero (|c| = {overall.candidate_norm:.1e}, |g| = "
-            f"{overall.reference_norm:.1e}): nothing flows back to θ — e.g. θ detached before the inner "
-            "loop (higher's default copy_initial_weights=True)",
+            f"{overall.reference_norm:.1e} for {name}): nothing flows back to θ — e.g. θ detached before "
+            "the inner loop (higher's default copy_initial_weights=True)",
             hypothesis="zero",
             residual=overall.candidate_norm / (overall.reference_norm or 1.0),
         )
-    names = list(truth)
-    c = flat(candidate_gradient[n] for n in names).detach().double()
-    g = flat(truth[n] for n in names).detach().double()
-    norm = overall.reference_norm or 1.0
-    closest = (math.inf, "")
+    return None
 
-    def explains(description: str, hypothesis: Mapping[str, Tensor]) -> tuple[bool, float]:
-        nonlocal closest
-        fit = compare(candidate_gradient, hypothesis)
+
+def _search(
+    candidate: Mapping[str, Tensor],
+    truth: Mapping[str, Tensor],
+    report: Report,
+    reference: Reference,
+    rtol: float,
+    atol: float,
+) -> Diagnosis:
+    """The first hypothesis that explains the candidate to (rtol, atol), or the closest one."""
+    norm = report.overall.reference_norm or 1.0
+    closest, settings_tried = (math.inf, ""), 0
+    for hypothesis in _hypotheses(candidate, truth, report, reference):
+        fit = compare(candidate, hypothesis.gradient(reference, truth))
         residual = fit.overall.abs_error / norm
-        closest = min(closest, (residual, description))
-        return fit.ok(rtol, atol), residual
-
-    if overall.reference_norm:
-        scale = torch.dot(c, g).item() / torch.dot(g, g).item()
-        ok, residual = explains(f"{scale:.6g} × the oracle", unflat(scale * g, truth))
-        if ok:
-            hint = _scale_hint(scale, len(tasks), loop.inner_lr)
-            return finish(
-                "scaled",
-                f"the candidate is {scale:.6f} × the oracle's meta-gradient "
-                f"(cosine {overall.cosine:.7f}){hint}",
-                hypothesis=f"{scale:.6g} × the oracle",
-                scale=scale,
-                residual=residual,
-            )
-    tried = 0
-    for hypothesis, gradient in _hypotheses(at, c, g, truth, model):
-        tried += 1
-        ok, residual = explains(hypothesis.description, gradient)
-        if ok:
-            return finish(
+        closest = min(closest, (residual, hypothesis.what(reference.name)))
+        settings_tried += bool(hypothesis.change)
+        if fit.ok(rtol, atol):
+            return Diagnosis(
                 hypothesis.label,
-                hypothesis.detail,
+                hypothesis.explanation(reference.name),
                 hypothesis=hypothesis.description,
-                settings=hypothesis.change,
+                settings=dict(hypothesis.change),
+                scale=hypothesis.scale if hypothesis.label == "scaled" else None,
                 residual=residual,
             )
-    residual, description = closest
-    return finish(
+    residual, what = closest
+    kinds = ("first order, " if reference.is_oracle else "") + "adapted sets, K ± 1, fits of α and γ"
+    return Diagnosis(
         "unexplained",
-        f"no nearby setting explains the candidate (tried the scale, zero and {tried} settings — first "
-        f"order, adapted sets, K ± 1, fits of α and γ); closest: {description} (|c − g_h|/|g| = "
-        f"{residual:.1e}, against {overall.rel_error:.1e} for the requested settings)"
-        f"{_zero_rows(report, rtol, atol)}",
-        hypothesis=description,
+        f"no nearby setting of {reference.name} explains the candidate (tried the scale, zero and "
+        f"{settings_tried} settings — {kinds}); closest: {what} (|c − g_h|/|g| = {residual:.1e}, against "
+        f"{report.overall.rel_error:.1e} for the requested settings){_zero_rows(report, rtol, atol)}",
+        hypothesis=what,
         residual=residual,
     )
+
+
+def _finish(found: Diagnosis, report: Report, reference: Reference, started: float) -> Diagnosis:
+    """``found`` with the parameters that disagree most, the reference's name and the cost."""
+    disagree, shares = _shares(report)
+    detail = found.detail
+    if found.label not in ("exact", "scaled", "no_meta_gradient") and shares:  # those: c − g ∝ g
+        detail += f"; the parameters that disagree most: {shares}"
+    return dataclasses.replace(
+        found,
+        detail=detail,
+        disagree=() if found.label == "exact" else disagree,
+        oracle_calls=reference.calls,
+        seconds=time.perf_counter() - started,
+        reference=reference.name,
+    )
+
+
+def _hypotheses(
+    candidate: Mapping[str, Tensor], truth: Mapping[str, Tensor], report: Report, reference: Reference
+) -> Iterator[_Hypothesis]:
+    """Every hypothesis, cheapest and likeliest first: the scale, first order (the oracle only),
+    the likely adapted sets, K ± 1, the fit of α, one module at a time, the fit of γ."""
+    loop, name = reference.loop, reference.name
+
+    def vector(g: Mapping[str, Tensor]) -> Tensor:
+        return flat(g[n] for n in truth).detach().double()
+
+    c, g = vector(candidate), vector(truth)
+    if report.overall.reference_norm:
+        s = torch.dot(c, g).item() / torch.dot(g, g).item()
+        yield _Hypothesis(
+            "scaled",
+            f"{s:.6g} × {name}",
+            f"the candidate is {s:.6f} × {name} (cosine {report.overall.cosine:.7f})",
+            _scale_hint(s, len(reference.tasks), loop.inner_lr),
+            scale=s,
+        )
+    if reference.is_oracle:
+        order = "second-order MAML" if loop.first_order else "first-order MAML"
+        why = (
+            ""
+            if loop.first_order
+            else "the inner gradients taken as constants — e.g. create_graph=False in the inner step"
+        )
+        yield _Hypothesis(
+            "first_order", order, f"the candidate equals {order}", why, {"first_order": not loop.first_order}
+        )
+    likely, per_module = _adapted_sets(reference.model, reference.adapted)
+    yield from likely
+    for steps in (loop.steps - 1, loop.steps + 1):
+        if steps >= 0:
+            detail = f"the candidate takes K = {steps} inner steps, not {loop.steps}"
+            yield _Hypothesis(
+                "steps", f"K = {steps}", detail, "an off-by-one in the inner loop", {"steps": steps}
+            )
+
+    # α in log space (α′ > 0), probing α's float32 rounding first
+    lr = loop.inner_lr
+    at_lr = lambda x: vector(reference(loop.replace(inner_lr=lr * math.exp(x))))  # noqa: E731
+    probe, bounds = math.log(_float32(lr) / lr) or 1e-3, (-math.log(1e3), math.log(1e3))
+    for x in _secant(at_lr, c, (0.0, g), probe, bounds, 1.0):
+        value = lr * math.exp(x)
+        detail = (
+            f"the candidate's inner step size is α′ = {value!r}, not {lr!r} (relative {value / lr - 1:+.2e})"
+        )
+        yield _Hypothesis("inner_lr", f"α′ = {value!r}", detail, _lr_hint(value, lr), {"inner_lr": value})
+    yield from per_module
+    leap = loop.leap
+    at_leap = lambda x: vector(reference(loop.replace(leap=x)))  # noqa: E731
+    probe = leap - 1e-3 if _float32(leap) == leap else _float32(leap)
+    for x in _secant(at_leap, c, (leap, g), probe, (1e-6, 1.0), 1.0):
+        detail = f"the candidate scores the teacher θ + γ′(φ_K − θ) at γ′ = {x:.9g}, not γ = {leap:g}"
+        yield _Hypothesis("leap", f"γ′ = {x!r}", detail, change={"leap": x})

@@ -21,8 +21,8 @@ its odd and even parts. An evaluation returns f(t) + r(t), r its rounding error.
   covers 4σ with room. Rounding moves D(s) by at most δ/s.
 * Singularities: through ReLU or max-pooling the inner gradient jumps where a unit switches, so
   f has small steps and kinks. A step J at t₀ ∈ (−s, s) adds J/2s to D(s): at s = 10⁻⁶ a step
-  of 10⁻¹¹ moves D(s) by 5·10⁻⁶, beyond the float64 tolerance. They are detected, not assumed
-  away.
+  of 10⁻¹¹ moves D(s) by 5·10⁻⁶, far beyond the error bound of a smooth f (about δ/s ≈
+  1.4·10⁻⁸ M there). They are detected, not assumed away.
 
 *Smoothness test* at step s, from f(0) (once per check) and f(±s/2), f(±s), f(±2s) (six
 evaluations per direction). The two combinations
@@ -50,7 +50,8 @@ f whose s⁴ or s⁶ terms are not yet negligible fails the test too, correctly.
 Where f is not smooth at h the direction is retried at h/10 and then h/100 (``STEPS``): the
 number of singularities within 2s of θ is proportional to s, so each tenth of the step removes
 about nine in ten of them, while rounding (δ/s) grows ten-fold — at h/100 = 10⁻⁸ it is
-≈ 1.4·10⁻⁶ M, the size of the float64 tolerance, so smaller steps would trade kinks for noise.
+≈ 1.4·10⁻⁶ M, as large as the errors worth detecting (a gradient off by 10⁻⁵ relative moves
+⟨g, u⟩ by about 10⁻⁵ ‖g‖/√n), so smaller steps would trade kinks for noise.
 A direction smooth at none of them is INCONCLUSIVE, reported with its differences and never as
 a mismatch.
 
@@ -64,9 +65,14 @@ in the estimate), any undetected singular part, and rounding — and ⟨g, u⟩ 
     |⟨g, u⟩ − D(s)| ≤ E + rtol · max(|D(s)|, ‖g‖/√n),
 
 where ‖g‖/√n is the typical size of ⟨g, u⟩ for a random unit u in n dimensions (so directions
-nearly orthogonal to g do not make the test arbitrarily strict), and rtol reflects the
-candidate's own precision: 1e-6 for float64, 1e-3 for float32, 5e-2 for 16-bit floats. The
-check passes when every conclusive direction agrees and at least half are conclusive.
+nearly orthogonal to g do not make the test arbitrarily strict), and rtol is the candidate's
+own precision, from the one table every checker uses (:mod:`gradcheck.tolerances`; 1e-9 for
+float64, 1e-3 for float32, 5e-2 for 16-bit floats): the numerical error is bounded by E, never
+folded into rtol. The check passes when every conclusive direction agrees and at least half are
+conclusive.
+
+The step h is ``step`` (default 10⁻⁶) in :func:`check` and :func:`meta_gradient` — not to be
+confused with the machine epsilon ε above.
 """
 
 from __future__ import annotations
@@ -83,11 +89,11 @@ from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
 from .student import QUERY_LOSS, Student, checked_loss, converted
 from .task import Tasks, as_tasks
+from .tolerances import default_rtol
 
 __all__ = ["Differences", "Direction", "DirectionalReport", "check", "meta_gradient", "meta_objective"]
 
 EPS64 = torch.finfo(torch.float64).eps
-RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 NOISE = 64.0  # κ: the rounding error of one evaluation of F is at most κ ε max|F|
 SMOOTH = 0.25  # f is smooth at s when |C| ≤ SMOOTH · |D(2s) − D(s)| + … (and the same for G)
 STEPS = (1.0, 0.1, 0.01)  # the steps tried, as fractions of h, until F is smooth at one
@@ -109,9 +115,17 @@ def meta_objective(
     so is the data of a model that is not float64 already; a closure task cannot be converted,
     so it is accepted only with a float64 model (build its data in float64).
     """
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt)
+    return _objective(model, task_or_tasks, loop)
+
+
+def _objective(
+    model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop
+) -> tuple[Callable[[Tensor], float], Tensor]:
+    """:func:`meta_objective` under the settings ``loop`` (steps, inner_lr, leap, inner_optimizer,
+    adapt; F has no first-order variant)."""
     tasks = as_tasks(task_or_tasks)
-    student = Student.read(model, adapt, torch.float64)
+    student = Student.read(model, loop.adapt, torch.float64)
     tasks = converted(tasks, model, torch.float64, "finite differences")
     theta = student.theta
 
@@ -136,14 +150,17 @@ def meta_gradient(
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
-    eps: float = 1e-6,
+    step: float = 1e-6,
     max_parameters: int = 20_000,
 ) -> dict[str, Tensor]:
-    """Central differences (F(θ + h eᵢ) − F(θ − h eᵢ)) / 2h for every coordinate, in float64.
+    """Central differences (F(θ + h eᵢ) − F(θ − h eᵢ)) / 2h for every coordinate, in float64,
+    with h = ``step``; compare them with a candidate at
+    :data:`gradcheck.tolerances.COORDINATEWISE`.
 
     Costs 2n evaluations of F (each K + 1 forward/backward passes per task): meant for small
     models; above ``max_parameters`` use :func:`check`.
     """
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt)
     theta = trainable(model)
     n = sum(p.numel() for p in theta.values())
     if n > max_parameters:
@@ -152,17 +169,15 @@ def meta_gradient(
             f"{2 * n} meta-objective evaluations (limit max_parameters={max_parameters}): use "
             "finite_differences.check for a directional check"
         )
-    objective, x0 = meta_objective(
-        model, task_or_tasks, steps, inner_lr, adapt=adapt, leap=leap, inner_optimizer=inner_optimizer
-    )
+    objective, x0 = _objective(model, task_or_tasks, loop)
     x, g = x0.clone(), torch.empty_like(x0)
     for i in range(n):
-        x[i] = x0[i] + eps
+        x[i] = x0[i] + step
         f_plus = objective(x)
-        x[i] = x0[i] - eps
+        x[i] = x0[i] - step
         f_minus = objective(x)
         x[i] = x0[i]
-        g[i] = (f_plus - f_minus) / (2 * eps)
+        g[i] = (f_plus - f_minus) / (2 * step)
     return unflat(g, {k: p.detach() for k, p in theta.items()})
 
 
@@ -287,10 +302,11 @@ class Direction:
 
 @dataclass(frozen=True)
 class DirectionalReport:
-    """The result of :func:`check`: one row per direction."""
+    """The result of :func:`check`: one row per direction, at the requested ``step`` h and the
+    candidate's ``rtol``."""
 
     directions: list[Direction]
-    eps: float
+    step: float
     rtol: float
 
     @property
@@ -311,7 +327,7 @@ class DirectionalReport:
         n, failed, inconclusive = len(self.directions), self.failed, self.inconclusive
         verdict = "ok" if self.ok() else "MISMATCH" if failed else "INCONCLUSIVE"
         summary = (
-            f"directional check (central differences, h={self.eps:g}, rtol={self.rtol:g}): {verdict} — "
+            f"directional check (central differences, step h={self.step:g}, rtol={self.rtol:g}): {verdict} — "
             f"{n - len(failed) - len(inconclusive)} agree, {len(failed)} disagree, "
             f"{len(inconclusive)} inconclusive of {n}"
         )
@@ -345,7 +361,7 @@ class DirectionalReport:
             conclusive = len(self.directions) - len(self.inconclusive)
             lines.append(
                 f"only {conclusive} of {len(self.directions)} directions are conclusive (at least half "
-                "must be): check more directions, or a smaller eps"
+                "must be): check more directions, or a smaller step"
             )
         raise AssertionError(
             "\n".join(["meta-gradient disagrees with finite differences", *lines, str(self)])
@@ -376,24 +392,23 @@ def check(
     inner_optimizer: InnerOptimizer = "sgd",
     directions: int = 8,
     seed: int = 0,
-    eps: float = 1e-6,
+    step: float = 1e-6,
     rtol: float | None = None,
 ) -> DirectionalReport:
     """Compare ⟨g, u⟩ with central differences of F along ``directions`` seeded unit vectors.
 
-    Costs 1 + 6 evaluations of F per direction (f(0) once; f(±h/2), f(±h), f(±2h)) and 6 more
-    per retry at a smaller step where F is not smooth, whatever the model's size. ``rtol``
-    defaults to the candidate's precision (see the module docstring).
+    Costs 1 + 6 evaluations of F per direction (f(0) once; f(±h/2), f(±h), f(±2h), h = ``step``)
+    and 6 more per retry at a smaller step where F is not smooth, whatever the model's size.
+    ``rtol`` defaults to the candidate's precision (:func:`gradcheck.tolerances.default_rtol`,
+    the one policy of docs/verification.md, "Tolerances"), added to the error bound E.
     """
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
         raise ValueError(f"directions must be a positive integer, got {directions!r}")
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt)
     theta = trainable(model)
     g = _as_vector(gradient, theta)
-    if rtol is None:
-        rtol = max(RTOL.get(t.dtype, 5e-2) for t in gradient.values())
-    objective, x0 = meta_objective(
-        model, task_or_tasks, steps, inner_lr, adapt=adapt, leap=leap, inner_optimizer=inner_optimizer
-    )
+    rtol = default_rtol(gradient) if rtol is None else rtol
+    objective, x0 = _objective(model, task_or_tasks, loop)
     generator = torch.Generator().manual_seed(seed)
     typical = g.norm().item() / math.sqrt(g.numel())
     f0 = objective(x0)
@@ -403,9 +418,9 @@ def check(
         u = u / u.norm()
         tried: list[Differences] = []
         for fraction in STEPS:
-            tried.append(_differences(objective, x0, f0, u.to(x0.device), fraction * eps))
+            tried.append(_differences(objective, x0, f0, u.to(x0.device), fraction * step))
             if tried[-1].smooth:
                 break
         relative = rtol * max(abs(tried[-1].numerical), typical)
         rows.append(Direction(torch.dot(g, u).item(), tuple(tried), relative))
-    return DirectionalReport(rows, eps, rtol)
+    return DirectionalReport(rows, step, rtol)

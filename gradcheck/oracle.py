@@ -5,6 +5,11 @@
 
 ``first_order=True`` treats every inner gradient as a constant (dφ_K/dθ = I), giving the
 first-order MAML gradient ∇L_Q(φ_T). For several tasks the result is the mean over them.
+
+:func:`meta_gradient` is the public entry point; it builds the settings once and calls
+:func:`gradient`, which takes them as one :class:`gradcheck.settings.InnerLoop` — the form the
+other checkers (:func:`gradcheck.validate`, :func:`gradcheck.diagnose`) call, varying the
+settings with ``loop.replace(...)``.
 """
 
 from __future__ import annotations
@@ -50,7 +55,6 @@ def _task_gradient(
     loop: InnerLoop,
     theta: Mapping[str, Tensor],
     adapted: tuple[str, ...],
-    first_order: bool,
 ) -> list[Tensor | None]:
     optimizer_class, differentiable_class = DIFFERENTIABLE[str(loop.inner_optimizer)]
     root = _Root(model)
@@ -66,7 +70,7 @@ def _task_gradient(
     )
     for k in range(loop.steps):
         loss = checked_loss(task.support_loss(fmodel), support_loss_at(k, loop.steps))
-        optimizer.step(loss, grad_callback=_constant if first_order else None)
+        optimizer.step(loss, grad_callback=_constant if loop.first_order else None)
     if loop.leap != 1:
         fmodel.update_params([p + loop.leap * (q - p) for p, q in zip(start, fmodel.fast_params)])
     loss = checked_loss(task.query_loss(fmodel), QUERY_LOSS)
@@ -74,6 +78,17 @@ def _task_gradient(
 
 
 @torch.enable_grad()  # also when the caller is inside torch.no_grad()
+def gradient(model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop) -> dict[str, Tensor]:
+    """:func:`meta_gradient` under the settings ``loop`` (every field the oracle reads: steps,
+    inner_lr, leap, inner_optimizer, adapt, first_order)."""
+    loop.require(*DIFFERENTIABLE, by="the oracle")
+    tasks = as_tasks(task_or_tasks)
+    theta = trainable(model)
+    adapted = resolve_adapt(model, loop.adapt)
+    with preserved(model):
+        return task_mean([dense(theta, _task_gradient(model, task, loop, theta, adapted)) for task in tasks])
+
+
 def meta_gradient(
     model: nn.Module,
     task_or_tasks: Tasks,
@@ -93,12 +108,5 @@ def meta_gradient(
     ``torch.optim.Adam``). For several tasks, the mean. The model is left exactly as it was,
     also when this raises.
     """
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
-    loop.require(*DIFFERENTIABLE, by="the oracle")
-    tasks = as_tasks(task_or_tasks)
-    theta = trainable(model)
-    adapted = resolve_adapt(model, adapt)
-    with preserved(model):
-        return task_mean(
-            [dense(theta, _task_gradient(model, task, loop, theta, adapted, first_order)) for task in tasks]
-        )
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, first_order=first_order)
+    return gradient(model, task_or_tasks, loop)

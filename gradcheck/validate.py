@@ -1,5 +1,11 @@
-"""Run a user's meta-gradient implementation against the oracle: the gradient's verdict, what the
-candidate did to the model, and what it computes instead — reported separately.
+"""Run a user's meta-gradient implementation against a reference — the exact oracle unless told
+otherwise: the gradient's verdict, what the candidate did to the model, and what it computes
+instead — reported separately.
+
+**The reference** is :func:`gradcheck.oracle.meta_gradient` with ``reference=None``, or a callable
+``reference(model, task_or_tasks, steps, inner_lr, **settings) -> {name: tensor}`` (the calling
+convention of :mod:`gradcheck.diagnose`), called once per task; every output line names it: "the
+oracle", or "the reference 'lazy'" after the callable's ``__name__``.
 
 **The candidate** is ``candidate_fn(model, task_or_tasks, steps, inner_lr)`` returning
 ``{name: gradient}``, or ``None`` to have the gradient read from ``p.grad`` (cleared before each
@@ -9,8 +15,9 @@ and must return the *mean* over its tasks: it is called once per task with a one
 with the whole meta-batch as given, for the overall verdict — B + 1 calls for B tasks.
 
 **The gradient verdict** (``gradient_ok``) holds when every per-task report and the report of
-the mean over tasks pass :meth:`gradcheck.Report.ok` at ``rtol``/``atol`` (by default matched to
-the candidate's precision, :func:`gradcheck.compare.default_rtol`, and 0).
+the mean over tasks pass :meth:`gradcheck.Report.ok` at ``rtol``/``atol`` — by default the
+candidate's precision and 0, the one policy of :mod:`gradcheck.tolerances` (docs/verification.md,
+"Tolerances").
 
 **Side effects**: whatever the candidate changed on the model (BatchNorm running statistics,
 parameters, ``.grad`` when it returned a dict, ``requires_grad``, train/eval mode), each tensor or
@@ -32,13 +39,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import oracle
-from .compare import Report, compare, default_rtol
-from .diagnose import Diagnosis, diagnose
+from .compare import Report, compare
+from .diagnose import Diagnosis, Reference, ReferenceFunction
+from .diagnose import run as _diagnose
 from .parameters import Adapt, trainable
-from .settings import InnerOptimizer
+from .settings import InnerLoop, InnerOptimizer
 from .state import Change, Snapshot
 from .task import Task, TaskBatch, TaskLike, Tasks, as_tasks
+from .tolerances import ATOL, default_rtol
 
 __all__ = ["Candidate", "SideEffect", "Validation", "validate"]
 
@@ -68,7 +76,7 @@ class Validation:
 
     ``rtol`` and ``atol`` are the tolerances the verdict and the diagnosis used (the methods take
     others); the diagnosis is of the mean over tasks, or of task ``diagnosed_task`` alone when
-    some tasks pass and others fail.
+    some tasks pass and others fail; ``reference`` names what the candidate was compared with.
     """
 
     tasks: list[Report]
@@ -78,6 +86,7 @@ class Validation:
     rtol: float
     atol: float
     diagnosed_task: int | None = None
+    reference: str = "the oracle"
 
     def _tolerances(self, rtol: float | None, atol: float | None) -> tuple[float, float]:
         return (self.rtol if rtol is None else rtol, self.atol if atol is None else atol)
@@ -92,9 +101,12 @@ class Validation:
         return self.gradient_ok(rtol, atol) and not self.side_effects
 
     def headline(self, rtol: float | None = None, atol: float | None = None) -> str:
-        """One line: "gradient PASS, side effects none" or "gradient FAIL, side effects 3"."""
+        """One line: "gradient PASS against the oracle, side effects none" or "gradient FAIL against
+        the reference 'lazy', side effects 3"."""
         gradient = "PASS" if self.gradient_ok(rtol, atol) else "FAIL"
-        return f"gradient {gradient}, side effects {len(self.side_effects) or 'none'}"
+        return (
+            f"gradient {gradient} against {self.reference}, side effects {len(self.side_effects) or 'none'}"
+        )
 
     def summary(self, rtol: float | None = None, atol: float | None = None) -> str:
         """The headline, the diagnosis, the per-task lines, the mean's table and the side effects."""
@@ -124,7 +136,7 @@ class Validation:
         if not (self.gradient_ok(rtol, atol) if allow_side_effects else self.ok(rtol, atol)):
             rtol, atol = self._tolerances(rtol, atol)
             raise AssertionError(
-                f"candidate disagrees with the oracle (rtol={rtol:g}, atol={atol:g})\n"
+                f"candidate disagrees with {self.reference} (rtol={rtol:g}, atol={atol:g})\n"
                 f"{self.summary(rtol, atol)}"
             )
 
@@ -171,7 +183,7 @@ def _side_effects(model: nn.Module, calls: list[list[Change]]) -> list[SideEffec
 
 
 def _call(
-    candidate_fn: Candidate, model: nn.Module, arg: Any, steps: int, inner_lr: float
+    candidate_fn: Candidate, model: nn.Module, arg: Any, loop: InnerLoop
 ) -> tuple[Mapping[str, Tensor], list[Change]]:
     """One candidate call on a model with cleared gradients: its gradient and its changes (undone)."""
     theta = trainable(model)
@@ -179,7 +191,7 @@ def _call(
         p.grad = None
     snapshot = Snapshot(model)
     try:
-        returned = candidate_fn(model, arg, steps, inner_lr)
+        returned = candidate_fn(model, arg, loop.steps, loop.inner_lr)
         out: Mapping[str, Tensor] = (
             returned
             if returned is not None
@@ -203,6 +215,62 @@ def _one_task_batches(task_or_tasks: Tasks, tasks: list[TaskLike]) -> list[Any]:
     return [[t] for t in tasks]
 
 
+@dataclass(frozen=True)
+class _Run:
+    """The candidate's answers: per task, for the whole meta-batch, and every call's changes."""
+
+    per_task: list[Mapping[str, Tensor]]
+    mean: Mapping[str, Tensor]
+    changes: list[list[Change]]
+
+
+def _references(reference: Reference) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+    """The reference on every task alone, and their mean."""
+    per_task = [reference.on(t)() for t in reference.tasks]
+    return per_task, _mean(per_task)
+
+
+def _candidate_calls(
+    candidate_fn: Candidate, model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop, meta_batch: bool
+) -> _Run:
+    """The candidate on every task (as a one-task meta-batch with ``meta_batch``) and, with
+    ``meta_batch``, once on the whole meta-batch; the model restored after every call."""
+    tasks = as_tasks(task_or_tasks)
+    outer = Snapshot(model)
+    try:
+        arguments: list[Any] = _one_task_batches(task_or_tasks, tasks) if meta_batch else list(tasks)
+        results = [_call(candidate_fn, model, a, loop) for a in arguments]
+        per_task = [g for g, _ in results]
+        if meta_batch:
+            whole = task_or_tasks if isinstance(task_or_tasks, (TaskBatch, Sequence)) else tasks
+            results.append(_call(candidate_fn, model, whole, loop))
+            mean = results[-1][0]
+        else:
+            mean = _mean(per_task)
+    finally:
+        outer.restore()
+    return _Run(per_task, mean, [changes for _, changes in results])
+
+
+def _diagnosis(
+    reference: Reference,
+    run: _Run,
+    truths: tuple[list[dict[str, Tensor]], dict[str, Tensor]],
+    reports: list[Report],
+    rtol: float,
+    atol: float,
+) -> tuple[Diagnosis, int | None]:
+    """The diagnosis of the mean over tasks — or, when some tasks pass and others fail, of the
+    first failing task alone — and that task's index (None for the mean)."""
+    per_task, mean = truths
+    failing = [i for i, r in enumerate(reports) if not r.ok(rtol, atol)]
+    if failing and len(failing) < len(reports):  # a bug some tasks escape: diagnose one alone
+        task = failing[0]
+        alone = reference.on(reference.tasks[task])
+        return _diagnose(run.per_task[task], alone, rtol=rtol, atol=atol, truth=per_task[task]), task
+    return _diagnose(run.mean, reference, rtol=rtol, atol=atol, truth=mean), None
+
+
 @torch.enable_grad()  # the candidate differentiates, whatever the caller's grad mode
 def validate(
     candidate_fn: Candidate,
@@ -217,66 +285,25 @@ def validate(
     inner_optimizer: InnerOptimizer = "sgd",
     meta_batch: bool = False,
     rtol: float | None = None,
-    atol: float = 0.0,
+    atol: float = ATOL,
     diagnosis: bool = True,
+    reference: ReferenceFunction | None = None,
 ) -> Validation:
-    """Compare ``candidate_fn`` with :func:`gradcheck.oracle.meta_gradient` on every task.
+    """Compare ``candidate_fn`` with the reference — :func:`gradcheck.oracle.meta_gradient`
+    unless ``reference`` is given (module docstring) — on every task.
 
-    ``rtol`` defaults to the candidate's precision (1e-9 for float64); ``diagnosis=False`` skips
-    the diagnosis (the oracle calls it makes when the gradient fails). The model is left exactly
-    as it was, whatever the candidate does.
+    ``rtol`` defaults to the candidate's precision (1e-9 for float64) and ``atol`` to 0
+    (:mod:`gradcheck.tolerances`); ``diagnosis=False`` skips the diagnosis (the reference calls
+    it makes when the gradient fails). The model is left exactly as it was, whatever the
+    candidate does.
     """
-    tasks = as_tasks(task_or_tasks)
-    references = [
-        oracle.meta_gradient(
-            model,
-            t,
-            steps,
-            inner_lr,
-            adapt=adapt,
-            leap=leap,
-            first_order=first_order,
-            inner_optimizer=inner_optimizer,
-        )
-        for t in tasks
-    ]
-    reference = _mean(references)
-    outer = Snapshot(model)
-    try:
-        arguments: list[Any] = _one_task_batches(task_or_tasks, tasks) if meta_batch else list(tasks)
-        results = [_call(candidate_fn, model, a, steps, inner_lr) for a in arguments]
-        candidates = [g for g, _ in results]
-        if meta_batch:
-            whole = task_or_tasks if isinstance(task_or_tasks, (TaskBatch, Sequence)) else tasks
-            results.append(_call(candidate_fn, model, whole, steps, inner_lr))
-            mean = results[-1][0]
-        else:
-            mean = _mean(candidates)
-    finally:
-        outer.restore()
-    reports = [compare(c, r) for c, r in zip(candidates, references)]
-    overall = compare(mean, reference)
-    rtol = default_rtol(mean) if rtol is None else rtol
-    found, task = None, None
-    if diagnosis:
-        failing = [i for i, r in enumerate(reports) if not r.ok(rtol, atol)]
-        target = (mean, tasks, reference)
-        if failing and len(failing) < len(tasks):  # a bug some tasks escape: diagnose one alone
-            task = failing[0]
-            target = (candidates[task], [tasks[task]], references[task])
-        found = diagnose(
-            target[0],
-            model,
-            target[1],
-            steps,
-            inner_lr,
-            adapt=adapt,
-            leap=leap,
-            first_order=first_order,
-            inner_optimizer=inner_optimizer,
-            rtol=rtol,
-            atol=atol,
-            reference=target[2],
-        )
-    effects = _side_effects(model, [changes for _, changes in results])
-    return Validation(reports, overall, effects, found, rtol, atol, task)
+    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, first_order=first_order)
+    source = Reference(reference, model, task_or_tasks, loop)
+    truths = _references(source)
+    run = _candidate_calls(candidate_fn, model, task_or_tasks, source.loop, meta_batch)
+    reports = [compare(c, r) for c, r in zip(run.per_task, truths[0])]
+    overall = compare(run.mean, truths[1])
+    rtol = default_rtol(run.mean) if rtol is None else rtol
+    found, task = _diagnosis(source, run, truths, reports, rtol, atol) if diagnosis else (None, None)
+    effects = _side_effects(model, run.changes)
+    return Validation(reports, overall, effects, found, rtol, atol, task, source.name)

@@ -143,6 +143,37 @@ def vmap_maml(model, tasks, steps, inner_lr):
     return dict(zip(params, torch.autograd.grad(losses.mean(), list(params.values()))))
 
 
+def autograd_lazy(model, task, steps, inner_lr, *, extra_steps=0):
+    """The lazy meta-gradient written with plain autograd on cloned tensors (not ``torch.func``):
+    K graph-free SGD steps φ_{k+1} = φ_k − α∇L_S(φ_k), v = ∇L_Q(φ_K), and
+    g = v − α ∇_θ⟨∇L_S(θ), v⟩ by double backward. ``extra_steps`` plants an off-by-one."""
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def at(tensors):
+        return lambda x: functional_call(model, {**tensors, **buffers}, (x,))
+
+    phi = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(steps + extra_steps):
+        leaves = {n: t.requires_grad_() for n, t in phi.items()}
+        grads = torch.autograd.grad(task.support_loss(at(leaves)), list(leaves.values()))
+        phi = {n: (t - inner_lr * g).detach() for (n, t), g in zip(leaves.items(), grads)}
+    leaves = {n: t.requires_grad_() for n, t in phi.items()}
+    v = torch.autograd.grad(task.query_loss(at(leaves)), list(leaves.values()))
+    theta = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    support = torch.autograd.grad(task.support_loss(at(theta)), list(theta.values()), create_graph=True)
+    inner = sum((s * u).sum() for s, u in zip(support, v))
+    correction = torch.autograd.grad(inner, list(theta.values()))
+    eta = inner_lr if steps + extra_steps > 0 else 0.0
+    return {n: u - eta * h for n, u, h in zip(params, v, correction)}
+
+
+def summed_lazy(model, tasks, steps, inner_lr):
+    """A meta-batch lazy candidate that sums over its tasks instead of taking their mean."""
+    grads = [autograd_lazy(model, t, steps, inner_lr) for t in tasks]
+    return {n: torch.stack([g[n] for g in grads]).sum(0) for n in grads[0]}
+
+
 CORRECT = {
     "functional (torch.func)": functional_maml,
     "clone/adapt (learn2learn-style)": clone_adapt_maml,

@@ -2,7 +2,9 @@
 
 ≈0 is ‖r_row‖ ≤ √ε ‖r‖ (see gradcheck.compare); the tests place references just either side of
 that threshold, put rounding noise (1e-16 relative) on a zero-gradient row, and check that a
-wrong value on such a row (1e-4) still fails at rtol = 1e-9.
+wrong value on such a row (1e-4) still fails at rtol = 1e-9. The defaults of ``ok()`` and
+``assert_close()`` are the candidate's precision from gradcheck.tolerances (1e-9 for float64,
+1e-3 for float32) and atol 0; the tests place errors just either side of them.
 """
 
 import math
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from gradcheck import compare
-from gradcheck.compare import default_rtol
+from gradcheck.tolerances import ATOL, PRECISIONS, default_rtol
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
@@ -203,3 +205,28 @@ def test_default_rtol_follows_the_coarsest_dtype():
     assert default_rtol({"a": torch.zeros(1, dtype=F64)}) == 1e-9
     assert default_rtol({"a": torch.zeros(1, dtype=F64), "b": torch.zeros(1)}) == 1e-3
     assert default_rtol({"a": torch.zeros(1, dtype=torch.bfloat16)}) == 5e-2
+
+
+def test_default_rtol_ignores_integer_tensors_and_defaults_to_float64():
+    assert default_rtol({"n": torch.zeros(1, dtype=torch.int64)}) == PRECISIONS[F64]
+    assert default_rtol([torch.zeros(1, dtype=torch.float16)]) == 5e-2
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(F64, 1e-9), (torch.float32, 1e-3)])
+def test_report_defaults_to_the_candidates_precision_and_atol_0(dtype, rtol):
+    """A relative error of 0.5 rtol passes the default verdict, 2 rtol fails it; the reference's
+    dtype does not matter (float64 here), the candidate's does."""
+    ref = grads()
+    for factor, passes in ((0.5, True), (2.0, False)):
+        cand = {k: (v * (1 + factor * rtol)).to(dtype) for k, v in ref.items()}
+        report = compare(cand, ref)
+        assert report.rtol == rtol and report.ok() == passes
+        assert report.ok() == report.ok(rtol, ATOL) and report.failing() == report.failing(rtol, 0.0)
+        if not passes:
+            with pytest.raises(AssertionError, match=f"rtol={rtol:g}, atol=0;"):
+                report.assert_close()
+
+
+def test_default_atol_is_0():
+    zeros = {"w": torch.zeros(2, dtype=F64)}
+    assert not compare({"w": torch.full((2,), 1e-100, dtype=F64)}, zeros).ok()

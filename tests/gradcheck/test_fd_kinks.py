@@ -29,7 +29,7 @@ from gradcheck import finite_differences, oracle, problems
 from gradcheck.finite_differences import EPS64, Differences
 from tests.helpers import conv_bn, image_task, mlp, regression_task
 
-STEPS, INNER_LR, EPS = 5, 0.5, 3e-3
+STEPS, INNER_LR, STEP = 5, 0.5, 3e-3
 
 
 def relu_net():
@@ -65,18 +65,18 @@ def old_criterion_flags(report, gradient):
 def relu():
     model, task = relu_net()
     exact = oracle.meta_gradient(model, task, STEPS, INNER_LR)
-    return model, task, exact, finite_differences.check(exact, model, task, STEPS, INNER_LR, eps=EPS)
+    return model, task, exact, finite_differences.check(exact, model, task, STEPS, INNER_LR, step=STEP)
 
 
 def test_exact_gradient_of_a_relu_net_is_not_rejected(relu):
     _, _, exact, report = relu
     flagged = old_criterion_flags(report, exact)
-    assert len(flagged) >= 3, f"the net no longer hits kinks at h={EPS}: {report}"  # 4 of 8 measured
+    assert len(flagged) >= 3, f"the net no longer hits kinks at h={STEP}: {report}"  # 4 of 8 measured
     assert report.failed == [] and report.ok(), str(report)
     for i in flagged:  # the smoothness test saw what the old criterion took for a mismatch
         d = report.directions[i]
-        assert not d.tried[0].smooth and (not d.conclusive or d.step < EPS)
-    retried = [d for d in report.directions if d.conclusive and d.step < EPS]
+        assert not d.tried[0].smooth and (not d.conclusive or d.step < STEP)
+    retried = [d for d in report.directions if d.conclusive and d.step < STEP]
     inconclusive = [report.directions[i] for i in report.inconclusive]
     assert retried and inconclusive  # both outcomes occur on this net (4 and 4, measured)
     assert all(d.ok for d in retried)
@@ -88,7 +88,7 @@ def test_exact_gradient_of_a_relu_net_is_not_rejected(relu):
 def test_first_order_gradient_is_still_rejected_on_the_relu_net(relu):
     model, task, _, _ = relu
     first = oracle.meta_gradient(model, task, STEPS, INNER_LR, first_order=True)
-    report = finite_differences.check(first, model, task, STEPS, INNER_LR, eps=EPS)
+    report = finite_differences.check(first, model, task, STEPS, INNER_LR, step=STEP)
     assert len(report.failed) >= 2 and not report.ok()
     with pytest.raises(AssertionError, match=r"u \d+: numerical .* vs analytical .*: \|difference\|"):
         report.assert_close()
@@ -101,15 +101,15 @@ SMOOTH_NETS = {
 }
 
 
-@pytest.mark.parametrize("eps", [1e-6, 1e-3])
+@pytest.mark.parametrize("step", [1e-6, 1e-3])
 @pytest.mark.parametrize("net", list(SMOOTH_NETS))
-def test_smooth_nets_are_judged_at_h_itself(net, eps):
+def test_smooth_nets_are_judged_at_h_itself(net, step):
     """No direction is inconclusive or retried — also at h = 1e-3, where the truncation error
     is visible (D(2h) − D(h) ≈ 4 (D(h) − D(h/2)) holds and is recognised)."""
     model, task, steps, inner_lr = SMOOTH_NETS[net]()
     exact = oracle.meta_gradient(model, task, steps, inner_lr)
-    report = finite_differences.check(exact, model, task, steps, inner_lr, eps=eps)
-    assert report.inconclusive == [] and all(d.step == eps for d in report.directions), str(report)
+    report = finite_differences.check(exact, model, task, steps, inner_lr, step=step)
+    assert report.inconclusive == [] and all(d.step == step for d in report.directions), str(report)
     assert report.ok(), str(report)
 
 

@@ -1,14 +1,17 @@
 """Finite differences against the oracle, and the directional check's power to reject.
 
-Tolerance: with h = 1e-6 in float64 the central difference is off by ~ε|F|/h + h²|F'''|/6
-≈ 1e-10 for these O(1) objectives; rtol 1e-6 leaves four orders of magnitude of headroom and
-still rejects every wrong meta-gradient below.
+Tolerances: the coordinate-wise differences are compared at gradcheck.tolerances.COORDINATEWISE
+(rtol 1e-6, atol 1e-9): with h = 1e-6 in float64 the central difference is off by
+~ε|F|/h + h²|F'''|/6 ≈ 1e-10 for these O(1) objectives, four orders of magnitude below. The
+directional check takes the candidate's precision from the one table (1e-9 for float64, 1e-3 for
+float32) and adds its own error bound E.
 
 The smallest error rejected: a gradient off by 1e-5 relative, in n = 2,690 dimensions. Along a
 random unit u, ⟨δg, u⟩ ≈ 1e-5 ‖g‖/√n ≈ 2·10⁻⁷ ‖g‖ (for g(1 + 1e-5) it is exactly 1e-5 ⟨g, u⟩),
 while the check allows its error bound E ≈ δ/h = 64 ε max|F| / h ≈ 10⁻⁸ (the rounding term
-dominates at h = 1e-6; F ≈ 0.5 here) plus rtol · max(|D(h)|, ‖g‖/√n) ≈ 1e-6 · 0.02: an error of
-10 rtol relative to ⟨g, u⟩ exceeds the allowance 3 to 8 times (measured, on every direction).
+dominates at h = 1e-6; F ≈ 0.5 here) plus rtol · max(|D(h)|, ‖g‖/√n) ≈ 1e-9 · 0.02, so E
+dominates: an error of 1e-5 relative to ⟨g, u⟩ exceeds the allowance on every direction
+(measured).
 n is large enough for the typical size ‖g‖/√n to matter: with ‖g‖ in its place the allowance
 would be √n ≈ 52 times larger and both perturbations would pass.
 """
@@ -20,9 +23,10 @@ from hypothesis import strategies as st
 
 from gradcheck import Task, compare, finite_differences, oracle
 from gradcheck.parameters import flat
+from gradcheck.tolerances import COORDINATEWISE
 from tests.helpers import conv_bn, image_task, mlp, mlp_problems, regression_task
 
-RTOL, ATOL = 1e-6, 1e-9
+RTOL, ATOL = COORDINATEWISE
 
 
 @given(
@@ -50,7 +54,7 @@ def test_directional_check_accepts_oracle():
     g = oracle.meta_gradient(model, task, 5, 0.2, leap=0.5)
     report = finite_differences.check(g, model, task, 5, 0.2, leap=0.5, directions=6, seed=3)
     report.assert_close()
-    assert len(report.directions) == 6 and report.rtol == 1e-6
+    assert len(report.directions) == 6 and report.rtol == 1e-9  # float64: the table's entry
     assert all(d.ok and d.step == 1e-6 for d in report.directions)
     assert "ok — 6 agree, 0 disagree, 0 inconclusive of 6" in str(report)
 

@@ -1,16 +1,25 @@
-"""validate() has teeth: correct implementations pass, each classic bug is reported."""
+"""validate() has teeth: correct implementations pass, each classic bug is reported.
+
+Tolerances: EXACT holds float64 implementations of the same quantity (they agree to ~1e-15
+here); the defaults (rtol 1e-9 for float64, atol 0) are the policy of gradcheck.tolerances.
+A reference other than the oracle — ``lazy`` below, an independent ``torch.func`` lazy
+meta-gradient written here — is held to the same defaults.
+"""
 
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call, grad
 
-from gradcheck import Task, TaskBatch, finite_differences, oracle, validate
+from gradcheck import Task, TaskBatch, diagnose, finite_differences, oracle, validate
 from tests.gradcheck.implementations import (
     BROKEN,
     CORRECT,
+    autograd_lazy,
     clone_adapt_maml,
     functional_maml,
     meta_batch_mean,
+    summed_lazy,
     vmap_maml,
 )
 from tests.helpers import (
@@ -155,7 +164,7 @@ def test_batchnorm_side_effects_are_reported_apart_from_an_exact_gradient():
     assert all(e.calls == e.of == 4 and e.change.what == "modified" for e in result.side_effects)
     assert all(e.change.max_abs > 0 for e in result.side_effects)
     lines = str(result).splitlines()
-    assert lines[0] == "gradient PASS, side effects 3  (rtol=1e-09, atol=0)"
+    assert lines[0] == "gradient PASS against the oracle, side effects 3  (rtol=1e-09, atol=0)"
     effects = [line for line in lines if line.startswith("side effect on the model: ")]
     assert len(effects) == 3
     assert effects[0].startswith(
@@ -196,9 +205,11 @@ def test_headline_and_diagnosis_lead_the_summary():
     model, tasks = problem()
     result = validate(BROKEN["missing create_graph"], model, tasks, STEPS, LR)
     lines = str(result).splitlines()
-    assert lines[0] == "gradient FAIL, side effects none  (rtol=1e-09, atol=0)"
+    assert lines[0] == "gradient FAIL against the oracle, side effects none  (rtol=1e-09, atol=0)"
     assert lines[1].startswith("diagnosis: first_order — the candidate equals first-order MAML")
-    assert result.summary(rtol=1e3).startswith("gradient PASS, side effects none  (rtol=1000, atol=0)")
+    assert result.summary(rtol=1e3).startswith(
+        "gradient PASS against the oracle, side effects none  (rtol=1000, atol=0)"
+    )
 
 
 def test_meta_batch_keeps_per_task_rows_and_calls_b_plus_one_times():
@@ -286,3 +297,107 @@ def test_vmap_maml_through_batchnorm_is_flagged_and_finite_differences_side_with
         assert result.diagnosis.label == "unexplained"
         assert "0.bias should get ≈0" in result.diagnosis.detail  # the conv bias right before BatchNorm
         assert "≈0 reference" in str(result)
+
+
+def lazy(model, task_or_tasks, steps, inner_lr, *, adapt=None, leap=1.0, inner_optimizer="sgd"):
+    """The lazy meta-gradient with torch.func, as a reference for validate and diagnose: per task,
+    K graph-free SGD steps on the adapted set A, v = ∇L_Q(θ + γ(φ_K − θ)), and
+    g = v − γα ∇_θ⟨E_A ∇L_S(θ), v⟩; the mean over the tasks."""
+    assert inner_optimizer == "sgd", inner_optimizer
+    if isinstance(task_or_tasks, TaskBatch):
+        tasks = list(task_or_tasks)
+    else:
+        tasks = list(task_or_tasks) if isinstance(task_or_tasks, (list, tuple)) else [task_or_tasks]
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    adapted = set(theta if adapt is None else adapt)
+    eta = leap * inner_lr if steps > 0 else 0.0
+    per_task = [_lazy_task(model, task, theta, adapted, steps, inner_lr, leap, eta) for task in tasks]
+    return {n: sum(g[n] for g in per_task) / len(tasks) for n in theta}
+
+
+def _lazy_task(model, task, theta, adapted, steps, inner_lr, leap, eta):
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def support(p):
+        return task.support_loss(lambda x: functional_call(model, {**p, **buffers}, (x,)))
+
+    def query(p):
+        return task.query_loss(lambda x: functional_call(model, {**p, **buffers}, (x,)))
+
+    phi = dict(theta)
+    for _ in range(steps):
+        g = grad(support)(phi)
+        phi = {n: t - inner_lr * g[n] if n in adapted else t for n, t in phi.items()}
+    v = grad(query)({n: t + leap * (phi[n] - t) for n, t in theta.items()})
+
+    def along_v(p):
+        g = grad(support)(p)
+        return sum((g[n] * v[n]).sum() for n in adapted)
+
+    h = grad(along_v)(theta)
+    return {n: v[n] - eta * h[n] for n in theta}
+
+
+def lazy_problem(tasks=3):
+    return mlp([2, 6, 6, 1], "tanh"), [regression_task(seed) for seed in range(tasks)]
+
+
+def test_a_correct_lazy_candidate_passes_against_a_lazy_reference_and_fails_against_the_oracle():
+    model, tasks = lazy_problem()
+    before = model_state(with_gradients(model))
+    result = validate(autograd_lazy, model, tasks, STEPS, LR, reference=lazy)
+    result.assert_close()  # the defaults: rtol 1e-9 (float64), atol 0
+    assert result.reference == "the reference 'lazy'" and result.diagnosis.reference == "the reference 'lazy'"
+    lines = str(result).splitlines()
+    assert lines[0] == "gradient PASS against the reference 'lazy', side effects none  (rtol=1e-09, atol=0)"
+    assert lines[1].startswith("diagnosis: exact — agrees with the reference 'lazy' (relative error")
+    against_oracle = validate(autograd_lazy, model, tasks, STEPS, LR, diagnosis=False)
+    assert not against_oracle.gradient_ok(**LOOSE)  # lazy is not exact MAML at K = 3
+    with pytest.raises(AssertionError, match="candidate disagrees with the oracle"):
+        against_oracle.assert_close()
+    assert_same_state(before, model_state(model))
+
+
+def test_a_lazy_candidate_summed_over_4_tasks_is_scaled_by_4_against_the_lazy_reference():
+    model, tasks = lazy_problem(tasks=4)
+    result = validate(summed_lazy, model, tasks, STEPS, LR, meta_batch=True, reference=lazy)
+    assert all(r.ok() for r in result.tasks)  # a sum over one task is its mean
+    diagnosis = result.diagnosis
+    assert diagnosis.label == "scaled" and diagnosis.scale == pytest.approx(4.0, rel=1e-9)
+    assert diagnosis.oracle_calls == 0  # the scale needs no further call of the reference
+    assert "the candidate is 4.000000 × the reference 'lazy'" in diagnosis.detail
+    assert "the sum over the 4 tasks instead of their mean" in diagnosis.detail
+    lines = str(result).splitlines()
+    assert lines[0].startswith("gradient FAIL against the reference 'lazy', side effects none")
+    assert lines[1] == str(diagnosis)
+    with pytest.raises(AssertionError, match="candidate disagrees with the reference 'lazy'"):
+        result.assert_close()
+
+
+def test_diagnosis_varies_the_settings_of_a_reference_and_never_passes_it_first_order():
+    model, tasks = lazy_problem()
+    calls = []
+
+    def recording(model, task_or_tasks, steps, inner_lr, **settings):
+        calls.append((steps, settings))
+        return lazy(model, task_or_tasks, steps, inner_lr, **settings)
+
+    candidate = autograd_lazy(model, tasks[0], STEPS, LR, extra_steps=1)
+    diagnosis = diagnose(candidate, model, tasks[0], STEPS, LR, reference=recording)
+    assert diagnosis.label == "steps" and diagnosis.settings == {"steps": STEPS + 1}, str(diagnosis)
+    assert "(the reference 'recording' with K = 4 explains it)" in diagnosis.detail
+    assert {frozenset(s) for _, s in calls} == {frozenset({"adapt", "leap", "inner_optimizer"})}
+    assert STEPS + 1 in [k for k, _ in calls] and diagnosis.oracle_calls == len(calls)
+    with pytest.raises(ValueError, match="first_order=True applies to the oracle only"):
+        validate(autograd_lazy, model, tasks, STEPS, LR, first_order=True, reference=lazy)
+    with pytest.raises(TypeError, match="reference must be None"):
+        diagnose(candidate, model, tasks[0], STEPS, LR, reference="lazy")
+
+
+def test_an_unexplained_candidate_names_the_reference_and_skips_first_order():
+    model, tasks = lazy_problem()
+    candidate = {n: g.flip(0) for n, g in autograd_lazy(model, tasks[0], STEPS, LR).items()}
+    diagnosis = diagnose(candidate, model, tasks[0], STEPS, LR, reference=lazy)
+    assert diagnosis.label == "unexplained"
+    assert diagnosis.detail.startswith("no nearby setting of the reference 'lazy' explains the candidate")
+    assert "first order" not in diagnosis.detail
