@@ -19,6 +19,7 @@ from torch import nn
 from gradcheck import Task, compare, finite_differences, oracle
 from gradcheck._higher import higher
 from tests.helpers import (
+    VarsNet,
     assert_same_state,
     conv_bn,
     image_task,
@@ -144,62 +145,6 @@ def test_inner_optimizer_adam_differs_from_sgd():
     adam = oracle.meta_gradient(model, task, 3, 0.05, inner_optimizer="adam")
     sgd = oracle.meta_gradient(model, task, 3, 0.05)
     assert compare(adam, sgd).overall.rel_error > 1e-2
-
-
-class VarsNet(nn.Module):
-    """The hand-written MAML learner of a popular repository, as its users write it: the weights
-    in ``self.vars`` (an ``nn.ParameterList``), the BatchNorm running statistics in
-    ``self.vars_bn`` as frozen parameters, ``forward(x, vars=None, bn_training=True)`` built from
-    ``F.conv2d``, ``F.batch_norm`` and ``F.linear``, and ``parameters()`` overridden to return
-    ``self.vars`` only. Conv 3×3 (3 channels) → batch norm → tanh → linear, float64, for 6×6
-    inputs of ``image_task``."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-
-        def weight(*shape, scale=0.3, mean=0.0):
-            return nn.Parameter(mean + scale * torch.randn(*shape, generator=g, dtype=torch.float64))
-
-        self.vars = nn.ParameterList(
-            [
-                weight(3, 1, 3, 3),
-                weight(3),
-                weight(3, mean=1.0),
-                weight(3),
-                weight(3, 48, scale=0.2),
-                weight(3),
-            ]
-        )
-        running_mean = weight(3, scale=0.1).requires_grad_(False)
-        running_var = nn.Parameter(
-            1 + 0.5 * torch.rand(3, generator=g, dtype=torch.float64), requires_grad=False
-        )
-        self.vars_bn = nn.ParameterList([running_mean, running_var])
-
-    def forward(self, x, vars=None, bn_training=True):
-        w, b, gamma, beta, head_w, head_b = self.vars if vars is None else vars
-        x = nn.functional.conv2d(x, w, b)
-        x = nn.functional.batch_norm(x, self.vars_bn[0], self.vars_bn[1], gamma, beta, training=bn_training)
-        return nn.functional.linear(torch.tanh(x).flatten(1), head_w, head_b)
-
-    def parameters(self, recurse=True):
-        return self.vars
-
-    def plain(self):
-        """The same network as an ordinary ``nn.Sequential``, with the same values."""
-        conv, bn, head = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Linear(48, 3)
-        twin = nn.Sequential(conv, bn, nn.Tanh(), nn.Flatten(), head).double()
-        targets = [conv.weight, conv.bias, bn.weight, bn.bias, head.weight, head.bias]
-        with torch.no_grad():
-            for target, value in zip(
-                [*targets, bn.running_mean, bn.running_var], [*self.vars, *self.vars_bn]
-            ):
-                target.copy_(value)
-        return twin
-
-
-TWIN_NAMES = ["0.weight", "0.bias", "1.weight", "1.bias", "4.weight", "4.bias"]
 
 
 def test_bare_higher_cannot_patch_a_model_that_overrides_parameters():

@@ -7,13 +7,13 @@ truncated backprop and first-order MAML, and a flat-vector student with one Hess
 product for lazy and Reptile. The returned loss is pinned to the mean of L_Q(φ_T) over tasks.
 
 Tolerance: 1e-10 relative to the whole meta-gradient (each parameter's error ≤ 1e-10 (‖g_p‖ +
-‖g‖)): the batched path must be the sequential one up to rounding. Both paths perform the
-same float64 operations in a different order (batched kernels, reductions over stacked tasks), a few ulps (~1e-16) per operation; through
-K ≤ 4 steps with α‖H‖ < 1 on these models that compounds to below 1e-14 (measured ≤ 6e-16), four
-orders below the tolerance, while every real defect measured here is ≥ 6e-4 (the broken variant
-below). The norm-wise atol is
-needed because some gradients are zero in exact arithmetic (a convolution's bias feeding a
-train-mode BatchNorm), where per-parameter relative error measures only rounding.
+‖g‖)): the batched path must be the sequential one up to rounding. Both paths perform the same
+float64 operations in a different order (batched kernels, reductions over stacked tasks), a few
+ulps (~1e-16) per operation; through K ≤ 4 steps with α‖H‖ < 1 on these models that compounds to
+below 1e-14 (measured ≤ 6e-16), four orders below the tolerance, while every real defect
+measured here is ≥ 6e-4 (the broken variant below). The norm-wise atol is needed because some
+gradients are zero in exact arithmetic (a convolution's bias feeding a train-mode BatchNorm),
+where per-parameter relative error measures only rounding.
 """
 
 from __future__ import annotations
