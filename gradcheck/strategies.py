@@ -36,9 +36,16 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
 from torch import Tensor, nn
+
+try:
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "gradcheck.strategies needs hypothesis: pip install 'lazymaml[strategies]' (or hypothesis); "
+        "gradcheck.testing.assert_meta_gradient works without it"
+    ) from error
 
 from .parameters import Adapt
 from .task import Task
