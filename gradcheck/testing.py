@@ -15,7 +15,7 @@ implementation that takes ``adapt=``/``leap=`` on the others.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -39,7 +39,7 @@ class Problem:
     inner_lr: float
     adapt: Adapt = None
     leap: float = 1.0
-    label: str = field(default="", repr=False)
+    label: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
