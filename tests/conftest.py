@@ -1,4 +1,5 @@
-"""Hypothesis profiles: ``ci`` (default: derandomized, no deadline, few examples) and ``thorough``.
+"""Hypothesis profiles, built on gradcheck's ``"gradcheck"`` profile (no deadline, ``too_slow``
+suppressed): ``ci`` (default: derandomized, few examples) and ``thorough``.
 
 Select with ``HYPOTHESIS_PROFILE=thorough tox`` for a long randomized search.
 """
@@ -6,23 +7,12 @@ Select with ``HYPOTHESIS_PROFILE=thorough tox`` for a long randomized search.
 import os
 
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
-settings.register_profile(
-    "ci",
-    derandomize=True,
-    deadline=None,
-    max_examples=25,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile(
-    "thorough",
-    deadline=None,
-    max_examples=300,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+from gradcheck.strategies import PROFILE
+
+settings.register_profile("ci", parent=settings.get_profile(PROFILE), derandomize=True, max_examples=25)
+settings.register_profile("thorough", parent=settings.get_profile(PROFILE), max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The test models are tiny: one thread per process is faster and keeps results reproducible.
