@@ -13,7 +13,7 @@ The foundation every estimator here and in :mod:`lazymaml` is built on is public
 inner loop) and :mod:`gradcheck.state` (the model is left as it was).
 """
 
-from . import finite_differences, oracle, tolerances
+from . import finite_differences, oracle, testing, tolerances
 from .compare import Report, compare
 from .diagnose import Diagnosis, diagnose
 from .task import ClosureTask, Task, TaskBatch, TaskLike
@@ -31,6 +31,7 @@ __all__ = [
     "diagnose",
     "finite_differences",
     "oracle",
+    "testing",
     "tolerances",
     "validate",
 ]

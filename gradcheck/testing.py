@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from .diagnose import ReferenceFunction
 from .parameters import Adapt
 from .task import Tasks, as_tasks
 from .validate import Candidate, Validation, validate
@@ -74,8 +75,11 @@ def assert_meta_gradient(
     allow_side_effects: bool = False,
     meta_batch: bool = False,
     diagnosis: bool = True,
+    reference: ReferenceFunction | None = None,
 ) -> Validation:
-    """Check ``candidate_fn`` on ``problem`` against the exact oracle; return the validation.
+    """Check ``candidate_fn`` on ``problem`` against the exact oracle — or ``reference``, any
+    implementation with the calling convention (e.g. ``lazymaml.estimators.as_function("lazy")``
+    for a lazy implementation) — and return the validation.
 
     Raises an AssertionError carrying :meth:`gradcheck.Validation.summary` unless the gradient
     agrees (``rtol`` defaults to the candidate's precision: 1e-9 for float64) and, unless
@@ -102,6 +106,7 @@ def assert_meta_gradient(
         rtol=rtol,
         atol=atol,
         diagnosis=diagnosis,
+        reference=reference,
     )
     result.assert_close(allow_side_effects=allow_side_effects)
     return result

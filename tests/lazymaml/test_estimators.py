@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import lazymaml
 import lazymaml.report
-from gradcheck import Task, compare, oracle
+from gradcheck import Task, compare, oracle, validate
 from gradcheck.settings import InnerLoop
 from gradcheck.student import apply_leap
 from lazymaml.estimators import (
@@ -224,6 +224,23 @@ def test_a_registered_estimator_runs_everywhere_an_estimator_is_named(toy):
     rows = lazymaml.report.run(ks=[1, 2], names=[toy.name], problem_names=["sinusoid-mlp"], progress=False)
     mine = [r for r in rows if r.estimator == toy.name]
     assert [r.steps for r in mine] == [1, 2] and all(0 < r.rel_error < math.inf for r in mine)
+
+
+def test_a_registered_estimator_is_a_validation_reference(toy):
+    """The same entry as the truth a candidate is checked against: a correct port (written here,
+    on the flat-vector unroll) passes, and full first-order MAML is named as twice it."""
+
+    def port(model, task_or_tasks, steps, inner_lr):
+        grads = [reference_meta_gradient(model, t, steps, inner_lr, first_order=True) for t in task_or_tasks]
+        return {n: sum(0.5 * g[n] for g in grads) / len(grads) for n in grads[0]}
+
+    model, tasks = mlp([2, 5, 1]), [regression_task(s) for s in range(3)]
+    reference = as_function(toy.name)
+    assert validate(port, model, tasks, 3, 0.1, meta_batch=True, reference=reference).gradient_ok()
+    wrong = validate(first_order, model, tasks, 3, 0.1, meta_batch=True, reference=reference)
+    assert not wrong.gradient_ok()
+    assert wrong.diagnosis.label == "scaled" and wrong.diagnosis.scale == pytest.approx(2.0)
+    assert toy.name in str(wrong) and "the oracle" not in str(wrong)
 
 
 def test_the_registry_refuses_a_taken_name_and_names_the_known_ones():
