@@ -152,12 +152,18 @@ def test_the_bound_is_computed_once_per_problem_and_costed_apart():
 
 
 def test_threads_default_to_one_unless_asked(monkeypatch):
+    """1 whatever torch would choose (here made 3), unless asked: by argument or environment."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
-    assert threads(None) == 1 and threads(3) == 3
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert threads(None) == torch.get_num_threads()  # torch already read the environment
-    assert threads(1) == 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert threads(None) == 1 and threads(2) == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert threads(None) == 3  # torch's own choice, which follows the environment
+        assert threads(1) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_report_restores_torch_threads(tmp_path, capsys):
