@@ -8,11 +8,18 @@ because g_exact − g_lazy = γ T_0ᵀ (Q − I) v + (η − γα) H_0 E_Aᵀ v 
 ‖Q − I‖ ≤ ∏(1 + α‖E_A H_k‖) − 1 by expanding the product. It is 0 at K = 1 with η = γα, and
 holds for any twice-differentiable loss with an SGD student. Hessians are dense (n × n) and
 computed in float64: for small models.
+
+For one α, γ and task the student's trajectory for K steps is the first K steps of the
+trajectory for any longer horizon, so :func:`horizon_terms` computes the terms for several K
+from one trajectory: the Hessians of the longest, each once, and ‖v‖ at each K's teacher. The
+numbers are the very ones :func:`bound_terms` computes for each K alone (the same float64
+operations on the same points); only the repeated work is gone.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +28,12 @@ from torch import Tensor, nn
 from gradcheck.parameters import Adapt, flat, unflat
 from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep
 from gradcheck.state import preserved
-from gradcheck.student import Student, converted, support_loss_at
+from gradcheck.student import Student, apply_leap, converted, support_loss_at
 from gradcheck.task import TaskLike, Tasks, as_tasks
 
 from .derivatives import query_gradient, support_gradient
 
-__all__ = ["BoundTerms", "bound_terms", "deviation_bound"]
+__all__ = ["BoundTerms", "bound_terms", "deviation_bound", "horizon_terms", "parameter_count"]
 
 
 def _projected_hessian(
@@ -83,23 +90,67 @@ def bound_terms(
     """Spectral norms of the projected Hessians along the SGD student's trajectory, and ‖v‖."""
     loop = InnerLoop(steps, inner_lr, leap, inner_optimizer)
     loop.require("sgd", by="the deviation bound")
-    return _terms(model, task, loop, adapt, max_parameters)
+    return _terms(model, task, loop, (steps,), adapt, max_parameters)[steps]
+
+
+def horizon_terms(
+    model: nn.Module,
+    task: TaskLike,
+    horizons: Sequence[int],
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+    max_parameters: int = 4000,
+    on_hessian: Callable[[int], None] | None = None,
+) -> dict[int, BoundTerms]:
+    """:func:`bound_terms` for every K in ``horizons``, from one trajectory of max(horizons) steps.
+
+    Each dense Hessian ‖E_A H_k‖ (k < max K) is computed once and shared by every K > k, ‖T_0‖
+    once, ‖v‖ at each K's own teacher: equal to ``bound_terms`` for each K, at the cost of the
+    longest alone. ``on_hessian(n)`` is called after each n × n Hessian (for a progress bar).
+    """
+    if not horizons:
+        return {}
+    loop = InnerLoop(max(horizons), inner_lr, leap, inner_optimizer)
+    loop.require("sgd", by="the deviation bound")
+    for k in horizons:
+        loop.replace(steps=k)  # refuse a bad K before any work
+    return _terms(model, task, loop, tuple(horizons), adapt, max_parameters, on_hessian)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """n, the size of the bound's dense n × n Hessians: the number of trainable scalars."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 @torch.enable_grad()  # the Hessians are differentiated also when the caller is inside torch.no_grad()
 def _terms(
-    model: nn.Module, task: TaskLike, loop: InnerLoop, adapt: Adapt, max_parameters: int
-) -> BoundTerms:
+    model: nn.Module,
+    task: TaskLike,
+    loop: InnerLoop,
+    horizons: tuple[int, ...],
+    adapt: Adapt,
+    max_parameters: int,
+    on_hessian: Callable[[int], None] | None = None,
+) -> dict[int, BoundTerms]:
+    """The terms for each K in ``horizons`` (each ≤ loop.steps) along one trajectory of loop.steps."""
     student = Student.read(model, adapt, torch.float64)
     (task,) = converted([task], model, torch.float64, "the bound's dense Hessians")
     n = sum(t.numel() for t in student.theta.values())
     if n > max_parameters:
         raise ValueError(f"the bound needs dense {n}×{n} Hessians; limit max_parameters={max_parameters}")
     mask = flat({k: torch.full_like(t, float(k in student.adapted)) for k, t in student.theta.items()})
-    norms, t0 = [], 0.0
+    norms, t0, v_norms = [], 0.0, {}
     with preserved(model):
         untrained = student.fresh()
         for k, phi in enumerate(student.trajectory(task, loop, untrained)):
+            if k in horizons:  # K = k: the teacher of k steps, with the tensors as k steps left them
+                phi_k = {name: t.detach().clone() for name, t in phi.items()}
+                phi_t = apply_leap(student.theta, phi_k, loop.leap)
+                v, _ = query_gradient(student, task, phi_t, {u: t.clone() for u, t in untrained.items()})
+                v_norms[k] = flat(v).norm().item()
             if k == loop.steps:
                 break
             projected = _projected_hessian(student, task, phi, mask, support_loss_at(k, loop.steps))
@@ -107,9 +158,11 @@ def _terms(
             if k == 0:
                 eye = torch.eye(n, dtype=projected.dtype, device=projected.device)
                 t0 = torch.linalg.matrix_norm(eye - loop.inner_lr * projected, ord=2).item()
-        phi_t, untrained = student.teacher(task, loop)
-        v, _ = query_gradient(student, task, phi_t, untrained)
-    return BoundTerms(loop, t0, tuple(norms), flat(v).norm().item())
+            if on_hessian is not None:
+                on_hessian(n)
+    return {
+        k: BoundTerms(loop.replace(steps=k), t0 if k else 0.0, tuple(norms[:k]), v_norms[k]) for k in horizons
+    }
 
 
 def deviation_bound(
@@ -135,5 +188,7 @@ def deviation_bound(
     loop.require("sgd", by="the deviation bound")
     loop.replace(jacobian_step=jacobian_step)  # refuse a bad η before any work
     tasks = as_tasks(task_or_tasks)
-    bounds = [_terms(model, t, loop, adapt, max_parameters).bound(jacobian_step) for t in tasks]
+    bounds = [
+        _terms(model, t, loop, (steps,), adapt, max_parameters)[steps].bound(jacobian_step) for t in tasks
+    ]
     return sum(bounds) / len(bounds)

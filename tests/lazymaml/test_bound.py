@@ -143,3 +143,28 @@ def test_bound_refusals():
         lazymaml.bound_terms(model, task, 2, 0.1, max_parameters=16)
     with pytest.raises(ValueError, match="jacobian_step must be"):
         lazymaml.deviation_bound(model, task, 2, 0.1, jacobian_step="double")
+
+
+@pytest.mark.parametrize("adapt", [None, "head"])
+def test_horizon_terms_are_bound_terms_of_each_k(adapt):
+    """One trajectory of max K steps gives, for every K, exactly (==, not approximately) the terms
+    bound_terms computes for that K alone: the same float64 operations on the same points."""
+    model, task = mlp([2, 4, 3, 1], "softplus"), regression_task()
+    shared = lazymaml.bound.horizon_terms(model, task, [0, 1, 3, 5], 0.3, adapt=adapt, leap=0.7)
+    assert list(shared) == [0, 1, 3, 5]
+    for k, terms in shared.items():
+        assert terms == lazymaml.bound_terms(model, task, k, 0.3, adapt=adapt, leap=0.7)
+    assert shared[3].hessian_norms == shared[5].hessian_norms[:3]
+    assert shared[3].v_norm != shared[5].v_norm  # each K's own teacher
+
+
+def test_horizon_terms_share_the_hessians_of_a_batchnorm_net():
+    """Train-mode BatchNorm: the running statistics the student updates do not leak between K."""
+    model, task = conv_bn().train(), image_task()
+    sizes = []
+    shared = lazymaml.bound.horizon_terms(model, task, [1, 3], 0.2, on_hessian=sizes.append)
+    n = lazymaml.bound.parameter_count(model)
+    assert sizes == [n] * 3  # one n × n Hessian per step of the longest K, none repeated
+    for k in (1, 3):
+        assert shared[k] == lazymaml.bound_terms(model, task, k, 0.2)
+    assert lazymaml.bound.horizon_terms(model, task, [], 0.2) == {}

@@ -8,13 +8,14 @@ import json
 import math
 
 import pytest
+import torch
 
 import lazymaml
 import lazymaml.report
 from lazymaml import estimators
 from lazymaml.__main__ import main
 from lazymaml.bound import bound_terms
-from lazymaml.report import BOUND_SLACK, IDENTITY_RTOL, PROBLEMS, Measurement, run, table
+from lazymaml.report import BOUND_SLACK, IDENTITY_RTOL, PROBLEMS, Measurement, measure, run, table, threads
 
 
 def row(estimator="lazy", steps=1, rel_error=0.0, deviation=0.0, bound=None, error=None):
@@ -81,7 +82,12 @@ def test_report_writes_table_plot_and_json(tmp_path, capsys):
         assert f"sinusoid-mlp   {name}" in out
     png = (tmp_path / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
-    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert "bound: " in out and "20 dense" not in out and "2 dense 481×481 Hessians" in out
+    payload = json.loads((tmp_path / "report.json").read_text())
+    [cost] = payload["bound_costs"]
+    assert (cost["problem"], cost["parameters"], cost["hessians"]) == ("sinusoid-mlp", 481, 2)
+    assert payload["settings"]["threads"] >= 1
+    rows = payload["rows"]
     assert {r["estimator"] for r in rows} >= {"exact (oracle)", "lazy"}
     lazy_k1 = next(r for r in rows if r["estimator"] == "lazy" and r["steps"] == 1)
     assert lazy_k1["rel_error"] < 1e-12 and lazy_k1["violation"] is None
@@ -127,3 +133,44 @@ def test_report_refuses_unknown_estimators(capsys):
     assert "invalid choice: 'maml++'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"unknown estimators \['maml\+\+'\]"):
         lazymaml.report.run(ks=[1], names=["maml++"], progress=False)
+
+
+def test_the_bound_is_computed_once_per_problem_and_costed_apart():
+    """One trajectory of the longest K per problem (so max K Hessians, not the sum over K), its
+    time reported on its own; none when no lazy estimator is measured."""
+    results = measure(ks=[2, 1], names=["lazy"], problem_names=["sinusoid-mlp"], progress=False)
+    [cost] = results.bound_costs
+    assert (cost.problem, cost.parameters, cost.hessians) == ("sinusoid-mlp", 481, 2)
+    assert cost.seconds > 0
+    assert [r.bound for r in results.rows if r.estimator == "lazy"] == [
+        lazymaml.bound_terms(*PROBLEMS["sinusoid-mlp"](0, "cpu"), k, 0.01).bound() for k in (2, 1)
+    ]
+    assert (
+        measure(ks=[1], names=["first_order"], problem_names=["sinusoid-mlp"], progress=False).bound_costs
+        == []
+    )
+
+
+def test_threads_default_to_one_unless_asked(monkeypatch):
+    """1 whatever torch would choose (here made 3), unless asked: by argument or environment."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert threads(None) == 1 and threads(2) == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert threads(None) == 3  # torch's own choice, which follows the environment
+        assert threads(1) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_report_restores_torch_threads(tmp_path, capsys):
+    before = torch.get_num_threads()
+    args = ["report", "--ks", "1", "--problems", "sinusoid-mlp", "--estimators", "lazy", "--threads", "2"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == before
+    assert "on 2 thread(s)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["report", "--threads", "0"])
