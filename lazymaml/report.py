@@ -153,20 +153,10 @@ class Results:
     bound_costs: list[BoundCost]
 
 
-def run(
-    ks: Sequence[int] = KS,
-    inner_lr: float = 0.01,
-    leap: float = 1.0,
-    seed: int = 0,
-    device: str = "cpu",
-    names: Sequence[str] | None = None,
-    problem_names: Sequence[str] = tuple(PROBLEMS),
-    truncation: int = 2,
-    lam: float = 20.0,
-    progress: bool = True,
-) -> list[Measurement]:
-    """Measure every estimator (or ``names``) against the oracle for each K and problem."""
-    return measure(ks, inner_lr, leap, seed, device, names, problem_names, truncation, lam, progress).rows
+def run(*args: Any, **kwargs: Any) -> list[Measurement]:
+    """Every estimator (or ``names``) against the oracle for each K and problem: :func:`measure`'s
+    rows (the same arguments)."""
+    return measure(*args, **kwargs).rows
 
 
 def measure(
