@@ -86,10 +86,12 @@ class Task:
         return TaskBatch.of(tasks)
 
     def support_loss(self, f: Model) -> Tensor:
+        """L_S(f) = loss(f(x_s), y_s): what the inner loop descends, ``f`` the model at φ_k."""
         x, y = self.support
         return self.loss(f(x), y)
 
     def query_loss(self, f: Model) -> Tensor:
+        """L_Q(f) = loss(f(x_q), y_q): what the meta-objective scores, ``f`` the model at φ_T."""
         x, y = self.query
         return self.loss(f(x), y)
 
@@ -126,9 +128,11 @@ class ClosureTask:
                 raise TypeError(f"Task.from_closures: {name} must be callable, got {type(fn).__name__}")
 
     def support_loss(self, f: Model) -> Tensor:
+        """L_S(f): the support closure called with ``f``, the model at the inner iterate."""
         return self.support(f)
 
     def query_loss(self, f: Model) -> Tensor:
+        """L_Q(f): the query closure called with ``f``, the model at the teacher."""
         return self.query(f)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ClosureTask:
