@@ -4,6 +4,7 @@ Tolerances: float64 identities to rtol 1e-10 (rounding measured below 1e-14); se
 for the batched path's derivation.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -12,7 +13,15 @@ import torch
 import lazymaml
 from gradcheck import Task, compare, oracle, problems, validate
 from lazymaml.estimators import REGISTRY, as_function
-from tests.helpers import assert_same_state, conv_bn, image_task, mlp, model_state, regression_task
+from tests.helpers import (
+    assert_same_state,
+    conv_bn,
+    image_task,
+    mlp,
+    model_state,
+    regression_task,
+    with_gradients,
+)
 
 RTOL, ATOL = 1e-10, 1e-13
 
@@ -207,3 +216,57 @@ def test_learner_refuses_bad_settings_at_construction(kwargs, error, pattern):
 def test_meta_backward_needs_tasks():
     with pytest.raises(ValueError, match="at least one task is needed"):
         lazymaml.LazyMAML(mlp([2, 3, 1]), 2, 0.1).meta_backward([])
+
+
+def test_the_learners_guard_undoes_every_kind_of_change():
+    """meta_backward's guard (one flat copy per dtype, compared once) keeps what
+    gradcheck.state.preserved keeps: each kind of change below is reported by a Snapshot when
+    unguarded, and none is left after the guarded block — also when the block raises."""
+    from gradcheck.state import Snapshot
+    from lazymaml.learner import _Kept
+
+    def vandalise(model):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)  # a value, in place
+            model[1].running_mean.fill_(3.0)  # a buffer
+        model[0].bias.data = torch.zeros(7, dtype=torch.float64)  # a new shape through .data
+        model[4].weight.grad.mul_(2.0)  # a gradient's value
+        model[4].bias.grad = None  # a gradient replaced
+        model[4].weight.requires_grad_(False)
+        model[4].bias = torch.nn.Parameter(model[4].bias.detach().clone())  # a registration
+        model.eval()
+
+    vandalised = with_gradients(conv_bn().train())
+    snapshot = Snapshot(vandalised)
+    vandalise(vandalised)
+    kinds = {c.kind for c in snapshot.changes()}
+    assert kinds == {"parameter", "buffer", "gradient", "requires_grad", "mode"}, kinds
+
+    for raises in (False, True):
+        model = with_gradients(conv_bn().train())
+        before = model_state(model)
+        snapshot = Snapshot(model)
+        with pytest.raises(KeyError) if raises else contextlib.nullcontext(), _Kept(model):
+            vandalise(model)
+            if raises:
+                raise KeyError("in the block")
+        assert snapshot.changes() == []
+        assert_same_state(before, model_state(model))
+
+
+def test_a_loss_that_writes_to_the_real_model_is_undone():
+    """A data task's loss function that writes a buffer of the real model: torch.func refuses
+    the mutation of a captured tensor, so auto reruns the tasks sequentially, where the write
+    happens — and the guard undoes it."""
+    model = conv_bn().train()
+    before = model_state(model)
+
+    def writing_loss(output, target):
+        model[1].running_var.add_(1.0)
+        return torch.nn.functional.cross_entropy(output, target)
+
+    tasks = [Task(t.support, t.query, writing_loss) for t in (image_task(s) for s in range(3))]
+    with pytest.warns(lazymaml.SequentialFallback, match="mutate a captured Tensor"):
+        lazymaml.MetaLearner(model, 2, 0.1).meta_backward(tasks)
+    model.zero_grad(set_to_none=True)
+    assert_same_state(before, model_state(model))
