@@ -225,16 +225,20 @@ def test_the_learners_guard_undoes_every_kind_of_change():
     from gradcheck.state import Snapshot
     from lazymaml.learner import _Kept
 
-    def vandalise(model):
-        with torch.no_grad():
-            model[0].weight.add_(1.0)  # a value, in place
-            model[1].running_mean.fill_(3.0)  # a buffer
-        model[0].bias.data = torch.zeros(7, dtype=torch.float64)  # a new shape through .data
-        model[4].weight.grad.mul_(2.0)  # a gradient's value
-        model[4].bias.grad = None  # a gradient replaced
-        model[4].weight.requires_grad_(False)
-        model[4].bias = torch.nn.Parameter(model[4].bias.detach().clone())  # a registration
-        model.eval()
+    changes = [
+        lambda m: m[0].weight.detach().add_(1.0),  # a value, in place
+        lambda m: m[1].running_mean.fill_(3.0),  # a buffer
+        lambda m: setattr(m[0].bias, "data", torch.zeros(7, dtype=torch.float64)),  # a new shape
+        lambda m: m[4].weight.grad.mul_(2.0),  # a gradient's value
+        lambda m: setattr(m[4].bias, "grad", None),  # a gradient replaced
+        lambda m: m[4].weight.requires_grad_(False),
+        lambda m: setattr(m[4], "bias", torch.nn.Parameter(m[4].bias.detach().clone())),  # a registration
+        lambda m: m.eval(),
+    ]
+
+    def vandalise(model, only=None):
+        for change in changes if only is None else [only]:
+            change(model)
 
     vandalised = with_gradients(conv_bn().train())
     snapshot = Snapshot(vandalised)
@@ -242,16 +246,17 @@ def test_the_learners_guard_undoes_every_kind_of_change():
     kinds = {c.kind for c in snapshot.changes()}
     assert kinds == {"parameter", "buffer", "gradient", "requires_grad", "mode"}, kinds
 
-    for raises in (False, True):
-        model = with_gradients(conv_bn().train())
-        before = model_state(model)
-        snapshot = Snapshot(model)
-        with pytest.raises(KeyError) if raises else contextlib.nullcontext(), _Kept(model):
-            vandalise(model)
-            if raises:
-                raise KeyError("in the block")
-        assert snapshot.changes() == []
-        assert_same_state(before, model_state(model))
+    for only in [None, *changes]:  # all at once, and each alone
+        for raises in (False, True):
+            model = with_gradients(conv_bn().train())
+            before = model_state(model)
+            snapshot = Snapshot(model)
+            with pytest.raises(KeyError) if raises else contextlib.nullcontext(), _Kept(model):
+                vandalise(model, only)
+                if raises:
+                    raise KeyError("in the block")
+            assert snapshot.changes() == []
+            assert_same_state(before, model_state(model))
 
 
 def test_a_loss_that_writes_to_the_real_model_is_undone():
