@@ -10,13 +10,16 @@ round), and the best and the median of the rounds are reported. One call is one 
 ``learner.meta_backward(tasks)`` on a list of tasks, as a training loop makes it.
 
 1. Sinusoid regression (MLP 1–40–40–1, α = 0.01, B = 25): lazy and first-order at K = 20,
-   second-order MAML at K = 5, batched against sequential (``batched=False``) and lazy against a
-   plain hand-written ``torch.func.vmap`` implementation of the same maths (checked to give the
-   same gradient); also the cost of the ``BatchStatistics`` torch-function mode, which the learner
-   switches on for models it cannot vouch for (here: the MLP inside a custom module).
+   second-order MAML at K = 5, batched against sequential (``batched=False``), and lazy (K = 20)
+   and MAML (K = 5) against plain hand-written ``torch.func.vmap`` implementations of the same
+   maths (checked to give the same gradient); also the cost of the ``BatchStatistics``
+   torch-function mode, which the learner switches on for models it cannot vouch for (here: the
+   MLP inside a custom module). Then, each in a fresh process, the learner with the default
+   ``batched="auto"`` against the hand-written vmap: its first call (auto's probe, the warm-up
+   included), what it chose, and the interleaved steps after it.
 2. The 4-conv few-shot network (84×84×3, 5-way 1-shot, 15 queries per class, B = 4, K = 20),
    lazy: batched (forced, ``batched=True``) against sequential, and ``batched="auto"`` after its
-   two timed meta-batches; peak memory against K, each (path, K) in a fresh process (peak
+   first meta-batch (its probe); peak memory against K, each (path, K) in a fresh process (peak
    resident set above the baseline on CPU, allocator statistics on CUDA).
 3. Milliseconds per outer step on the sinusoid problem for B ∈ {1, 5, 25} and K ∈ {1, 5, 20},
    per estimator, batched, with the speed-up over sequential.
@@ -75,6 +78,8 @@ def table_key(estimator: str, batch: int, steps: int, path: str) -> str:
 
 LAZY_MODE = timing_key("lazy", 20, "batched, BatchStatistics mode")
 LAZY_VMAP = timing_key("lazy", 20, "hand-written vmap")
+MAML_VMAP = timing_key("maml", 5, "hand-written vmap")
+FRESH = (("lazy", 20), ("maml", 5))  # the fresh-process auto measurements (estimator, K)
 
 
 class Wrapped(nn.Module):
@@ -107,6 +112,31 @@ def reference_lazy(model: nn.Module, tasks: list[Task], steps: int, inner_lr: fl
         return {n: v[n] - inner_lr * h[n] for n in v}
 
     return {n: g.mean(0) for n, g in vmap(per_task)(xs, ys, xq, yq).items()}
+
+
+def reference_maml(model: nn.Module, tasks: list[Task], steps: int, inner_lr: float) -> dict[str, Tensor]:
+    """Second-order MAML (γ = 1, MSE) written plainly: ``grad`` of the unrolled inner loop, ``vmap``
+    over tasks."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    xs, ys, xq, yq = (torch.stack(parts) for parts in zip(*((*t.support, *t.query) for t in tasks)))
+
+    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(functional_call(model, p, (x,)), y)
+
+    def per_task(xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> dict[str, Tensor]:
+        def unrolled(p: dict[str, Tensor]) -> Tensor:
+            phi = p
+            for _ in range(steps):
+                g = grad(loss)(phi, xs, ys)
+                phi = {n: phi[n] - inner_lr * g[n] for n in phi}
+            return loss(phi, xq, yq)
+
+        return grad(unrolled)(params)
+
+    return {n: g.mean(0) for n, g in vmap(per_task)(xs, ys, xq, yq).items()}
+
+
+REFERENCES = {"lazy": reference_lazy, "maml": reference_maml}
 
 
 def _sync(device: torch.device) -> None:
@@ -165,6 +195,7 @@ def sinusoid_targets(args: argparse.Namespace, device: torch.device) -> dict:
     wrapped = lazymaml.MetaLearner(Wrapped(model), 20, INNER_LR, batched=True)
     calls[LAZY_MODE] = step(wrapped, tasks)
     calls[LAZY_VMAP] = lambda: reference_lazy(model, tasks, 20, INNER_LR)
+    calls[MAML_VMAP] = lambda: reference_maml(model, tasks, 5, INNER_LR)
     timing = interleaved(calls, args.rounds, device)
 
     checks = {}
@@ -173,12 +204,57 @@ def sinusoid_targets(args: argparse.Namespace, device: torch.device) -> dict:
         batched = grads(model)
         step(learners[name, "sequential"], tasks)()
         checks[f"{name}: batched vs sequential"] = compare(batched, grads(model)).overall.rel_error
-    step(learners["lazy", "batched"], tasks)()
-    checks["lazy: batched vs hand-written vmap"] = compare(
-        grads(model), reference_lazy(model, tasks, 20, INNER_LR)
-    ).overall.rel_error
+    for name, steps in FRESH:
+        step(learners[name, "batched"], tasks)()
+        checks[f"{name}: batched vs hand-written vmap"] = compare(
+            grads(model), REFERENCES[name](model, tasks, steps, INNER_LR)
+        ).overall.rel_error
     model.zero_grad(set_to_none=True)
-    return {"timing": timing, "relative_differences": checks}
+    fresh = {f"{name} K={steps}": fresh_auto(args, name, steps) for name, steps in FRESH}
+    return {"timing": timing, "relative_differences": checks, "fresh_auto": fresh}
+
+
+def fresh_auto_probe(name: str, steps: int, rounds: int, device: torch.device) -> dict:
+    """In this (fresh) process: the default learner's first call, its choice, then interleaved
+    steps of it and of the hand-written vmap (which the first call has warmed up)."""
+    model, tasks = sinusoid_setup(25, device)
+    learner = lazymaml.MetaLearner(model, steps, INNER_LR, estimator=name)  # batched="auto"
+    call = step(learner, tasks)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", lazymaml.SequentialFallback)
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        first = 1e3 * (time.perf_counter() - start)
+    timing = interleaved(
+        {"auto": call, "hand-written vmap": lambda: REFERENCES[name](model, tasks, steps, INNER_LR)},
+        rounds,
+        device,
+    )
+    return {
+        "first_call_ms": first,
+        "chose": "sequential" if learner.cannot_batch else "batched",
+        "said": [str(w.message) for w in said],
+        "estimates_ms_per_task": {p: 1e3 * s for p, s in learner.seconds.items()},
+        "timing": timing,
+    }
+
+
+def fresh_auto(args: argparse.Namespace, name: str, steps: int) -> dict:
+    """:func:`fresh_auto_probe` in a fresh process (nothing warmed up by the sections before)."""
+    command = [
+        sys.executable,
+        __file__,
+        "--device",
+        args.device,
+        "--fresh-auto",
+        name,
+        str(steps),
+        str(args.rounds),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def conv4_setup(batch: int, device: torch.device, seed: int = 0) -> tuple[nn.Module, list[Task]]:
@@ -196,9 +272,8 @@ def conv4_timing(args: argparse.Namespace, device: torch.device) -> tuple[dict, 
         for name, batched in (("batched", True), ("sequential", False), ("auto", "auto"))
     }
     auto = calls[timing_key("lazy", 20, "auto")]
-    with warnings.catch_warnings(record=True) as said:  # the first two meta-batches are auto's trials
+    with warnings.catch_warnings(record=True) as said:  # the first meta-batch is auto's probe
         warnings.simplefilter("always", lazymaml.SequentialFallback)
-        auto()
         auto()
     decision = str(said[0].message) if said else "stays batched"
     return interleaved(calls, args.conv_rounds, device), decision
@@ -265,6 +340,12 @@ def targets(sinusoid: dict, conv: dict, memory: dict[str, float], ks: tuple[int,
         rows.append(Ratio(f"sinusoid {name} K={k}: sequential / batched", speedup, bound, False))
     vmap_ratio = t[timing_key("lazy", 20, "batched")] / t[LAZY_VMAP]
     rows.append(Ratio("sinusoid lazy K=20: batched / hand-written vmap", vmap_ratio, 1.3, True))
+    if MAML_VMAP in t:
+        maml_ratio = t[timing_key("maml", 5, "batched")] / t[MAML_VMAP]
+        rows.append(Ratio("sinusoid maml K=5: batched / hand-written vmap", maml_ratio, 1.3, True))
+    for key, fresh in sinusoid.get("fresh_auto", {}).items():
+        ratio = fresh["timing"]["auto"]["best_ms"] / fresh["timing"]["hand-written vmap"]["best_ms"]
+        rows.append(Ratio(f"sinusoid {key}, fresh process: auto / hand-written vmap", ratio, 1.3, True))
     batched, sequential, auto = (c[timing_key("lazy", 20, p)] for p in ("batched", "sequential", "auto"))
     rows.append(Ratio("conv4 lazy K=20 B=4: batched / sequential", batched / sequential, 1, True))
     # after its two trials auto runs the path it chose: the same code as one of the two (±10% noise)
@@ -284,6 +365,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, B ∈ {1, 25}, K ∈ {1, 20}")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--memory-probe", nargs=2, metavar=("PATH", "K"), help=argparse.SUPPRESS)
+    parser.add_argument("--fresh-auto", nargs=3, metavar=("ESTIMATOR", "K", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.rounds, args.conv_rounds, args.table_rounds = (3, 1, 2) if args.quick else (9, 3, 5)
     args.batches, args.ks = ((1, 25), (1, 20)) if args.quick else ((1, 5, 25), (1, 5, 20))
@@ -302,6 +384,13 @@ def report_sinusoid(args: argparse.Namespace, device: torch.device) -> dict:
     t = sinusoid["timing"]
     overhead = t[LAZY_MODE]["best_ms"] / t[timing_key("lazy", 20, "batched")]["best_ms"]
     print(f"  BatchStatistics mode switched on (a custom model class): {overhead:.2f}× the time")
+    for key, fresh in sinusoid["fresh_auto"].items():
+        ft = fresh["timing"]
+        print(
+            f'  fresh process, {key}, batched="auto": first call {fresh["first_call_ms"]:.0f} ms '
+            f"(probe and warm-up), chose {fresh['chose']}; then best {ft['auto']['best_ms']:.1f} ms "
+            f"against the hand-written vmap's {ft['hand-written vmap']['best_ms']:.1f} ms"
+        )
     return sinusoid
 
 
@@ -344,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     if args.memory_probe:
         print(memory_probe(args.memory_probe[0], int(args.memory_probe[1]), device))
+        return 0
+    if args.fresh_auto:
+        name, steps, rounds = args.fresh_auto
+        print(json.dumps(fresh_auto_probe(name, int(steps), int(rounds), device)))
         return 0
     described, load = machine(args.device), os.getloadavg()
     print(f"# device {device}; {described}; float32; 1 thread on CPU; load average at start {load[0]:.2f}")

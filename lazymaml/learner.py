@@ -9,11 +9,28 @@ computation (:mod:`lazymaml.batched`); anything else runs task by task on the bu
 
 Batching (``batched=``):
 
-* ``"auto"`` (default) — batched when it applies and is faster: the first meta-batch of two or
-  more tasks runs batched, the next one sequentially, each timed, and the faster path runs from
-  then on (on CPU, convolutional networks are often faster sequentially: vmap turns per-task
-  weights into grouped convolutions); otherwise sequential, saying why with one
-  :class:`SequentialFallback` warning per reason and learner. A single task runs sequentially;
+* ``"auto"`` (default) — batched when it applies and is faster, decided once, on the first
+  meta-batch of B ≥ 2 tasks that could be batched (its result is the sequential path's):
+
+  1. the batched path runs on a sub-batch of its first 2 tasks, untimed: this absorbs the
+     one-time warm-up (the first ``vmap`` trace, kernel and allocator set-up: seconds in a fresh
+     process, against milliseconds afterwards), and a failure here means sequential for good;
+  2. the whole meta-batch runs sequentially, timed: t_seq, and these are the returned results;
+  3. the batched path runs on 1 and on 2 tasks, alternately, timed, keeping the fastest of
+     each (t_1, t_2): at least one round, more (at most 5) while the rounds together have cost
+     less than t_seq, so that short, noise-prone measurements are repeated and long ones not;
+  4. batched from then on if t_1 + (B − 1)·max(t_2 − t_1, 0) — the batched time of B tasks as
+     a fixed cost plus a cost per task, the two read off the sub-batches — is below t_seq;
+     otherwise sequential, said once with a :class:`SequentialFallback` warning.
+
+  The probe never holds more than 2 tasks batched, so its peak memory is that of a batched
+  meta-batch of 2 (a few times one sequential task's; the 4-conv network holds about 1.8 times
+  more per task batched than sequentially), however large B is; it costs the warm-up, which the
+  batched path pays anyway, and about one more meta-batch's time. ``seconds`` holds the
+  estimates per task. On CPU, convolutional networks are usually faster sequentially (vmap turns
+  per-task weights into grouped convolutions), MLPs batched. Where batching does not apply it
+  runs sequentially, saying why with one :class:`SequentialFallback` warning per reason and
+  learner. A single task runs sequentially;
 * ``True`` — batched or an exception naming why not (at construction where that is known then);
 * ``False`` — always sequential.
 
@@ -30,6 +47,7 @@ sequential.
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,6 +69,7 @@ from . import estimators as registry
 __all__ = ["LazyMAML", "MetaLearner", "SequentialFallback"]
 
 _PARTS = ("support inputs", "support targets", "query inputs", "query targets")
+PROBE_ROUNDS = 5  # batched="auto": at most this many timed rounds of the sub-batches of 1 and 2 tasks
 _T = TypeVar("_T")
 _OPTIONS = ("jacobian_step", "horizon", "lam", "cg_iterations", "cg_tol")  # an estimator's own settings
 
@@ -121,7 +140,8 @@ class MetaLearner:
             distributed.check_group(process_group)
             distributed.check_same_parameters(student.theta, process_group)
         self._said: set[str] = set()
-        self.seconds: dict[str, float] = {}  # per task, on the first batched and sequential meta-batches
+        self.decided = batched != "auto"  # whether auto's probe has run (never: True or False)
+        self.seconds: dict[str, float] = {}  # auto's estimates per task of B: "batched", "sequential"
         self.clock: Callable[[], float] = time.perf_counter
 
     def _static_refusal(self) -> str | None:
@@ -159,7 +179,11 @@ class MetaLearner:
             raise ValueError(f"batched=True, but {message}")
         if kind != "off" and kind not in self._said:
             self._said.add(kind)
-            warnings.warn(f"MetaLearner runs sequentially: {message}", SequentialFallback, stacklevel=4)
+            warnings.warn(
+                f"MetaLearner runs sequentially: {message}",
+                SequentialFallback,
+                stacklevel=registry._caller_stacklevel(),  # the user's line, however deep the call
+            )
 
     def _sequential(self, student: Student, tasks: Sequence[TaskLike]) -> tuple[dict[str, Tensor], Tensor]:
         results = [registry.per_task(self.entry, student, task, self.loop) for task in tasks]
@@ -177,6 +201,65 @@ class MetaLearner:
             torch.accelerator.synchronize(device)
         return self.clock() - start, result
 
+    def _batched(
+        self, student: Student, batch: TaskBatch, statistics: bool
+    ) -> tuple[dict[str, Tensor], Tensor] | str:
+        """The batched results, or why the batched computation failed (it raised, or returned
+        something not finite): then :meth:`_rerun` takes over."""
+        try:
+            estimate = batching.estimate(self.entry, student, batch, self.loop, statistics)
+            failure = (
+                None if estimate.finite() else "the batched result is not finite where the sequential one is"
+            )
+        except Exception as error:  # the sequential rerun reports a user's error clearly
+            failure = f"the batched computation raised {type(error).__name__}: {error}"
+        return (estimate.gradients, estimate.losses) if failure is None else failure
+
+    def _probe(
+        self, student: Student, batch: TaskBatch, statistics: bool
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """``batched="auto"``'s one decision (the class docstring's steps 1–4); the results are the
+        sequential path's on the whole meta-batch."""
+        one, two = _head(batch, 1), _head(batch, 2)
+        warm = self._batched(student, two, statistics)  # 1: the warm-up, untimed
+        if isinstance(warm, str):
+            return self._rerun(student, batch, warm)
+        sequential, result = self._timed(student, lambda: self._sequential(student, list(batch)))  # 2
+        self.decided = True
+
+        def run(sub: TaskBatch) -> Callable[[], batching.Estimate]:
+            return lambda: batching.estimate(self.entry, student, sub, self.loop, statistics)
+
+        t1 = t2 = math.inf  # 3
+        spent, rounds = 0.0, 0
+        try:
+            while rounds < PROBE_ROUNDS and (rounds == 0 or spent < sequential):
+                (a, _), (b, _) = self._timed(student, run(one)), self._timed(student, run(two))
+                t1, t2, spent, rounds = min(t1, a), min(t2, b), spent + a + b, rounds + 1
+        except Exception as error:  # 2 tasks batched, but not 1: sequential, for good
+            self.cannot_batch = f"the batched computation raised {type(error).__name__}: {error}"
+            self._say("learner", self.cannot_batch)
+            return result
+        size = len(batch)
+        batched = t1 + (size - 1) * max(t2 - t1, 0.0)  # 4
+        self.seconds = {"batched": batched / size, "sequential": sequential / size}
+        if batched >= sequential:
+            per_batched, per_sequential = (1e3 * self.seconds[p] for p in ("batched", "sequential"))
+            self.cannot_batch = (
+                f"measured {per_batched:.3g} ms per task batched (B = {size}, estimated from sub-batches "
+                f"of 1 and 2 tasks), {per_sequential:.3g} ms sequentially"
+            )
+            self._say("learner", self.cannot_batch)
+        return result
+
+    def _rerun(self, student: Student, batch: TaskBatch, failure: str) -> tuple[dict[str, Tensor], Tensor]:
+        """After a batched ``failure``: the tasks sequentially (a user's error raises here, with the
+        sequential path's message); if that succeeds, the failure said and sequential from now on."""
+        result = self._sequential(student, list(batch))
+        self.cannot_batch = failure
+        self._say("learner", failure)
+        return result
+
     def _estimate(
         self, student: Student, tasks: list[TaskLike] | TaskBatch
     ) -> tuple[dict[str, Tensor], Tensor]:
@@ -184,47 +267,22 @@ class MetaLearner:
         model_refusal, statistics = batching.refusal(self.model)
         batch = self._batch(tasks, model_refusal)
         if not isinstance(batch, TaskBatch):
+            _check_devices(tasks, student)
             self._say(*batch)
             return self._sequential(student, list(tasks))
-        if self.batched == "auto" and "batched" in self.seconds and "sequential" not in self.seconds:
-            seconds, result = self._timed(student, lambda: self._sequential(student, list(batch)))
-            self.seconds["sequential"] = seconds / len(batch)
-            batched, sequential = (1e3 * self.seconds[path] for path in ("batched", "sequential"))
-            if sequential < batched:
-                self.cannot_batch = (
-                    f"measured {batched:.3g} ms per task batched, {sequential:.3g} ms sequentially"
-                )
-                self._say("learner", self.cannot_batch)
-            return result
-        probe = self.batched == "auto" and "batched" not in self.seconds  # time it (synchronises)
-
-        def run() -> batching.Estimate:
-            return batching.estimate(self.entry, student, batch, self.loop, statistics)
-
-        try:
-            seconds, estimate = self._timed(student, run) if probe else (0.0, run())
-            failure = (
-                None if estimate.finite() else "the batched result is not finite where the sequential one is"
-            )
-        except Exception as error:  # the sequential rerun below reports a user's error clearly
-            failure = f"the batched computation raised {type(error).__name__}: {error}"
-        if failure is None:
-            if probe:
-                self.seconds["batched"] = seconds / len(batch)
-            return estimate.gradients, estimate.losses
-        gradients, losses = self._sequential(student, list(batch))  # raises a user's error clearly
-        self.cannot_batch = failure
-        self._say("learner", failure)  # and from now on, sequential
-        return gradients, losses
+        _check_devices(batch, student)  # Task.stack put every task on task 0's device
+        if not self.decided:
+            return self._probe(student, batch, statistics)
+        result = self._batched(student, batch, statistics)
+        return self._rerun(student, batch, result) if isinstance(result, str) else result
 
     def meta_backward(self, task_or_tasks: Tasks) -> Tensor:
         """Accumulate the mean meta-gradient over the tasks into ``p.grad``; return the mean query
         loss L_Q(φ_T) (also for Reptile, which never uses it). With ``process_group``, both are means
         over every task of every rank. Nothing is written unless every task (every rank) succeeds."""
-        tasks = task_or_tasks if isinstance(task_or_tasks, TaskBatch) else as_tasks(task_or_tasks)
+        tasks = _tasks(task_or_tasks)
         student = Student.read(self.model, self.loop.adapt)
         try:
-            _check_devices(tasks, student)
             with preserved(self.model):
                 gradients, losses = self._estimate(student, tasks)
         except Exception:
@@ -309,3 +367,20 @@ def _check_devices(tasks: Sequence[TaskLike] | TaskBatch, student: Student) -> N
                         f"task {i}'s {part} are on {tensor.device}, the model's parameters on {device}: "
                         f"move the task (task.to(device={str(device)!r})) or the model"
                     )
+
+
+def _tasks(task_or_tasks: Tasks) -> list[TaskLike] | TaskBatch:
+    """The meta-batch as a list of tasks (a TaskBatch as it is); a list of data tasks without
+    :func:`~gradcheck.task.as_tasks`' protocol checks (an ``isinstance`` against a runtime
+    protocol costs microseconds per task, a quarter of the batched path's own overhead)."""
+    if isinstance(task_or_tasks, TaskBatch):
+        return task_or_tasks
+    if type(task_or_tasks) is list and task_or_tasks and all(type(t) is Task for t in task_or_tasks):
+        return list(task_or_tasks)
+    return as_tasks(task_or_tasks)
+
+
+def _head(batch: TaskBatch, size: int) -> TaskBatch:
+    """The first ``size`` tasks of ``batch``, as a batch (views, no copy)."""
+    (xs, ys), (xq, yq) = batch.support, batch.query
+    return TaskBatch((xs[:size], ys[:size]), (xq[:size], yq[:size]), batch.loss)

@@ -23,6 +23,8 @@ float64: error ≈ ε|F|/h + h²|F'''|/6 ≈ 1e-10, see test_finite_differences.
 the evaluations at θ ± h e_i shifts F by O(1e-2) and the difference quotient by O(1e4).
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.utils.prune
@@ -182,3 +184,49 @@ def test_a_rebound_attribute_and_a_replaced_buffer_are_each_one_change():
     assert changes[0].max_abs == pytest.approx(1.0)
     snapshot.restore()
     assert not snapshot.changes()
+
+
+def test_preserved_undoes_every_kind_of_change_one_at_a_time_and_together():
+    """preserved's guard (one flat copy per dtype, compared once) keeps what a Snapshot restores:
+    each kind of change below is reported by a Snapshot when unguarded, and none is left after
+    the guarded block — also when the block raises."""
+
+    changes = [
+        lambda m: m[0].weight.detach().add_(1.0),  # a value, in place
+        lambda m: m[1].running_mean.fill_(3.0),  # a buffer
+        lambda m: setattr(m[0].bias, "data", torch.zeros(7, dtype=torch.float64)),  # a new shape
+        lambda m: m[4].weight.grad.mul_(2.0),  # a gradient's value
+        lambda m: setattr(m[4].bias, "grad", None),  # a gradient replaced
+        lambda m: m[4].weight.requires_grad_(False),
+        lambda m: setattr(m[4], "bias", torch.nn.Parameter(m[4].bias.detach().clone())),  # a registration
+        lambda m: m.eval(),
+        lambda m: setattr(m[0], "cached", m[0].cached * 2),  # a plain tensor attribute rebound
+        lambda m: m[0].cached.add_(1.0),  # ... or written in place
+    ]
+
+    def vandalise(model, only=None):
+        for change in changes if only is None else [only]:
+            change(model)
+
+    def build():
+        model = with_gradients(conv_bn().train())
+        model[0].cached = torch.ones(3, dtype=torch.float64)  # as prune keeps module.weight
+        return model
+
+    vandalised = build()
+    snapshot = Snapshot(vandalised)
+    vandalise(vandalised)
+    kinds = {c.kind for c in snapshot.changes()}
+    assert kinds == {"parameter", "buffer", "gradient", "requires_grad", "mode", "attribute"}, kinds
+
+    for only in [None, *changes]:  # all at once, and each alone
+        for raises in (False, True):
+            model = build()
+            before = model_state(model)
+            snapshot = Snapshot(model)
+            with pytest.raises(KeyError) if raises else contextlib.nullcontext(), preserved(model):
+                vandalise(model, only)
+                if raises:
+                    raise KeyError("in the block")
+            assert snapshot.changes() == []
+            assert_same_state(before, model_state(model))

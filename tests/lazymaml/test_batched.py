@@ -518,37 +518,88 @@ def with_grads(model):
     return model
 
 
-def fake_clock(*readings):
-    """A clock for the learner's two timed meta-batches (two readings each)."""
-    it = iter(readings)
-    return lambda: next(it)
+def fake_clock(*seconds):
+    """A clock under which the learner's timed calls take ``seconds``, in order: two readings
+    each. In auto's probe they are the whole meta-batch sequentially, then rounds of the batched
+    sub-batches of 1 and 2 tasks; a reading beyond them raises StopIteration."""
+    readings = iter([reading for s in seconds for reading in (0.0, s)])
+    return lambda: next(readings)
 
 
-@pytest.mark.parametrize("faster", ["batched", "sequential"])
-def test_auto_keeps_the_faster_path_measured_on_the_first_two_meta_batches(faster):
+def sizes_run_batched(monkeypatch):
+    """The number of tasks in every batched computation from now on, in order."""
+    sizes, estimate = [], lazymaml.batched.estimate
+
+    def recording(entry, student, batch, *args):
+        sizes.append(len(batch))
+        return estimate(entry, student, batch, *args)
+
+    monkeypatch.setattr(lazymaml.batched, "estimate", recording)
+    return sizes
+
+
+# (tasks, the timed calls' seconds, auto's estimates per task, the path it keeps): sequential
+# first, then rounds (1 task, 2 tasks), while they have cost less than the sequential meta-batch
+PROBES = {
+    # 3 tasks: 0.6 s sequentially; the rounds cost 0.15, 0.26, 0.38, 0.5, 0.62 s: five, the most;
+    # the fastest of each (0.05, 0.06) predicts 0.05 + 2 × 0.01 for 3 tasks
+    "batched": (3, (0.6, 0.08, 0.07, 0.05, 0.06, 0.05, 0.07, 0.06, 0.06, 0.09, 0.08), (0.07 / 3, 0.2), True),
+    # one round costs more than the sequential meta-batch: 0.2 + 2 × 0.2 s for 3 tasks, batched
+    "sequential": (3, (0.3, 0.2, 0.4), (0.2, 0.1), False),
+    # 2 tasks batched cost more per task (0.155 s) than sequentially (0.1 s), but the fixed cost
+    # is shared by all 8: 0.3 + 7 × 0.01 s < 0.8 s (two rounds: 0.61 s, then 1.22 s)
+    "batched, a fixed cost amortised over B": (8, (0.8, 0.3, 0.31, 0.3, 0.31), (0.37 / 8, 0.1), True),
+    # 2 tasks cost less than twice 1 task, but the cost per task, 0.19 s, is above 0.15 s
+    "sequential, the cost per task": (8, (1.2, 0.2, 0.39, 0.2, 0.39, 0.2, 0.39), (1.53 / 8, 0.15), False),
+}
+
+
+@pytest.mark.parametrize("case", list(PROBES))
+def test_auto_decides_once_from_sub_batches_of_one_and_two_tasks(case, monkeypatch):
+    """The decision of the learner's docstring, under a fake clock: what is timed, how many rounds,
+    the estimate for B tasks, the path kept, what is said — and that the probe runs no more than 2
+    tasks batched (its memory), its warm-up untimed (the first batched call reads no clock)."""
+    size, seconds, estimates, batched = PROBES[case]
     model = _regression_model()
-    want, _ = learn(model, TASKS, 3, 0.1, False)
+    tasks = [regression_task(s) for s in range(size)]
+    want, _ = learn(model, tasks, 3, 0.1, False)
     learner = lazymaml.MetaLearner(model, 3, 0.1)
-    # first meta-batch batched, second sequential: 3 tasks in 6 s or 0.3 s
-    learner.clock = (
-        fake_clock(0.0, 6.0, 6.0, 6.3) if faster == "sequential" else fake_clock(0.0, 0.3, 0.3, 6.3)
-    )
+    learner.clock = fake_clock(*seconds)  # each reading is taken, none more
+    sizes = sizes_run_batched(monkeypatch)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        for _ in range(3):  # the third call reads no clock: the choice is made
+        for call in range(3):  # the second and third read no clock: the choice is made
             model.zero_grad(set_to_none=True)
-            learner.meta_backward(TASKS)
+            learner.meta_backward(tasks)
             assert_close({n: p.grad for n, p in model.named_parameters()}, want)
-    assert learner.seconds == pytest.approx(
-        {"batched": 2.0, "sequential": 0.1} if faster == "sequential" else {"batched": 0.1, "sequential": 2.0}
-    )
-    if faster == "sequential":
-        assert [str(w.message) for w in said] == [
-            "MetaLearner runs sequentially: measured 2e+03 ms per task batched, 100 ms sequentially"
-        ]
-        assert learner.cannot_batch
-    else:
+            if call == 0:
+                assert max(sizes) == 2 and len(sizes) == 1 + len(seconds) - 1
+    assert sizes[len(seconds) :] == ([size, size] if batched else [])
+    assert learner.seconds == pytest.approx(dict(zip(("batched", "sequential"), estimates)))
+    if batched:
         assert not said and learner.cannot_batch is None
+    else:
+        b, s = (f"{1e3 * e:.3g}" for e in estimates)
+        assert [str(w.message) for w in said] == [
+            f"MetaLearner runs sequentially: measured {b} ms per task batched (B = {size}, "
+            f"estimated from sub-batches of 1 and 2 tasks), {s} ms sequentially"
+        ]
+        assert said[0].filename == __file__ and learner.cannot_batch
+
+
+def test_auto_probes_again_when_its_sequential_run_raises():
+    """A user's error on the first meta-batch decides nothing: the next meta-batch probes afresh."""
+    model = _regression_model()
+    bad = [Task(t.support, t.query, squared_errors) for t in TASKS]
+    learner = lazymaml.MetaLearner(model, 3, 0.1)
+    learner.clock = fake_clock(0.015, 0.01, 0.011)  # one round: 0.021 s ≥ 0.015 s
+    with pytest.raises(ValueError, match="must be a scalar"):
+        learner.meta_backward(bad)
+    assert not learner.decided and not learner.seconds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learner.meta_backward(TASKS)
+    assert learner.decided and learner.cannot_batch is None
 
 
 def test_auto_runs_a_single_task_sequentially_without_a_word():

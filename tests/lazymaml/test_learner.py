@@ -12,7 +12,14 @@ import torch
 import lazymaml
 from gradcheck import Task, compare, oracle, problems, validate
 from lazymaml.estimators import REGISTRY, as_function
-from tests.helpers import assert_same_state, conv_bn, image_task, mlp, model_state, regression_task
+from tests.helpers import (
+    assert_same_state,
+    conv_bn,
+    image_task,
+    mlp,
+    model_state,
+    regression_task,
+)
 
 RTOL, ATOL = 1e-10, 1e-13
 
@@ -207,3 +214,21 @@ def test_learner_refuses_bad_settings_at_construction(kwargs, error, pattern):
 def test_meta_backward_needs_tasks():
     with pytest.raises(ValueError, match="at least one task is needed"):
         lazymaml.LazyMAML(mlp([2, 3, 1]), 2, 0.1).meta_backward([])
+
+
+def test_a_loss_that_writes_to_the_real_model_is_undone():
+    """A data task's loss function that writes a buffer of the real model: torch.func refuses
+    the mutation of a captured tensor, so auto reruns the tasks sequentially, where the write
+    happens — and the guard undoes it."""
+    model = conv_bn().train()
+    before = model_state(model)
+
+    def writing_loss(output, target):
+        model[1].running_var.add_(1.0)
+        return torch.nn.functional.cross_entropy(output, target)
+
+    tasks = [Task(t.support, t.query, writing_loss) for t in (image_task(s) for s in range(3))]
+    with pytest.warns(lazymaml.SequentialFallback, match="mutate a captured Tensor"):
+        lazymaml.MetaLearner(model, 2, 0.1).meta_backward(tasks)
+    model.zero_grad(set_to_none=True)
+    assert_same_state(before, model_state(model))
