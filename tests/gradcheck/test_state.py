@@ -175,7 +175,9 @@ def test_a_rebound_attribute_and_a_replaced_buffer_are_each_one_change():
     model.add_module("norm", bn)
     snapshot = Snapshot(model)
     model[0].weight = model[0].weight * 2  # rebinds the plain attribute
-    bn._buffers["running_mean"] = bn.running_mean + 1.0  # replaced, with other values
+    old = bn.running_mean
+    old.add_(0.5)  # written in place, and then
+    bn._buffers["running_mean"] = old + 0.5  # replaced: still one change for the tensor
     changes = snapshot.changes()
     assert [(c.kind, c.name, c.what) for c in changes] == [
         ("buffer", "norm.running_mean", "replaced"),
