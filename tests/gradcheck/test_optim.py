@@ -10,7 +10,7 @@ on these gradients (ε = 1e-8 against √v ~ 1e-3 … 1).
 import pytest
 import torch
 
-from gradcheck.optim import Adam, Sgd, TorchOptimizer, adam_update, safe_sqrt
+from gradcheck.optim import Adam, AdamUpdate, Sgd, TorchOptimizer, adam_update, safe_sqrt, spec_of
 
 F64 = torch.float64
 RTOL, ATOL = 1e-12, 1e-15
@@ -49,8 +49,8 @@ def run_pure(update, steps):
     ("update", "optimizer_class", "options"),
     [
         (Sgd(0.1), torch.optim.SGD, dict(lr=0.1)),
-        (Adam(0.05), torch.optim.Adam, dict(lr=0.05)),
-        (Adam(0.05, (0.5, 0.9), 1e-3), torch.optim.Adam, dict(lr=0.05, betas=(0.5, 0.9), eps=1e-3)),
+        (AdamUpdate(0.05), torch.optim.Adam, dict(lr=0.05)),
+        (AdamUpdate(0.05, (0.5, 0.9), 1e-3), torch.optim.Adam, dict(lr=0.05, betas=(0.5, 0.9), eps=1e-3)),
     ],
 )
 def test_pure_updates_follow_torch_optim(update, optimizer_class, options):
@@ -60,14 +60,14 @@ def test_pure_updates_follow_torch_optim(update, optimizer_class, options):
         torch.testing.assert_close(got[n], want[n], rtol=RTOL, atol=ATOL)
 
 
-def test_adam_like_reads_the_optimizer_group():
+def test_spec_of_reads_the_optimizer_group():
     optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.3, betas=(0.8, 0.95), eps=1e-6)
-    assert Adam.like(optimizer) == Adam(0.3, (0.8, 0.95), 1e-6)
+    assert spec_of(optimizer) == (Adam((0.8, 0.95), 1e-6), 0.3)
 
 
 def test_only_the_given_names_are_updated():
     params = {"w": torch.ones(2, dtype=F64), "frozen": torch.ones(2, dtype=F64)}
-    for update in (Sgd(0.1), Adam(0.1)):
+    for update in (Sgd(0.1), AdamUpdate(0.1)):
         out, _ = update.step(params, {"w": torch.ones(2, dtype=F64)}, update.init(params))
         assert out["frozen"] is params["frozen"] and not torch.equal(out["w"], params["w"])
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from gradcheck.optim import Adam, Sgd, TorchOptimizer
+from gradcheck.optim import AdamUpdate, Sgd, TorchOptimizer
 from gradcheck.settings import InnerLoop
 
 
@@ -23,7 +23,7 @@ from gradcheck.settings import InnerLoop
         (dict(leap=0.0), ValueError, r"leap .* must be in \(0, 1\]"),
         (dict(leap=1.5), ValueError, r"leap .* must be in \(0, 1\]"),
         (dict(inner_optimizer="rmsprop"), ValueError, "unknown inner_optimizer 'rmsprop'"),
-        (dict(inner_optimizer=3), TypeError, "inner_optimizer must be a name or a factory"),
+        (dict(inner_optimizer=3), TypeError, "inner_optimizer must be a name, a spec or a factory"),
         (dict(first_order=1), TypeError, "first_order must be True or False"),
         (dict(jacobian_step="double"), ValueError, 'jacobian_step must be "single", "horizon" or a float'),
         (dict(jacobian_step=-0.1), ValueError, "must be finite and >= 0"),
@@ -87,10 +87,10 @@ def test_numbers_are_normalised():
 
 def test_update_is_the_pure_rule_of_a_named_optimizer_and_a_wrapper_otherwise():
     assert InnerLoop(2, 0.1).update() == Sgd(0.1)
-    assert InnerLoop(2, 0.1, inner_optimizer="adam").update() == Adam(0.1, (0.9, 0.999), 1e-8)
+    assert InnerLoop(2, 0.1, inner_optimizer="adam").update() == AdamUpdate(0.1, (0.9, 0.999), 1e-8)
     factory = InnerLoop(2, 0.1, inner_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)).update()
     assert isinstance(factory, TorchOptimizer) and not factory.pure
-    assert Sgd(0.1).pure and Adam(0.1).pure
+    assert Sgd(0.1).pure and AdamUpdate(0.1).pure
 
 
 def test_a_factory_that_returns_no_optimizer_is_refused():
