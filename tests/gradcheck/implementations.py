@@ -247,3 +247,40 @@ def summed_hook_lazy(model, tasks, steps, inner_lr):
     """A meta-batch hook candidate that sums over its tasks instead of taking their mean."""
     grads = [hook_lazy(model, t, steps, inner_lr) for t in tasks]
     return {n: torch.stack([g[n] for g in grads]).sum(0) for n in grads[0]}
+
+
+def functional_maml_momentum_adamw(
+    model, task, steps, inner_lr, *, optimizer="momentum", momentum=0.9, nesterov=False, weight_decay=0.0
+):
+    """Second-order MAML with ``torch.func`` and an inner optimizer written out from
+    ``torch.optim``'s documented update (not gradcheck.optim's): ``"momentum"`` is SGD with
+    momentum μ (buffer b₁ = g₁, b ← μb + g; Nesterov g + μb) and L2 weight decay; ``"adamw"`` is
+    AdamW (β = (0.9, 0.999), ε = 1e-8, decoupled decay p ← p(1 − αλ))."""
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def at(tensors):
+        return lambda x: functional_call(model, {**tensors, **buffers}, (x,))
+
+    phi, state = params, {}
+    for t in range(1, steps + 1):
+        grads = dict(
+            zip(phi, torch.autograd.grad(task.support_loss(at(phi)), list(phi.values()), create_graph=True))
+        )
+        new = {}
+        for n, p in phi.items():
+            g = grads[n]
+            if optimizer == "momentum":
+                g = g + weight_decay * p
+                b = g if t == 1 else momentum * state[n] + g
+                state[n] = b
+                new[n] = p - inner_lr * (g + momentum * b if nesterov else b)
+            else:
+                m, v = state.get(n, (torch.zeros_like(p), torch.zeros_like(p)))
+                m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+                state[n] = (m, v)
+                m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+                root = torch.where(v_hat > 0, v_hat, torch.ones_like(v_hat)).sqrt() * (v_hat > 0)
+                new[n] = p * (1 - inner_lr * weight_decay) - inner_lr * m_hat / (root + 1e-8)
+        phi = new
+    return dict(zip(params, torch.autograd.grad(task.query_loss(at(phi)), list(params.values()))))

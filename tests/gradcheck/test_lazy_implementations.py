@@ -15,7 +15,8 @@ import functools
 import pytest
 
 import lazymaml
-from gradcheck import Task, diagnose, validate
+from gradcheck import Task, compare, diagnose, validate
+from gradcheck.optim import SGD, AdamW
 from tests.gradcheck.implementations import hook_lazy, summed_hook_lazy
 from tests.helpers import conv_bn, image_task, mlp, regression_task
 
@@ -120,3 +121,14 @@ def test_a_reference_declaring_an_unknown_setting_is_refused():
     reference.settings = ("lam",)
     with pytest.raises(ValueError, match="varies only"):
         diagnose(hook_lazy(model, task, 2, LR), model, task, 2, LR, reference=reference)
+
+
+def test_the_lazy_estimator_runs_the_new_inner_optimizers_as_torch_optim_does():
+    """A spec is the pure update in the estimator's inner loop; a factory is the real torch.optim
+    optimizer stepping copies: the same student, to rounding."""
+    model, task = mlp([2, 5, 1]), regression_task(0)
+    for spec in (SGD(momentum=0.9, nesterov=True, weight_decay=0.01), AdamW(weight_decay=0.1)):
+        pure = lazymaml.meta_gradient(model, task, 5, 0.05, inner_optimizer=spec)
+        factory = lambda p, spec=spec: spec.torch_class(p, lr=0.05, **spec.options())  # noqa: E731
+        real = lazymaml.meta_gradient(model, task, 5, 0.05, inner_optimizer=factory)
+        compare(pure, real).assert_close(1e-12, 0)

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from gradcheck import optim
 from gradcheck.optim import AdamUpdate, Sgd, TorchOptimizer
 from gradcheck.settings import InnerLoop
 
@@ -105,3 +106,27 @@ def test_require_names_who_cannot_differentiate_what():
     ):
         InnerLoop(2, 0.1, inner_optimizer="adam").require("sgd", by="the oracle")
     InnerLoop(2, 0.1, inner_optimizer="adam").require("sgd", "adam", by="the oracle")
+
+
+def test_a_spec_at_torch_s_defaults_is_its_name_and_others_stay_specs():
+    assert InnerLoop(2, 0.1, inner_optimizer=optim.SGD()).inner_optimizer == "sgd"
+    assert InnerLoop(2, 0.1, inner_optimizer=optim.Adam()).inner_optimizer == "adam"
+    momentum = optim.SGD(momentum=0.9)
+    loop = InnerLoop(2, 0.1, inner_optimizer=momentum)
+    assert loop.inner_optimizer == momentum and not loop.is_sgd
+    assert hash(loop) == hash(InnerLoop(2, 0.1, inner_optimizer=optim.SGD(momentum=0.9)))
+    assert loop.update() == optim.Sgd(0.1, momentum=0.9)
+    assert isinstance(loop.optimizer([torch.zeros(1, requires_grad=True)]), torch.optim.SGD)
+    assert InnerLoop(2, 0.1, inner_optimizer=optim.AdamW()).spec() == optim.AdamW()
+
+
+def test_require_takes_spec_classes_for_every_option_and_names_for_the_plain_optimizers():
+    momentum = InnerLoop(2, 0.1, inner_optimizer=optim.SGD(momentum=0.9))
+    momentum.require(optim.SGD, by="the oracle")
+    with pytest.raises(ValueError, match=r"in \['sgd'\], not SGD\(momentum=0.9"):
+        momentum.require("sgd", by="estimator 'truncated'")  # plain SGD only: no spec
+    factory = InnerLoop(2, 0.1, inner_optimizer=lambda p: torch.optim.AdamW(p, lr=0.1))
+    factory.require(optim.AdamW, by="the oracle")
+    assert factory.spec() == optim.AdamW()
+    with pytest.raises(ValueError, match=r"or a gradcheck\.optim spec SGD"):
+        factory.require("sgd", optim.SGD, by="the oracle")
