@@ -13,6 +13,7 @@ setting (the fitted η′ is asserted to 1e-6 relative, as test_diagnose's fits)
 import functools
 
 import pytest
+import torch
 
 import lazymaml
 from gradcheck import Task, compare, diagnose, validate
@@ -132,3 +133,27 @@ def test_the_lazy_estimator_runs_the_new_inner_optimizers_as_torch_optim_does():
         factory = lambda p, spec=spec: spec.torch_class(p, lr=0.05, **spec.options())  # noqa: E731
         real = lazymaml.meta_gradient(model, task, 5, 0.05, inner_optimizer=factory)
         compare(pure, real).assert_close(1e-12, 0)
+
+
+def test_hooks_on_the_inner_gradient_tensors_compute_one_sgd_step_plus_h_times_d():
+    """Why that variant is no setting of the reference: a tensor hook rewrites the gradient
+    flowing back into g (to d), never g's value, so ψ = φ_1 and the result is
+    ∇L_Q(φ_1) + H(θ)·d — written out here with plain autograd (agreement to rounding, 1e-13)."""
+    model, task, steps = mlp([2, 5, 1]), regression_task(0), 5
+    candidate = hook_lazy(model, task, steps, LR, bug="tensor_hooks")
+    theta = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+
+    def at(tensors):
+        return lambda x: torch.func.functional_call(model, tensors, (x,))
+
+    phi = {n: t.detach().clone() for n, t in theta.items()}
+    for _ in range(steps):
+        leaves = {n: t.requires_grad_() for n, t in phi.items()}
+        grads = torch.autograd.grad(task.support_loss(at(leaves)), list(leaves.values()))
+        phi = {n: (t - LR * g).detach() for (n, t), g in zip(leaves.items(), grads)}
+    d = {n: (t.detach() - phi[n]) / LR for n, t in theta.items()}
+    g0 = torch.autograd.grad(task.support_loss(at(theta)), list(theta.values()), create_graph=True)
+    phi1 = {n: (t - LR * g).detach().requires_grad_() for (n, t), g in zip(theta.items(), g0)}
+    v1 = torch.autograd.grad(task.query_loss(at(phi1)), list(phi1.values()))
+    hd = torch.autograd.grad(sum((g * d[n]).sum() for n, g in zip(theta, g0)), list(theta.values()))
+    compare(candidate, {n: a + b for n, a, b in zip(theta, v1, hd)}).assert_close(1e-13, 0)
