@@ -11,14 +11,20 @@ label                  hypothesis [reference calls]                     typical 
 =====================  ===============================================  ======================
 ``exact``              c = g [0]                                        —
 ``no_meta_gradient``   ‖c‖ ≤ atol + rtol ‖g‖ [0]                         θ detached (``higher``'s
-                                                                        copy_initial_weights)
+                                                                        copy_initial_weights);
+                                                                        lazy: d built with θ's
+                                                                        graph
 ``scaled``             c = s g, s = ⟨c, g⟩/⟨g, g⟩ (least squares) [0]    sum over B tasks, not
                                                                         the mean (s = B)
-``first_order``        first-order MAML [1] (the oracle only)           ``create_graph=False``
+``first_order``        first-order MAML [1] (the oracle; a lazy         ``create_graph=False``;
+                       reference: η = 0)                                a hook returning d
 ``adapt``              the presets (all, head, body), all but the       BatchNorm's affine
                        modules of one type [1 each]                     parameters not adapted;
                                                                         ANIL vs MAML
-``steps``              K − 1, K + 1 [1 each]                            an off-by-one
+``steps``              K − 1, K + 1; K′ = 1 for a reference other       an off-by-one; hooks
+                       than the oracle when K > 2 [1 each]              that never substitute d
+``leap``               lazy: γ′ = γα at η unchanged [1]                 d not divided by α
+``jacobian_step``      lazy: η′ by a 1-D fit, γKα probed first [≤ 8]    (θ − φ)/s stepped by s
 ``inner_lr``           α′ by a 1-D fit of ‖c − g(α′)‖ [≤ 8]             α held in float32;
                                                                         α applied twice
 ``adapt``              all but / only / also each module [1 each]       one layer left out
@@ -35,8 +41,19 @@ two different settings agree that closely only by accident.
 :mod:`lazymaml`'s estimators), called with ``adapt``, ``leap`` and ``inner_optimizer`` and any
 other :class:`~gradcheck.settings.InnerLoop` field that differs from its default — never
 ``first_order``, which only the oracle has. Every hypothesis that varies a setting applies to it
-by calling it with the changed setting; ``first_order`` is tried with the oracle only. The text
-names the reference: "the oracle", or "the reference 'lazy'" after the callable's ``__name__``.
+by calling it with the changed setting. The text names the reference: "the oracle", or "the
+reference 'lazy'" after the callable's ``__name__`` — never "the oracle" for another one.
+
+**A lazy reference** declares the estimator-specific settings it accepts as the tuple
+``reference.settings`` (:func:`lazymaml.estimators.as_function` sets ``("jacobian_step",)`` for
+the lazy estimator; gradcheck never imports lazymaml). With ``jacobian_step`` declared, the
+diagnosis also varies η: η = 0 is first-order MAML (label ``first_order``), γ′ = γα with η held
+is a derived gradient not divided by α (label ``leap``), and η′ is fitted (label
+``jacobian_step``, the probe γKα first: ``"horizon"``). Any reference other than the oracle also
+gets K′ = 1 (for K > 2): a lazy implementation whose hooks never substitute d computes one-step
+MAML. One lazy mistake is left out because no setting of the reference expresses it: the
+one-step Jacobian taken at φ_K instead of θ (I − ηH(φ_K)) — the lazy estimator always takes its
+Hessian at θ, so a hypothesis for it would need a computation of its own, not the reference's.
 
 **The 1-D fit** (α in log space, so α′ > 0; γ directly, clipped to (0, 1]) is secant
 Gauss–Newton: with J the difference quotient of the last two evaluated gradients, the next x is
@@ -88,6 +105,7 @@ LABELS = (
     "steps",
     "inner_lr",
     "leap",
+    "jacobian_step",
     "unexplained",
 )
 FIT_CALLS = 8  # reference evaluations per 1-D fit, the starting probe included
@@ -99,6 +117,8 @@ ReferenceFunction = Callable[..., Mapping[str, Tensor]]
 """``reference(model, task_or_tasks, steps, inner_lr, **settings) -> {name: tensor}``."""
 
 _PASSED_ALWAYS = ("adapt", "leap", "inner_optimizer")
+_VARIABLE = ("jacobian_step",)
+"""The estimator-specific settings a reference may declare it accepts (``function.settings``)."""
 _NOT_FOR_REFERENCES = ("steps", "inner_lr", "first_order", *_PASSED_ALWAYS)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(InnerLoop)}
 
@@ -157,6 +177,7 @@ class Reference:
         self.adapted = resolve_adapt(model, loop.adapt)
         self.loop = loop.replace(adapt=self.adapted)
         self.name = _name(function)
+        self.varies = _declared(function)
         self.cache: dict[InnerLoop, dict[str, Tensor]] = {}
         self.calls = 0
 
@@ -190,6 +211,23 @@ class Reference:
         if not isinstance(out, Mapping) or not all(isinstance(t, Tensor) for t in out.values()):
             raise TypeError(f"{self.name} must return {{name: tensor}}, got {type(out).__name__}")
         return {n: t.detach() for n, t in out.items()}
+
+
+def _declared(function: ReferenceFunction | None) -> frozenset[str]:
+    """The settings of :data:`_VARIABLE` that ``function`` declares it accepts, as the tuple
+    ``function.settings`` (e.g. ``("jacobian_step",)``, set by ``lazymaml.estimators.as_function``
+    for the lazy estimator); a name that is no such setting is refused."""
+    if function is None:
+        return frozenset()
+    declared = getattr(function, "settings", ())
+    if isinstance(declared, str) or not all(isinstance(n, str) for n in declared):
+        raise TypeError(f"{_name(function)}.settings must be a tuple of setting names, got {declared!r}")
+    unknown = sorted(set(declared) - set(_VARIABLE))
+    if unknown:
+        raise ValueError(
+            f"{_name(function)}.settings names {unknown}: the diagnosis varies only {list(_VARIABLE)}"
+        )
+    return frozenset(declared)
 
 
 def _name(function: ReferenceFunction | None) -> str:
@@ -325,6 +363,26 @@ def _near(x: float, value: float, rel: float = 1e-6) -> bool:
     return abs(x - value) <= rel * abs(value)
 
 
+_ONE_STEP_HINT = (
+    "the teacher's value is one SGD step: your hooks change the backward, not ψ — a hook on θ "
+    "registered after the inner autograd.grad never fires, and one on the inner-gradient tensors "
+    "rewrites only the gradient flowing back into them"
+)
+
+
+def _eta_hint(found: float, loop: InnerLoop) -> str:
+    horizon = loop.replace(jacobian_step="horizon").eta
+    if loop.steps > 1 and _near(found, horizon):
+        return (
+            'η = γKα, jacobian_step="horizon" — e.g. the derived gradient (θ − φ_K)/(Kα) stepped by Kα '
+            "(lazymaml's lazy_horizon)"
+        )
+    return (
+        "a derived gradient (θ − φ_K)/s followed by one step of size s is jacobian_step=s "
+        f"(here s = {found:.9g})"
+    )
+
+
 def _scale_hint(scale: float, tasks: int, inner_lr: float) -> str:
     if tasks > 1 and _near(scale, tasks):
         return f"the sum over the {tasks} tasks instead of their mean"
@@ -411,16 +469,28 @@ def run(
     rtol = default_rtol(candidate) if rtol is None else rtol
     truth = dict(truth) if truth is not None else reference()
     report = compare(candidate, truth)
-    found = _screen(report, rtol, atol, reference.name) or _search(
-        candidate, truth, report, reference, rtol, atol
-    )
+    found = _screen(report, rtol, atol, reference) or _search(candidate, truth, report, reference, rtol, atol)
     return _finish(found, report, reference, started)
 
 
-def _screen(report: Report, rtol: float, atol: float, name: str) -> Diagnosis | None:
+def _zero_hint(reference: Reference) -> str:
+    """The likely cause of a zero candidate: for the oracle, higher's detached θ; for a reference
+    with a lazy step, also the derived gradient built with θ's graph."""
+    if reference.is_oracle:
+        return "e.g. θ detached before the inner loop (higher's default copy_initial_weights=True)"
+    if "jacobian_step" in reference.varies:
+        return (
+            "e.g. the derived gradient d = (θ − φ_K)/α built with θ's graph: then θ − α·d = φ_K "
+            "cancels θ (detach θ in d, so that only the step's own inner gradient carries θ), or θ "
+            "detached before the inner loop"
+        )
+    return "e.g. θ detached before the inner loop, or an inner loop whose result does not depend on θ"
+
+
+def _screen(report: Report, rtol: float, atol: float, reference: Reference) -> Diagnosis | None:
     """The verdicts that need no further reference call: names or shapes differ, not finite,
     exact, zero; None when the candidate needs explaining."""
-    overall = report.overall
+    overall, name = report.overall, reference.name
     if not report.keys_match:
         wrong = f"missing {report.missing}, unexpected {report.unexpected}, wrong shapes {report.mismatched}"
         return Diagnosis("unexplained", f"the candidate's names or shapes differ from the model's: {wrong}")
@@ -433,8 +503,7 @@ def _screen(report: Report, rtol: float, atol: float, name: str) -> Diagnosis | 
         return Diagnosis(
             "no_meta_gradient",
             f"the candidate is zero (|c| = {overall.candidate_norm:.1e}, |g| = "
-            f"{overall.reference_norm:.1e} for {name}): nothing flows back to θ — e.g. θ detached before "
-            "the inner loop (higher's default copy_initial_weights=True)",
+            f"{overall.reference_norm:.1e} for {name}): nothing flows back to θ — {_zero_hint(reference)}",
             hypothesis="zero",
             residual=overall.candidate_norm / (overall.reference_norm or 1.0),
         )
@@ -467,15 +536,30 @@ def _search(
                 residual=residual,
             )
     residual, what = closest
-    kinds = ("first order, " if reference.is_oracle else "") + "adapted sets, K ± 1, fits of α and γ"
+    lazy = "jacobian_step" in reference.varies
+    kinds = (
+        ("first order, " if reference.is_oracle or lazy else "")
+        + "adapted sets, K ± 1"
+        + ("" if reference.is_oracle else ", K = 1")
+        + (", the derived gradient not divided by α, fits of α, η and γ" if lazy else ", fits of α and γ")
+    )
     return Diagnosis(
         "unexplained",
         f"no nearby setting of {reference.name} explains the candidate (tried the scale, zero and "
         f"{settings_tried} settings — {kinds}); closest: {what} (|c − g_h|/|g| = {residual:.1e}, against "
-        f"{report.overall.rel_error:.1e} for the requested settings){_zero_rows(report, rtol, atol)}",
+        f"{report.overall.rel_error:.1e} for the requested settings){_zero_rows(report, rtol, atol)}"
+        f"{_HOOKS_HINT if lazy else ''}",
         hypothesis=what,
         residual=residual,
     )
+
+
+_HOOKS_HINT = (
+    "; in a lazy implementation by backward hooks: a hook on θ changes what the inner "
+    "autograd.grad returns, a hook on the inner-gradient tensors changes only the backward into "
+    "them — ψ's value then stays one SGD step from θ and the backward into g becomes the hook's "
+    "value, g = ∇L_Q(φ_1) + H(θ)·d, no setting of the reference"
+)
 
 
 def _finish(found: Diagnosis, report: Report, reference: Reference, started: float) -> Diagnosis:
@@ -514,6 +598,16 @@ def _hypotheses(
             _scale_hint(s, len(reference.tasks), loop.inner_lr),
             scale=s,
         )
+    lazy = "jacobian_step" in reference.varies
+    if lazy and loop.eta > 0:
+        yield _Hypothesis(
+            "first_order",
+            "η = 0 (first-order MAML)",
+            "the candidate equals first-order MAML, ∇L_Q(φ_T) without the one-step Hessian term",
+            "e.g. a hook that returns d itself instead of g + (d − g).detach(), or the inner gradient "
+            "taken without create_graph=True",
+            {"jacobian_step": 0.0},
+        )
     if reference.is_oracle:
         order = "second-order MAML" if loop.first_order else "first-order MAML"
         why = (
@@ -526,11 +620,39 @@ def _hypotheses(
         )
     likely, per_module = _adapted_sets(reference.model, reference.adapted)
     yield from likely
-    for steps in (loop.steps - 1, loop.steps + 1):
+    one = (1,) if not reference.is_oracle and loop.steps > 2 else ()  # one step where K were asked
+    for steps in (loop.steps - 1, loop.steps + 1, *one):
         if steps >= 0:
-            detail = f"the candidate takes K = {steps} inner steps, not {loop.steps}"
+            detail = f"the candidate takes K = {steps} inner step{'s' * (steps != 1)}, not {loop.steps}"
+            hint = "an off-by-one in the inner loop" if abs(steps - loop.steps) == 1 else "one step only"
+            if steps == 1 and lazy:
+                hint = _ONE_STEP_HINT
+            yield _Hypothesis("steps", f"K = {steps}", detail, hint, {"steps": steps})
+    if lazy and loop.steps > 0 and loop.leap * loop.inner_lr <= 1:
+        fraction = loop.leap * loop.inner_lr
+        yield _Hypothesis(
+            "leap",
+            f"γ′ = γα = {fraction!r} at η = {loop.eta!r}",
+            f"the candidate scores the teacher θ + γα(φ_K − θ), not θ + γ(φ_K − θ), with the one-step "
+            f"Jacobian unchanged (η = {loop.eta:g})",
+            "the derived gradient not divided by α — d = θ − φ_K instead of (θ − φ_K)/α, so that "
+            "ψ = θ − α·d = θ + α(φ_K − θ)",
+            {"leap": fraction, "jacobian_step": loop.eta},
+        )
+    if lazy and loop.eta > 0:
+        # η in log space (η′ > 0), probing γKα ("horizon") first where it differs
+        eta = loop.eta
+        at_eta = lambda x: vector(reference(loop.replace(jacobian_step=eta * math.exp(x))))  # noqa: E731
+        horizon = loop.replace(jacobian_step="horizon").eta
+        probe = math.log(horizon / eta) if horizon != eta else 1e-3
+        for x in _secant(at_eta, c, (0.0, g), probe, (-math.log(1e3), math.log(1e3)), 1.0):
+            value = eta * math.exp(x)
+            detail = (
+                f"the candidate's one-step Jacobian is I − η′H(θ) with η′ = {value!r}, not η = {eta!r} "
+                f"(relative {value / eta - 1:+.2e})"
+            )
             yield _Hypothesis(
-                "steps", f"K = {steps}", detail, "an off-by-one in the inner loop", {"steps": steps}
+                "jacobian_step", f"η′ = {value!r}", detail, _eta_hint(value, loop), {"jacobian_step": value}
             )
 
     # α in log space (α′ > 0), probing α's float32 rounding first

@@ -56,14 +56,15 @@ def _task_gradient(
     theta: Mapping[str, Tensor],
     adapted: tuple[str, ...],
 ) -> list[Tensor | None]:
-    optimizer_class, differentiable_class = DIFFERENTIABLE[str(loop.inner_optimizer)]
+    spec = loop.spec()  # a name's, a spec's or a recognised factory's
+    optimizer_class, differentiable_class = DIFFERENTIABLE[type(spec)]
     root = _Root(model)
     # copy_initial_weights=False: the fast weights start as clones *attached* to θ
     # (higher's default detaches them and silently drops every term through θ).
     fmodel = higher.monkeypatch(root, copy_initial_weights=False, track_higher_grads=True)
     start = fmodel.fast_params
     optimizer = differentiable_class(
-        optimizer_class([theta[n] for n in adapted], lr=loop.inner_lr),
+        optimizer_class([theta[n] for n in adapted], lr=loop.inner_lr, **spec.options()),
         list(root.parameters()),
         fmodel=fmodel,
         track_higher_grads=True,

@@ -11,7 +11,9 @@ field              symbol   meaning
 ``steps``          K        inner steps (≥ 0)
 ``inner_lr``       α        the inner step size (> 0)
 ``leap``           γ        the teacher's fraction: φ_T = θ + γ(φ_K − θ), in (0, 1]
-``inner_optimizer``         ``"sgd"``, ``"adam"`` or a factory ``params -> torch.optim.Optimizer``
+``inner_optimizer``         ``"sgd"``, ``"adam"``, a spec (:mod:`gradcheck.optim`: ``SGD(momentum=…,
+                            …)``, ``Adam(…)``, ``AdamW(…)``) or a factory
+                            ``params -> torch.optim.Optimizer``
 ``adapt``          A        which parameters the inner loop adapts (:mod:`gradcheck.parameters`)
 ``first_order``             treat the inner gradients as constants (first-order MAML)
 ``jacobian_step``  η        the lazy step: ``"single"`` (γα), ``"horizon"`` (γKα) or a float ≥ 0
@@ -34,13 +36,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .optim import Adam, InnerUpdate, Sgd, TorchOptimizer
+from .optim import SGD, SPECS, Adam, AdamW, InnerUpdate, Spec, TorchOptimizer, spec_of
 from .parameters import Adapt
 
 __all__ = ["OPTIMIZERS", "InnerLoop", "InnerOptimizer", "JacobianStep"]
 
-InnerOptimizer = str | Callable[[list[Tensor]], torch.optim.Optimizer]
-"""``"sgd"`` (the default everywhere), ``"adam"``, or a factory ``params -> torch.optim.Optimizer``."""
+InnerOptimizer = str | Spec | Callable[[list[Tensor]], torch.optim.Optimizer]
+"""``"sgd"`` (the default everywhere), ``"adam"``, a spec of :mod:`gradcheck.optim` (``SGD``,
+``Adam``, ``AdamW`` with options; at torch's defaults it is normalised to its name, ``SGD()`` to
+``"sgd"``), or a factory ``params -> torch.optim.Optimizer``."""
 
 JacobianStep = str | float
 """η: ``"single"`` (γα), ``"horizon"`` (γKα) or a float ≥ 0."""
@@ -49,7 +53,10 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
 }
-"""The optimizers known by name: each has a pure update in :mod:`gradcheck.optim`."""
+"""The optimizers known by name: each has a pure update in :mod:`gradcheck.optim` (AdamW is
+given as the spec ``gradcheck.optim.AdamW(...)``)."""
+
+_SPEC_KINDS = (SGD, Adam, AdamW)
 
 
 def _integer(name: str, value: object, least: int) -> int:
@@ -123,11 +130,14 @@ class InnerLoop:
         if isinstance(spec, str):
             if spec not in OPTIMIZERS:
                 raise ValueError(
-                    f"unknown inner_optimizer {spec!r}; use one of {sorted(OPTIMIZERS)} "
-                    "or a factory params -> torch.optim.Optimizer"
+                    f"unknown inner_optimizer {spec!r}; use one of {sorted(OPTIMIZERS)}, a spec "
+                    "(gradcheck.optim.SGD, Adam, AdamW) or a factory params -> torch.optim.Optimizer"
                 )
+        elif isinstance(spec, _SPEC_KINDS):
+            if spec.name in OPTIMIZERS and SPECS[spec.name] == spec:
+                set_("inner_optimizer", spec.name)  # one form for plain SGD and Adam
         elif not callable(spec):
-            raise TypeError(f"inner_optimizer must be a name or a factory, got {spec!r}")
+            raise TypeError(f"inner_optimizer must be a name, a spec or a factory, got {spec!r}")
         if self.horizon is not None:
             horizon = self.horizon
             if (
@@ -174,19 +184,52 @@ class InnerLoop:
         """Plain SGD at ``inner_lr``: the student every exact formula in this project assumes."""
         return self.inner_optimizer == "sgd"
 
-    def require(self, *names: str, by: str) -> None:
-        """Refuse an ``inner_optimizer`` other than ``names``: ``by`` can differentiate only those."""
-        if self.inner_optimizer not in names:
-            raise ValueError(
-                f"{by} differentiates exactly through inner_optimizer in {sorted(names)}, "
-                f"not {self.inner_optimizer!r}"
-            )
+    def spec(self) -> Spec:
+        """The inner optimizer as a spec of :mod:`gradcheck.optim`: a name's (at torch's
+        defaults), a spec itself, or the one a factory's ``torch.optim.SGD``/``Adam``/``AdamW``
+        has (:func:`gradcheck.optim.spec_of`; its lr must be ``inner_lr``). ``ValueError``, with
+        the reason, for a factory no spec describes."""
+        given = self.inner_optimizer
+        if isinstance(given, str):
+            return SPECS[given]
+        if isinstance(given, _SPEC_KINDS):
+            return given
+        spec, lr = spec_of(self.optimizer([torch.zeros(1, requires_grad=True)]))
+        if lr != self.inner_lr:
+            raise ValueError(f"its {spec.torch_class.__name__}'s lr {lr!r} is not inner_lr {self.inner_lr!r}")
+        return spec
+
+    def require(self, *names: str | type, by: str) -> None:
+        """Refuse an ``inner_optimizer`` that ``by`` cannot differentiate: ``names`` are the names
+        it takes and the spec classes (:mod:`gradcheck.optim`) whose every option it follows —
+        a spec of such a class, or a factory of its ``torch.optim`` class at ``inner_lr``."""
+        given = self.inner_optimizer
+        if isinstance(given, str) and given in names:
+            return
+        kinds = tuple(n for n in names if isinstance(n, type))
+        reason = ""
+        if kinds and not isinstance(given, str):
+            try:
+                if type(self.spec()) in kinds:
+                    return
+            except ValueError as error:
+                reason = f": {error}"
+        shown = sorted(n for n in names if isinstance(n, str))
+        also = ""
+        if kinds:
+            also = f" or a gradcheck.optim spec {', '.join(k.__name__ for k in kinds)}"
+            also += " (or a factory of that torch.optim class at inner_lr)"
+        raise ValueError(
+            f"{by} differentiates exactly through inner_optimizer in {shown}{also}, not {given!r}{reason}"
+        )
 
     def optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
-        """A fresh ``torch.optim`` inner optimizer over ``params`` (a named one at ``inner_lr``)."""
+        """A fresh ``torch.optim`` inner optimizer over ``params`` (a named one or a spec at ``inner_lr``)."""
         spec = self.inner_optimizer
         if isinstance(spec, str):
-            return OPTIMIZERS[spec](params, lr=self.inner_lr)
+            spec = SPECS[spec]
+        if isinstance(spec, _SPEC_KINDS):
+            return spec.torch_class(params, lr=self.inner_lr, **spec.options())
         optimizer = spec(params)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -196,10 +239,9 @@ class InnerLoop:
 
     def update(self) -> InnerUpdate:
         """The inner optimizer as an update rule on ``{name: tensor}``: the pure, differentiable
-        (and vmappable) update of :mod:`gradcheck.optim` for a named optimizer, or a stateful
+        (and vmappable) update of :mod:`gradcheck.optim` for a name or a spec, or a stateful
         wrapper of the factory's ``torch.optim`` optimizer (``pure`` False: never differentiated)."""
-        if self.inner_optimizer == "sgd":
-            return Sgd(self.inner_lr)
-        if self.inner_optimizer == "adam":
-            return Adam.like(self.optimizer([torch.zeros(0, requires_grad=True)]))
+        given = self.inner_optimizer
+        if isinstance(given, (str, *_SPEC_KINDS)):
+            return self.spec().update(self.inner_lr)
         return TorchOptimizer(self.optimizer)

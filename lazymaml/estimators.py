@@ -425,4 +425,6 @@ def as_function(name: str | Estimator, **options: Any) -> Callable[..., Mapping[
         return run(entry, model, task_or_tasks, InnerLoop(steps, inner_lr, **{**options, **settings}))
 
     estimate.__name__ = entry.name
+    # the estimator-specific settings a checker may vary (gradcheck.diagnose), less those fixed here
+    estimate.settings = tuple(sorted(entry.reads & {"jacobian_step"} - options.keys()))  # type: ignore[attr-defined]
     return estimate

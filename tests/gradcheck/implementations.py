@@ -186,3 +186,101 @@ BROKEN = {
     "support and query swapped": functools.partial(functional_maml, swap=True),
     "initial weights detached (higher's default)": higher_default_maml,
 }
+
+
+def hook_lazy(model, task, steps, inner_lr, *, bug=None):
+    """A lazy meta-gradient as a user writes it with backward hooks, in plain autograd.
+
+    K graph-free SGD steps give φ_K and the derived gradient d = (θ − φ_K)/α; then one
+    differentiable step from θ in which a hook on each θ makes the inner ``autograd.grad`` return
+    g′ = g + (d − g).detach() — the value d, the derivative that of g = ∇L_S(θ) — so that
+    ψ = θ − α g′ has φ_K's value and the one-step Jacobian I − αH(θ): g = (I − αH(θ)) ∇L_Q(φ_K).
+
+    ``bug`` plants one mistake: ``"late_hooks"`` registers the hooks on θ only after the inner
+    ``autograd.grad`` (they never fire: ψ is one SGD step from θ, one-step MAML);
+    ``"tensor_hooks"`` registers them on the inner-gradient tensors instead of θ (a tensor hook
+    rewrites the gradient flowing back into that tensor, never its value: ψ is one SGD step from
+    θ, and the backward into g becomes d: g = ∇L_Q(φ_1) + H(θ) d); ``"hook_returns_d"`` returns d itself (no
+    Hessian term); ``"attached_d"`` builds d from θ with its graph, so θ − α·d = φ_K cancels θ;
+    ``"no_divide"`` forgets ÷α, d = θ − φ_K; ``"horizon_step"`` divides by Kα and steps by Kα
+    (ψ has φ_K's value and the Jacobian I − KαH(θ): ``jacobian_step="horizon"``).
+    """
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def at(tensors):
+        return lambda x: functional_call(model, {**tensors, **buffers}, (x,))
+
+    phi = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(steps):
+        leaves = {n: t.requires_grad_() for n, t in phi.items()}
+        grads = torch.autograd.grad(task.support_loss(at(leaves)), list(leaves.values()))
+        phi = {n: (t - inner_lr * g).detach() for (n, t), g in zip(leaves.items(), grads)}
+    step = steps * inner_lr if bug == "horizon_step" and steps else inner_lr
+    scale = 1.0 if bug == "no_divide" else step
+    source = params if bug == "attached_d" else {n: p.detach() for n, p in params.items()}
+    d = {n: (source[n] - phi[n]) / scale for n in params}
+
+    def substitute(name):
+        if bug == "hook_returns_d":
+            return lambda g: d[name]
+        return lambda g: g + (d[name] - g).detach()
+
+    handles = []
+    if bug not in ("tensor_hooks", "attached_d", "late_hooks"):
+        handles = [p.register_hook(substitute(n)) for n, p in params.items()]
+    inner = torch.autograd.grad(task.support_loss(at(params)), list(params.values()), create_graph=True)
+    if bug == "late_hooks":
+        handles = [p.register_hook(substitute(n)) for n, p in params.items()]
+    for handle in handles:  # the outer backward reaches θ too: the hooks must not rewrite it
+        handle.remove()
+    if bug == "tensor_hooks":
+        for n, g in zip(params, inner):
+            g.register_hook(substitute(n))
+    if bug == "attached_d":
+        inner = [d[n] for n in params]  # the derived gradient used as the inner gradient directly
+    psi = {n: p - step * g for (n, p), g in zip(params.items(), inner)}
+    return dict(zip(params, torch.autograd.grad(task.query_loss(at(psi)), list(params.values()))))
+
+
+def summed_hook_lazy(model, tasks, steps, inner_lr):
+    """A meta-batch hook candidate that sums over its tasks instead of taking their mean."""
+    grads = [hook_lazy(model, t, steps, inner_lr) for t in tasks]
+    return {n: torch.stack([g[n] for g in grads]).sum(0) for n in grads[0]}
+
+
+def functional_maml_momentum_adamw(
+    model, task, steps, inner_lr, *, optimizer="momentum", momentum=0.9, nesterov=False, weight_decay=0.0
+):
+    """Second-order MAML with ``torch.func`` and an inner optimizer written out from
+    ``torch.optim``'s documented update (not gradcheck.optim's): ``"momentum"`` is SGD with
+    momentum μ (buffer b₁ = g₁, b ← μb + g; Nesterov g + μb) and L2 weight decay; ``"adamw"`` is
+    AdamW (β = (0.9, 0.999), ε = 1e-8, decoupled decay p ← p(1 − αλ))."""
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    def at(tensors):
+        return lambda x: functional_call(model, {**tensors, **buffers}, (x,))
+
+    phi, state = params, {}
+    for t in range(1, steps + 1):
+        grads = dict(
+            zip(phi, torch.autograd.grad(task.support_loss(at(phi)), list(phi.values()), create_graph=True))
+        )
+        new = {}
+        for n, p in phi.items():
+            g = grads[n]
+            if optimizer == "momentum":
+                g = g + weight_decay * p
+                b = g if t == 1 else momentum * state[n] + g
+                state[n] = b
+                new[n] = p - inner_lr * (g + momentum * b if nesterov else b)
+            else:
+                m, v = state.get(n, (torch.zeros_like(p), torch.zeros_like(p)))
+                m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+                state[n] = (m, v)
+                m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+                root = torch.where(v_hat > 0, v_hat, torch.ones_like(v_hat)).sqrt() * (v_hat > 0)
+                new[n] = p * (1 - inner_lr * weight_decay) - inner_lr * m_hat / (root + 1e-8)
+        phi = new
+    return dict(zip(params, torch.autograd.grad(task.query_loss(at(phi)), list(params.values()))))

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from gradcheck.optim import Adam, Sgd, TorchOptimizer
+from gradcheck import optim
+from gradcheck.optim import AdamUpdate, Sgd, TorchOptimizer
 from gradcheck.settings import InnerLoop
 
 
@@ -23,7 +24,7 @@ from gradcheck.settings import InnerLoop
         (dict(leap=0.0), ValueError, r"leap .* must be in \(0, 1\]"),
         (dict(leap=1.5), ValueError, r"leap .* must be in \(0, 1\]"),
         (dict(inner_optimizer="rmsprop"), ValueError, "unknown inner_optimizer 'rmsprop'"),
-        (dict(inner_optimizer=3), TypeError, "inner_optimizer must be a name or a factory"),
+        (dict(inner_optimizer=3), TypeError, "inner_optimizer must be a name, a spec or a factory"),
         (dict(first_order=1), TypeError, "first_order must be True or False"),
         (dict(jacobian_step="double"), ValueError, 'jacobian_step must be "single", "horizon" or a float'),
         (dict(jacobian_step=-0.1), ValueError, "must be finite and >= 0"),
@@ -87,10 +88,10 @@ def test_numbers_are_normalised():
 
 def test_update_is_the_pure_rule_of_a_named_optimizer_and_a_wrapper_otherwise():
     assert InnerLoop(2, 0.1).update() == Sgd(0.1)
-    assert InnerLoop(2, 0.1, inner_optimizer="adam").update() == Adam(0.1, (0.9, 0.999), 1e-8)
+    assert InnerLoop(2, 0.1, inner_optimizer="adam").update() == AdamUpdate(0.1, (0.9, 0.999), 1e-8)
     factory = InnerLoop(2, 0.1, inner_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)).update()
     assert isinstance(factory, TorchOptimizer) and not factory.pure
-    assert Sgd(0.1).pure and Adam(0.1).pure
+    assert Sgd(0.1).pure and AdamUpdate(0.1).pure
 
 
 def test_a_factory_that_returns_no_optimizer_is_refused():
@@ -105,3 +106,27 @@ def test_require_names_who_cannot_differentiate_what():
     ):
         InnerLoop(2, 0.1, inner_optimizer="adam").require("sgd", by="the oracle")
     InnerLoop(2, 0.1, inner_optimizer="adam").require("sgd", "adam", by="the oracle")
+
+
+def test_a_spec_at_torch_s_defaults_is_its_name_and_others_stay_specs():
+    assert InnerLoop(2, 0.1, inner_optimizer=optim.SGD()).inner_optimizer == "sgd"
+    assert InnerLoop(2, 0.1, inner_optimizer=optim.Adam()).inner_optimizer == "adam"
+    momentum = optim.SGD(momentum=0.9)
+    loop = InnerLoop(2, 0.1, inner_optimizer=momentum)
+    assert loop.inner_optimizer == momentum and not loop.is_sgd
+    assert hash(loop) == hash(InnerLoop(2, 0.1, inner_optimizer=optim.SGD(momentum=0.9)))
+    assert loop.update() == optim.Sgd(0.1, momentum=0.9)
+    assert isinstance(loop.optimizer([torch.zeros(1, requires_grad=True)]), torch.optim.SGD)
+    assert InnerLoop(2, 0.1, inner_optimizer=optim.AdamW()).spec() == optim.AdamW()
+
+
+def test_require_takes_spec_classes_for_every_option_and_names_for_the_plain_optimizers():
+    momentum = InnerLoop(2, 0.1, inner_optimizer=optim.SGD(momentum=0.9))
+    momentum.require(optim.SGD, by="the oracle")
+    with pytest.raises(ValueError, match=r"in \['sgd'\], not SGD\(momentum=0.9"):
+        momentum.require("sgd", by="estimator 'truncated'")  # plain SGD only: no spec
+    factory = InnerLoop(2, 0.1, inner_optimizer=lambda p: torch.optim.AdamW(p, lr=0.1))
+    factory.require(optim.AdamW, by="the oracle")
+    assert factory.spec() == optim.AdamW()
+    with pytest.raises(ValueError, match=r"or a gradcheck\.optim spec SGD"):
+        factory.require("sgd", optim.SGD, by="the oracle")
