@@ -84,6 +84,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .models import common_random_numbers, refuse_unsupported
 from .parameters import Adapt, flat, trainable, unflat
 from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
@@ -125,6 +126,7 @@ def _objective(
     """:func:`meta_objective` under the settings ``loop`` (steps, inner_lr, leap, inner_optimizer,
     adapt; F has no first-order variant)."""
     tasks = as_tasks(task_or_tasks)
+    refuse_unsupported(model, tasks, by="finite differences")
     student = Student.read(model, loop.adapt, torch.float64)
     tasks = converted(tasks, model, torch.float64, "finite differences")
     theta = student.theta
@@ -133,9 +135,11 @@ def _objective(
         start = unflat(x, theta)
         with preserved(model):
             total = 0.0
-            for task in tasks:
-                phi_t, untrained = student.teacher(task, loop, start=start)
-                total += checked_loss(task.query_loss(student.at(phi_t, untrained)), QUERY_LOSS).item()
+            for task in tasks:  # every task from the same seeded generator state: fixed Dropout masks
+                with common_random_numbers(model):
+                    phi_t, untrained = student.teacher(task, loop, start=start)
+                    loss = task.query_loss(student.at(phi_t, untrained))
+                total += checked_loss(loss, QUERY_LOSS).item()
         return total / len(tasks)
 
     return objective, flat(theta)
@@ -160,6 +164,7 @@ def meta_gradient(
     Costs 2n evaluations of F (each K + 1 forward/backward passes per task): meant for small
     models; above ``max_parameters`` use :func:`check`.
     """
+    refuse_unsupported(model, as_tasks(task_or_tasks), by="finite differences")
     loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt)
     theta = trainable(model)
     n = sum(p.numel() for p in theta.values())
@@ -404,6 +409,7 @@ def check(
     """
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
         raise ValueError(f"directions must be a positive integer, got {directions!r}")
+    refuse_unsupported(model, as_tasks(task_or_tasks), by="finite differences")
     loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt)
     theta = trainable(model)
     g = _as_vector(gradient, theta)

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -118,22 +118,59 @@ def copies(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str
     return params, buffers
 
 
+class _Carrying(nn.Module):
+    """The model, returning with its output the buffers ``names`` as its forward left them."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        out = self.model(*args, **kwargs)
+        return out, {n: self.model.get_buffer(n) for n in self.names}
+
+
 class Functional:
     """The model evaluated at given tensors: ``Functional(model, params, buffers)(x)``.
 
     Later mappings override earlier ones; names not given are read from the model. Built on
     ``torch.func.functional_call``: the model's own tensors are never written.
+
+    ``carry``: a mutable mapping (the untrained tensors of one run) into which a buffer that the
+    forward *reassigns* (``self.count = self.count + 1``, not in place) is written back, so that
+    it carries into the next call as an in-place update does; without it ``functional_call``
+    would drop the new value when it restores the module.
     """
 
-    def __init__(self, model: nn.Module, *tensors: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *tensors: Mapping[str, Tensor],
+        carry: MutableMapping[str, Tensor] | None = None,
+    ) -> None:
         """``tensors``: mappings name → tensor, later ones overriding earlier ones."""
         self.model = model
         self.tensors: dict[str, Tensor] = {}
         for mapping in tensors:
             self.tensors.update(mapping)
+        self.carry = carry
+        self.buffers: tuple[str, ...] = ()
+        if carry is not None:
+            self.buffers = tuple(n for n, _ in model.named_buffers() if n in self.tensors)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.model, self.tensors, args, kwargs)
+        if not self.buffers:
+            return torch.func.functional_call(self.model, self.tensors, args, kwargs)
+        wrapper = _Carrying(self.model, self.buffers)
+        given = {f"model.{n}": t for n, t in self.tensors.items()}
+        out, after = torch.func.functional_call(wrapper, given, (args, kwargs))
+        for n, t in after.items():
+            if t is not self.tensors[n] and isinstance(t, Tensor):  # reassigned, not written in place
+                self.tensors[n] = t
+                assert self.carry is not None
+                self.carry[n] = t
+        return out
 
 
 def dense(like: Mapping[str, Tensor], grads: Iterable[Tensor | None]) -> dict[str, Tensor]:
