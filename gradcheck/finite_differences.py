@@ -84,7 +84,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .models import common_random_numbers, refuse_unsupported
+from .models import common_random_numbers, conventions, refuse_unsupported
 from .parameters import Adapt, flat, trainable, unflat
 from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
@@ -313,6 +313,7 @@ class DirectionalReport:
     directions: list[Direction]
     step: float
     rtol: float
+    notes: tuple[str, ...] = ()  # the model's autograd conventions (gradcheck.models.conventions)
 
     @property
     def failed(self) -> list[int]:
@@ -351,6 +352,7 @@ class DirectionalReport:
                 f"{d.tolerance:>9.2e}{'' if d.ok else '  FAIL'}"
             )
         notes = [f"u {i} inconclusive: {self.directions[i].reason}" for i in inconclusive]
+        notes += [f"note: autograd convention, not the derivative: {n}" for n in self.notes]
         return "\n".join([summary, head, *rows, *notes])
 
     def assert_close(self) -> None:
@@ -429,4 +431,4 @@ def check(
                 break
         relative = rtol * max(abs(tried[-1].numerical), typical)
         rows.append(Direction(torch.dot(g, u).item(), tuple(tried), relative))
-    return DirectionalReport(rows, step, rtol)
+    return DirectionalReport(rows, step, rtol, tuple(conventions(model)))

@@ -74,8 +74,8 @@ def refuse_unsupported(model: nn.Module, tasks: Sequence[TaskLike] | TaskBatch =
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
-            f"{by}: torch.inference_mode() forbids the meta-gradient (no autograd graph can be "
-            "recorded inside it); call it outside the inference_mode block"
+            f"{by}: inference mode forbids the meta-gradient (no autograd graph can be recorded "
+            "inside torch.inference_mode()); call it outside the inference_mode block"
         )
     if _compiled(model):
         raise TypeError(

@@ -6,6 +6,12 @@
 * ``None`` — all of θ (MAML);
 * ``"head"`` — the parameters of the last module that owns trainable parameters (ANIL);
 * ``"body"`` — everything but the head (BOIL);
+
+The head is resolved *by module*: a parameter belongs to it when the head module holds that
+tensor under any name. An output layer whose weight is tied to the embedding
+(``out.weight = emb.weight``) has that one tensor named ``emb.weight`` by ``named_parameters()``
+(its first name); it is still the head's, so ``"head"`` adapts ``emb.weight`` and ``out.bias`` —
+the tied tensor is one parameter and cannot be adapted as head and frozen as body at once.
 * a parameter name or a module prefix (``"0"`` selects ``"0.weight"`` and ``"0.bias"``),
   or a list of them;
 * a predicate ``name -> bool``.
@@ -53,8 +59,8 @@ def _head(model: nn.Module, names: Iterable[str]) -> list[str]:
         for prefix, module in model.named_modules()
         if any(p.requires_grad for p in module.parameters(recurse=False))
     ]
-    head = owners[-1]
-    return [n for n in names if n.rpartition(".")[0] == head]
+    held = {id(p) for p in model.get_submodule(owners[-1])._parameters.values() if p is not None}
+    return [n for n in names if id(model.get_parameter(n)) in held]
 
 
 def _matches(name: str, key: str) -> bool:
