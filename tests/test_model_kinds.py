@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from gradcheck import Task, finite_differences, oracle, validate
+from gradcheck.parameters import resolve_adapt
 from gradcheck.tolerances import COORDINATEWISE
 from tests.helpers import assert_same_state, model_state
 
@@ -328,10 +329,13 @@ def test_dropout_draws_are_common_and_the_global_state_is_kept():
 
 def test_tied_head_is_resolved_by_module():
     model, task = Tied(), _task(integer=True)
-    from gradcheck.parameters import resolve_adapt
-
     assert resolve_adapt(model, "head") == ("emb.weight", "out.bias")
     assert resolve_adapt(model, "body") == ("mid.weight", "mid.bias")
+    g = oracle.meta_gradient(model, task, K, LR, adapt="head")
+    numerical = finite_differences.meta_gradient(model, task, K, LR, adapt="head")
+    rtol, atol = COORDINATEWISE
+    for name in g:
+        torch.testing.assert_close(g[name], numerical[name], rtol=rtol, atol=atol, msg=name)
 
 
 def _refusals():
