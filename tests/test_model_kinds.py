@@ -408,3 +408,15 @@ def test_error_midway_leaves_the_model_restored(entry):
     with pytest.raises(RuntimeError, match="midway"):
         ENTRY_POINTS[entry](model, task)
     assert_same_state(before, model_state(model))
+
+
+def test_hooked_model_with_buffers_starts_every_task_from_the_model():
+    """The functional unroll (hooked models) writes the model's own buffers: each task starts from
+    the model's values, as finite differences (fresh copies per task) and the higher unroll do."""
+    model, tasks = Count(), [_task(seed=1), _task(seed=2)]
+    model.linear.register_forward_hook(lambda module, inputs, output: output + 0.5)
+    g = _unchanged(model, lambda: oracle.meta_gradient(model, tasks, K, LR))
+    numerical = finite_differences.meta_gradient(model, tasks, K, LR)
+    rtol, atol = COORDINATEWISE
+    for name in g:
+        torch.testing.assert_close(g[name], numerical[name], rtol=rtol, atol=atol, msg=name)
