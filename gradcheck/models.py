@@ -163,6 +163,12 @@ def conventions(model: nn.Module) -> list[str]:
                 "looked-up rows in place, outside autograd: the gradient ignores the renormalisation, "
                 "finite differences do not"
             )
+        if m._backward_hooks or m._backward_pre_hooks:
+            out.append(
+                f"{name}: a backward hook — a hook that changes the gradients it is given makes "
+                "autograd's gradient (the oracle's, with the hook's changes) differ from the "
+                "derivative finite differences measure"
+            )
         if m.training and any(type(h).__name__ == "SpectralNorm" for h in m._forward_pre_hooks.values()):
             out.append(
                 f"{name}: spectral_norm in train mode — the power iteration updates u and v without "

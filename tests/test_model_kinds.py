@@ -26,6 +26,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
 import torch.nn.utils.prune
 from torch import nn
 from torch.func import functional_call
@@ -163,6 +164,31 @@ def _spectral_eval():
     return model.eval()
 
 
+class _Symmetric(nn.Module):
+    def forward(self, x):
+        return x.triu() + x.triu(1).T
+
+
+def _parametrized():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).to(F64)
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", _Symmetric())
+    return model
+
+
+def _spectral_parametrization_eval():
+    model = _mlp()
+    torch.nn.utils.parametrizations.spectral_norm(model[2])
+    model(torch.randn(2, 3, dtype=F64))
+    return model.eval()
+
+
+def _observing_backward_hook():
+    model = _mlp()
+    model[2].register_full_backward_hook(lambda module, grad_input, grad_output: None)
+    return model
+
+
 def _legacy_weight_norm():
     model = _mlp()
     with warnings.catch_warnings():
@@ -209,6 +235,9 @@ EXACT = {
     "forward and pre-forward hooks": (_hooked, _task),
     "prune": (_pruned, _task),
     "spectral_norm (hook, eval)": (_spectral_eval, _task),
+    "parametrize (custom)": (_parametrized, _task),
+    "parametrizations.spectral_norm (eval)": (_spectral_parametrization_eval, _task),
+    "backward hook (observing)": (_observing_backward_hook, _task),
     "dropout (train)": (_dropout, _task),
     "reassigned buffer": (Count, _task),
     "lstm proj_size": (lambda: Recurrent("lstm"), _task),
@@ -315,6 +344,45 @@ def test_padding_idx_convention_is_named():
     g = oracle.meta_gradient(model, task, K, LR)
     report = finite_differences.check(g, model, task, K, LR)
     assert "padding_idx=0" in str(report)
+
+
+CONVENTIONS = {
+    "Embedding(padding_idx)": (
+        lambda: nn.Sequential(nn.Embedding(5, 2, padding_idx=0), nn.Flatten(), nn.Tanh(), nn.Linear(4, 2)),
+        "padding_idx=0",
+    ),
+    "Embedding(max_norm)": (
+        lambda: nn.Sequential(nn.Embedding(5, 2, max_norm=0.5), nn.Flatten(), nn.Tanh(), nn.Linear(4, 2)),
+        "max_norm=0.5",
+    ),
+    "spectral_norm (train)": (lambda: _spectral_train(), "spectral_norm in train mode"),
+    "backward hook changing gradients": (lambda: _hooked_backward(), "a backward hook"),
+}
+
+
+def _spectral_train():
+    model = _mlp()
+    torch.nn.utils.spectral_norm(model[2])
+    return model
+
+
+def _hooked_backward():
+    model = _mlp()
+    model[2].register_full_backward_hook(
+        lambda module, grad_input, grad_output: tuple(2 * g for g in grad_input)
+    )
+    return model
+
+
+@pytest.mark.parametrize("kind", list(CONVENTIONS))
+def test_conventions_are_named_where_finite_differences_disagree(kind):
+    build, named = CONVENTIONS[kind]
+    torch.manual_seed(0)
+    model = build().to(F64)
+    task = _task(integer=kind.startswith("Embedding"))
+    result = _unchanged(model, lambda: validate(candidate, model, task, K, LR))
+    assert named in result.summary()
+    assert "PASS" not in result.headline()
 
 
 def test_dropout_draws_are_common_and_the_global_state_is_kept():
