@@ -165,15 +165,15 @@ class Functional:
         if carry is not None:
             self.buffers = tuple(n for n, _ in model.named_buffers() if n in self.tensors)
         self.wrapper = _Carrying(model, self.buffers) if self.buffers else None
+        self.given = {f"model.{n}": t for n, t in self.tensors.items()}  # the wrapper's names
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.wrapper is None:
             return torch.func.functional_call(self.model, self.tensors, args, kwargs)
-        given = {f"model.{n}": t for n, t in self.tensors.items()}
-        out, after = torch.func.functional_call(self.wrapper, given, (args, kwargs))
+        out, after = torch.func.functional_call(self.wrapper, self.given, (args, kwargs))
         for n, t in after.items():
             if t is not self.tensors[n] and isinstance(t, Tensor):  # reassigned, not written in place
-                self.tensors[n] = t
+                self.tensors[n] = self.given[f"model.{n}"] = t
                 assert self.carry is not None
                 self.carry[n] = t
         return out
