@@ -49,6 +49,7 @@ and others fail, of the first failing task alone: what the candidate computes in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -294,6 +295,7 @@ def _check_reference(
     if source.loop.first_order:
         raise ValueError("check_reference=True: a first-order reference is not the derivative of F")
     loop = source.loop
+    start = time.perf_counter()
     try:
         report = finite_differences.check(
             mean,
@@ -309,15 +311,17 @@ def _check_reference(
     except (TypeError, ValueError) as error:  # e.g. closure tasks on a float32 model
         return None, f"could not be checked against finite differences: {error}"
     n = len(report.directions)
+    evaluations = 1 + 6 * sum(len(d.tried) for d in report.directions)
+    cost = f" ({evaluations} evaluations of F, {time.perf_counter() - start:.2g} s)"
     if report.failed:
         return report, (
             f"{source.name} DISAGREES with finite differences along {len(report.failed)} of {n} "
             "directions: a derivative defect in torch (or a model whose autograd gradient is a "
-            "convention, see the notes) — the candidate cannot be judged against it on this model"
+            "convention, see the notes) — the candidate cannot be judged against it on this model" + cost
         )
     if not report.ok():
-        return report, f"inconclusive: finite differences are not smooth along enough of {n} directions"
-    return report, f"{source.name} agrees with finite differences along {n} of {n} directions"
+        return report, f"inconclusive: finite differences are not smooth along enough of {n} directions{cost}"
+    return report, f"{source.name} agrees with finite differences along {n} of {n} directions{cost}"
 
 
 def _notes(model: nn.Module, meta_batch: bool) -> tuple[str, ...]:
