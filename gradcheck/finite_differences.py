@@ -84,6 +84,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .models import common_random_numbers, conventions, refuse_unsupported
 from .parameters import Adapt, flat, trainable, unflat
 from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
@@ -125,6 +126,7 @@ def _objective(
     """:func:`meta_objective` under the settings ``loop`` (steps, inner_lr, leap, inner_optimizer,
     adapt; F has no first-order variant)."""
     tasks = as_tasks(task_or_tasks)
+    refuse_unsupported(model, tasks, by="finite differences")
     student = Student.read(model, loop.adapt, torch.float64)
     tasks = converted(tasks, model, torch.float64, "finite differences")
     theta = student.theta
@@ -133,9 +135,11 @@ def _objective(
         start = unflat(x, theta)
         with preserved(model):
             total = 0.0
-            for task in tasks:
-                phi_t, untrained = student.teacher(task, loop, start=start)
-                total += checked_loss(task.query_loss(student.at(phi_t, untrained)), QUERY_LOSS).item()
+            for task in tasks:  # every task from the same seeded generator state: fixed Dropout masks
+                with common_random_numbers(model):
+                    phi_t, untrained = student.teacher(task, loop, start=start)
+                    loss = task.query_loss(student.at(phi_t, untrained))
+                total += checked_loss(loss, QUERY_LOSS).item()
         return total / len(tasks)
 
     return objective, flat(theta)
@@ -160,6 +164,7 @@ def meta_gradient(
     Costs 2n evaluations of F (each K + 1 forward/backward passes per task): meant for small
     models; above ``max_parameters`` use :func:`check`.
     """
+    refuse_unsupported(model, as_tasks(task_or_tasks), by="finite differences")
     loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt)
     theta = trainable(model)
     n = sum(p.numel() for p in theta.values())
@@ -308,6 +313,7 @@ class DirectionalReport:
     directions: list[Direction]
     step: float
     rtol: float
+    notes: tuple[str, ...] = ()  # the model's autograd conventions (gradcheck.models.conventions)
 
     @property
     def failed(self) -> list[int]:
@@ -346,6 +352,7 @@ class DirectionalReport:
                 f"{d.tolerance:>9.2e}{'' if d.ok else '  FAIL'}"
             )
         notes = [f"u {i} inconclusive: {self.directions[i].reason}" for i in inconclusive]
+        notes += [f"note: autograd convention, not the derivative: {n}" for n in self.notes]
         return "\n".join([summary, head, *rows, *notes])
 
     def assert_close(self) -> None:
@@ -404,6 +411,7 @@ def check(
     """
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
         raise ValueError(f"directions must be a positive integer, got {directions!r}")
+    refuse_unsupported(model, as_tasks(task_or_tasks), by="finite differences")
     loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt)
     theta = trainable(model)
     g = _as_vector(gradient, theta)
@@ -423,4 +431,4 @@ def check(
                 break
         relative = rtol * max(abs(tried[-1].numerical), typical)
         rows.append(Direction(torch.dot(g, u).item(), tuple(tried), relative))
-    return DirectionalReport(rows, step, rtol)
+    return DirectionalReport(rows, step, rtol, tuple(conventions(model)))

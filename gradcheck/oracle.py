@@ -10,6 +10,22 @@ first-order MAML gradient ∇L_Q(φ_T). For several tasks the result is the mean
 :func:`gradient`, which takes them as one :class:`gradcheck.settings.InnerLoop` — the form the
 other checkers (:func:`gradcheck.validate`, :func:`gradcheck.diagnose`) call, varying the
 settings with ``loop.replace(...)``.
+
+**Hooked models.** ``higher``'s patched copy of a module keeps none of its forward, pre-forward or
+backward hooks, so on a model that has them (``torch.nn.utils.prune``, the hook-based
+``weight_norm``/``spectral_norm``, a user's hook) it would differentiate a different function.
+Such a model is differentiated by :func:`_unrolled` instead: the same inner loop written directly
+over ``torch.func.functional_call``, which runs the model's own modules — hooks included — at the
+fast weights. On a model without hooks the two agree to rounding (tests/gradcheck/test_oracle.py).
+
+**Buffers** are the model's own in both paths: written in place or reassigned in ``forward``
+(``self.count = self.count + 1``), a buffer carries across the K support forwards and into the
+query forward, and is restored afterwards.
+
+**Randomness**: each task's unroll runs from the seeded state of
+:func:`gradcheck.models.common_random_numbers`, so a model with Dropout gives one reproducible
+draw — the one a candidate drawing in the same order gets — and the caller's generator state is
+left as it was.
 """
 
 from __future__ import annotations
@@ -20,6 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ._higher import DIFFERENTIABLE, higher
+from .models import common_random_numbers, hooks, refuse_unsupported
+from .optim import adam_update
 from .parameters import Adapt, dense, resolve_adapt, task_mean, trainable
 from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
@@ -78,16 +96,61 @@ def _task_gradient(
     return list(torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
 
 
+def _unrolled(
+    model: nn.Module,
+    task: TaskLike,
+    loop: InnerLoop,
+    theta: Mapping[str, Tensor],
+    adapted: tuple[str, ...],
+) -> list[Tensor | None]:
+    """:func:`_task_gradient` without ``higher``: the inner loop over ``functional_call``, which
+    runs the model's hooks. SGD p ← p − αg, or :func:`gradcheck.optim.adam_update` with
+    ``torch.optim.Adam``'s defaults; first-order treats every inner gradient as a constant."""
+    defaults = DIFFERENTIABLE[str(loop.inner_optimizer)][0]([torch.zeros(1)], lr=loop.inner_lr).defaults
+    phi = dict(theta)
+
+    def f(*args: object, **kwargs: object) -> object:
+        return torch.func.functional_call(model, phi, args, kwargs)
+
+    moments = {n: (torch.zeros_like(theta[n]), torch.zeros_like(theta[n])) for n in adapted}
+    for k in range(loop.steps):
+        loss = checked_loss(task.support_loss(f), support_loss_at(k, loop.steps))
+        leaves = [phi[n] for n in adapted]
+        grads = torch.autograd.grad(loss, leaves, create_graph=not loop.first_order, allow_unused=True)
+        for n, g in zip(adapted, grads):
+            if g is None:
+                continue
+            if loop.first_order:
+                g = g.detach()
+            if loop.inner_optimizer == "adam":
+                m, v = moments[n]
+                phi[n], m, v = adam_update(
+                    phi[n], g, m, v, k + 1, loop.inner_lr, defaults["betas"], defaults["eps"]
+                )
+                moments[n] = (m, v)
+            else:
+                phi[n] = phi[n] - loop.inner_lr * g
+    if loop.leap != 1:
+        phi = {n: t + loop.leap * (phi[n] - t) for n, t in theta.items()}
+    loss = checked_loss(task.query_loss(f), QUERY_LOSS)
+    return list(torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
+
+
 @torch.enable_grad()  # also when the caller is inside torch.no_grad()
 def gradient(model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop) -> dict[str, Tensor]:
     """:func:`meta_gradient` under the settings ``loop`` (every field the oracle reads: steps,
     inner_lr, leap, inner_optimizer, adapt, first_order)."""
-    loop.require(*DIFFERENTIABLE, by="the oracle")
     tasks = as_tasks(task_or_tasks)
+    refuse_unsupported(model, tasks, by="the oracle")
+    loop.require(*DIFFERENTIABLE, by="the oracle")
     theta = trainable(model)
     adapted = resolve_adapt(model, loop.adapt)
-    with preserved(model):
-        return task_mean([dense(theta, _task_gradient(model, task, loop, theta, adapted)) for task in tasks])
+    unroll = _unrolled if hooks(model) else _task_gradient
+    out = []
+    for task in tasks:  # every task from the model as it is: buffers restored between tasks
+        with preserved(model), common_random_numbers(model):
+            out.append(dense(theta, unroll(model, task, loop, theta, adapted)))
+    return task_mean(out)
 
 
 def meta_gradient(

@@ -6,6 +6,12 @@
 * ``None`` — all of θ (MAML);
 * ``"head"`` — the parameters of the last module that owns trainable parameters (ANIL);
 * ``"body"`` — everything but the head (BOIL);
+
+The head is resolved *by module*: a parameter belongs to it when the head module holds that
+tensor under any name. An output layer whose weight is tied to the embedding
+(``out.weight = emb.weight``) has that one tensor named ``emb.weight`` by ``named_parameters()``
+(its first name); it is still the head's, so ``"head"`` adapts ``emb.weight`` and ``out.bias`` —
+the tied tensor is one parameter and cannot be adapted as head and frozen as body at once.
 * a parameter name or a module prefix (``"0"`` selects ``"0.weight"`` and ``"0.bias"``),
   or a list of them;
 * a predicate ``name -> bool``.
@@ -13,7 +19,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -53,8 +59,8 @@ def _head(model: nn.Module, names: Iterable[str]) -> list[str]:
         for prefix, module in model.named_modules()
         if any(p.requires_grad for p in module.parameters(recurse=False))
     ]
-    head = owners[-1]
-    return [n for n in names if n.rpartition(".")[0] == head]
+    held = {id(p) for p in model.get_submodule(owners[-1])._parameters.values() if p is not None}
+    return [n for n in names if id(model.get_parameter(n)) in held]
 
 
 def _matches(name: str, key: str) -> bool:
@@ -118,22 +124,59 @@ def copies(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str
     return params, buffers
 
 
+class _Carrying(nn.Module):
+    """The model, returning with its output the buffers ``names`` as its forward left them."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        out = self.model(*args, **kwargs)
+        return out, {n: self.model.get_buffer(n) for n in self.names}
+
+
 class Functional:
     """The model evaluated at given tensors: ``Functional(model, params, buffers)(x)``.
 
     Later mappings override earlier ones; names not given are read from the model. Built on
     ``torch.func.functional_call``: the model's own tensors are never written.
+
+    ``carry``: a mutable mapping (the untrained tensors of one run) into which a buffer that the
+    forward *reassigns* (``self.count = self.count + 1``, not in place) is written back, so that
+    it carries into the next call as an in-place update does; without it ``functional_call``
+    would drop the new value when it restores the module.
     """
 
-    def __init__(self, model: nn.Module, *tensors: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *tensors: Mapping[str, Tensor],
+        carry: MutableMapping[str, Tensor] | None = None,
+    ) -> None:
         """``tensors``: mappings name → tensor, later ones overriding earlier ones."""
         self.model = model
         self.tensors: dict[str, Tensor] = {}
         for mapping in tensors:
             self.tensors.update(mapping)
+        self.carry = carry
+        self.buffers: tuple[str, ...] = ()
+        if carry is not None:
+            self.buffers = tuple(n for n, _ in model.named_buffers() if n in self.tensors)
+        self.wrapper = _Carrying(model, self.buffers) if self.buffers else None
+        self.given = {f"model.{n}": t for n, t in self.tensors.items()}  # the wrapper's names
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.model, self.tensors, args, kwargs)
+        if self.wrapper is None:
+            return torch.func.functional_call(self.model, self.tensors, args, kwargs)
+        out, after = torch.func.functional_call(self.wrapper, self.given, (args, kwargs))
+        for n, t in after.items():
+            if t is not self.tensors[n] and isinstance(t, Tensor):  # reassigned, not written in place
+                self.tensors[n] = self.given[f"model.{n}"] = t
+                assert self.carry is not None
+                self.carry[n] = t
+        return out
 
 
 def dense(like: Mapping[str, Tensor], grads: Iterable[Tensor | None]) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ starts from fresh copies of the untrained tensors, so a forward that writes them
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +102,16 @@ class Student:
         return {n: t.clone() for n, t in self.untrained.items()}
 
     def at(self, point: Mapping[str, Tensor], untrained: Mapping[str, Tensor]) -> Functional:
-        """The model evaluated at ``point`` (trainable tensors) with ``untrained`` (the others)."""
-        return Functional(self.model, self.theta, untrained, point)
+        """The model evaluated at ``point`` (trainable tensors) with ``untrained`` (the others).
+
+        The one buffer semantics: a buffer the forward updates — in place, or by reassignment
+        (``self.count = self.count + 1``) — carries into the next call on the same ``untrained``
+        (across the K support forwards and into the query forward): an in-place update writes the
+        tensor in ``untrained``; a reassigned one is written back into ``untrained`` when it is a
+        mutable mapping (:class:`gradcheck.parameters.Functional`'s ``carry``).
+        """
+        carry = untrained if isinstance(untrained, MutableMapping) else None
+        return Functional(self.model, self.theta, untrained, point, carry=carry)
 
     @torch.enable_grad()
     def trajectory(

@@ -26,12 +26,30 @@ change over all calls and in how many calls it happened. All of it is undone. ``
 (gradient and no side effects); ``assert_close(..., allow_side_effects=True)`` checks the gradient
 alone.
 
+**The reference checks itself** (``check_reference``): before the candidate is judged, the
+reference's mean over tasks is checked against directional finite differences of the
+meta-objective on the user's own model and tasks (:func:`gradcheck.finite_differences.check`,
+:data:`REFERENCE_DIRECTIONS` directions, 1 + 6 evaluations of F each). No list of torch's
+derivative defects can be complete — on torch 2.13 CPU the second derivative of
+``torch._weight_norm`` is wrong, and the oracle with it — so when the reference disagrees with
+finite differences the verdict is "cannot verify on this model", never PASS and never FAIL of the
+candidate, and the diagnosis is skipped. ``check_reference=None`` (the default) checks the oracle
+(not with ``first_order=True``, which is not the derivative of F) and leaves a user's reference
+unchecked (it may be an approximation by design); ``True`` checks any reference, ``False`` none.
+``Validation.reference_check`` holds the directional report, ``reference_note`` what it says.
+
+**Randomness**: every reference evaluation and every candidate call runs from the same seeded
+generator state (:func:`gradcheck.models.common_random_numbers`): a candidate that draws its random
+numbers in the reference's order — the support forward at each inner step, then the query forward
+— sees the same Dropout masks. The caller's generator state is left as it was.
+
 **The diagnosis** (:func:`gradcheck.diagnose`) of the mean over tasks — or, when some tasks pass
 and others fail, of the first failing task alone: what the candidate computes instead.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,16 +57,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import finite_differences
 from .compare import Report, compare
 from .diagnose import Diagnosis, Reference, ReferenceFunction
 from .diagnose import run as _diagnose
+from .models import common_random_numbers, conventions, hooks, random_modules, refuse_unsupported
 from .parameters import Adapt, trainable
 from .settings import InnerLoop, InnerOptimizer
 from .state import Change, Snapshot
 from .task import Task, TaskBatch, TaskLike, Tasks, as_tasks
 from .tolerances import ATOL, default_rtol
 
-__all__ = ["Candidate", "SideEffect", "Validation", "validate"]
+__all__ = ["REFERENCE_DIRECTIONS", "Candidate", "SideEffect", "Validation", "validate"]
+
+REFERENCE_DIRECTIONS = 2
+"""Directions of the reference's self-check (docs/verification.md, "The reference checks itself")."""
 
 Candidate = Callable[[nn.Module, Any, int, float], "Mapping[str, Tensor] | None"]
 
@@ -87,12 +110,22 @@ class Validation:
     atol: float
     diagnosed_task: int | None = None
     reference: str = "the oracle"
+    reference_check: finite_differences.DirectionalReport | None = None
+    reference_note: str = "the reference was not checked against finite differences"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def reference_disagrees(self) -> bool:
+        """The reference itself disagrees with finite differences: the candidate cannot be judged."""
+        return self.reference_check is not None and bool(self.reference_check.failed)
 
     def _tolerances(self, rtol: float | None, atol: float | None) -> tuple[float, float]:
         return (self.rtol if rtol is None else rtol, self.atol if atol is None else atol)
 
     def gradient_ok(self, rtol: float | None = None, atol: float | None = None) -> bool:
         """Every per-task report and the mean's pass (side effects aside)."""
+        if self.reference_disagrees:
+            return False
         rtol, atol = self._tolerances(rtol, atol)
         return all(r.ok(rtol, atol) for r in (*self.tasks, self.overall))
 
@@ -103,6 +136,11 @@ class Validation:
     def headline(self, rtol: float | None = None, atol: float | None = None) -> str:
         """One line: "gradient PASS against the oracle, side effects none" or "gradient FAIL against
         the reference 'lazy', side effects 3"."""
+        if self.reference_disagrees:
+            return (
+                f"cannot verify on this model: {self.reference} disagrees with finite differences, "
+                f"side effects {len(self.side_effects) or 'none'}"
+            )
         gradient = "PASS" if self.gradient_ok(rtol, atol) else "FAIL"
         return (
             f"gradient {gradient} against {self.reference}, side effects {len(self.side_effects) or 'none'}"
@@ -115,6 +153,10 @@ class Validation:
         if self.diagnosis is not None:
             scope = "" if self.diagnosed_task is None else f" of task {self.diagnosed_task} (some tasks pass)"
             lines.append(str(self.diagnosis).replace("diagnosis", f"diagnosis{scope}", 1))
+        lines.append(f"reference check: {self.reference_note}")
+        if self.reference_disagrees and self.reference_check is not None:
+            lines.append(str(self.reference_check))
+        lines += [f"note: {n}" for n in self.notes]
         for i, r in enumerate(self.tasks):
             verdict = "ok" if r.ok(rtol, atol) else "FAIL"
             lines.append(
@@ -135,6 +177,11 @@ class Validation:
         ``allow_side_effects``, the candidate left no side effect."""
         if not (self.gradient_ok(rtol, atol) if allow_side_effects else self.ok(rtol, atol)):
             rtol, atol = self._tolerances(rtol, atol)
+            if self.reference_disagrees:
+                raise AssertionError(
+                    f"cannot verify the candidate on this model: {self.reference} disagrees with "
+                    f"finite differences\n{self.summary(rtol, atol)}"
+                )
             raise AssertionError(
                 f"candidate disagrees with {self.reference} (rtol={rtol:g}, atol={atol:g})\n"
                 f"{self.summary(rtol, atol)}"
@@ -191,7 +238,8 @@ def _call(
         p.grad = None
     snapshot = Snapshot(model)
     try:
-        returned = candidate_fn(model, arg, loop.steps, loop.inner_lr)
+        with common_random_numbers(model):  # the reference's random numbers (module docstring)
+            returned = candidate_fn(model, arg, loop.steps, loop.inner_lr)
         out: Mapping[str, Tensor] = (
             returned
             if returned is not None
@@ -226,8 +274,79 @@ class _Run:
 
 def _references(reference: Reference) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
     """The reference on every task alone, and their mean."""
-    per_task = [reference.on(t)() for t in reference.tasks]
+    per_task = []
+    for t in reference.tasks:
+        with common_random_numbers(reference.model):
+            per_task.append(reference.on(t)())
     return per_task, _mean(per_task)
+
+
+def _check_reference(
+    source: Reference, mean: Mapping[str, Tensor], check: bool | None
+) -> tuple[finite_differences.DirectionalReport | None, str]:
+    """The reference's mean against directional finite differences, and what that says."""
+    if check is None:
+        check = source.is_oracle and not source.loop.first_order
+        if not check:
+            why = "first_order=True is not the derivative of F" if source.is_oracle else "a user's reference"
+            return None, f"not checked against finite differences ({why}; check_reference=True to check)"
+    if not check:
+        return None, "not checked against finite differences (check_reference=False)"
+    if source.loop.first_order:
+        raise ValueError("check_reference=True: a first-order reference is not the derivative of F")
+    loop = source.loop
+    start = time.perf_counter()
+    try:
+        report = finite_differences.check(
+            mean,
+            source.model,
+            source.task_or_tasks,
+            loop.steps,
+            loop.inner_lr,
+            adapt=loop.adapt,
+            leap=loop.leap,
+            inner_optimizer=loop.inner_optimizer,
+            directions=REFERENCE_DIRECTIONS,
+        )
+    except (TypeError, ValueError) as error:  # e.g. closure tasks on a float32 model
+        return None, f"could not be checked against finite differences: {error}"
+    n = len(report.directions)
+    evaluations = 1 + 6 * sum(len(d.tried) for d in report.directions)
+    cost = f" ({evaluations} evaluations of F, {time.perf_counter() - start:.2g} s)"
+    if report.failed:
+        return report, (
+            f"{source.name} DISAGREES with finite differences along {len(report.failed)} of {n} "
+            "directions: a derivative defect in torch (or a model whose autograd gradient is a "
+            "convention, see the notes) — the candidate cannot be judged against it on this model" + cost
+        )
+    if not report.ok():
+        return report, f"inconclusive: finite differences are not smooth along enough of {n} directions{cost}"
+    return report, f"{source.name} agrees with finite differences along {n} of {n} directions{cost}"
+
+
+def _notes(model: nn.Module, meta_batch: bool) -> tuple[str, ...]:
+    """What the model's kind means for this verdict (gradcheck.models)."""
+    out = [f"autograd convention: {c}" for c in conventions(model)]
+    hooked = hooks(model)
+    if hooked:
+        out.append(
+            "hooks run by the oracle's functional_call unroll (higher's copy would drop them): "
+            + "; ".join(hooked)
+        )
+    random = random_modules(model)
+    if random:
+        out.append(
+            "the model draws random numbers (" + ", ".join(random) + "): the reference and every "
+            "candidate call start from one seeded generator state; a candidate that draws them in "
+            "another order than support forward at each step, then query, is not compared like with like"
+            + (
+                "; with meta_batch=True the whole-batch call draws them across tasks in one sequence, "
+                "which per-task references cannot match"
+                if meta_batch
+                else ""
+            )
+        )
+    return tuple(out)
 
 
 def _candidate_calls(
@@ -288,22 +407,29 @@ def validate(
     atol: float = ATOL,
     diagnosis: bool = True,
     reference: ReferenceFunction | None = None,
+    check_reference: bool | None = None,
 ) -> Validation:
     """Compare ``candidate_fn`` with the reference — :func:`gradcheck.oracle.meta_gradient`
     unless ``reference`` is given (module docstring) — on every task.
 
     ``rtol`` defaults to the candidate's precision (1e-9 for float64) and ``atol`` to 0
     (:mod:`gradcheck.tolerances`); ``diagnosis=False`` skips the diagnosis (the reference calls
-    it makes when the gradient fails). The model is left exactly as it was, whatever the
-    candidate does.
+    it makes when the gradient fails). ``check_reference`` (module docstring): None checks the
+    oracle against finite differences first, True any reference, False none. The model is left
+    exactly as it was, whatever the candidate does.
     """
+    refuse_unsupported(model, as_tasks(task_or_tasks), by="validate")
     loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, first_order=first_order)
     source = Reference(reference, model, task_or_tasks, loop)
     truths = _references(source)
+    checked, note = _check_reference(source, truths[1], check_reference)
     run = _candidate_calls(candidate_fn, model, task_or_tasks, source.loop, meta_batch)
     reports = [compare(c, r) for c, r in zip(run.per_task, truths[0])]
     overall = compare(run.mean, truths[1])
     rtol = default_rtol(run.mean) if rtol is None else rtol
-    found, task = _diagnosis(source, run, truths, reports, rtol, atol) if diagnosis else (None, None)
+    wrong_reference = checked is not None and bool(checked.failed)
+    diagnose_now = diagnosis and not wrong_reference
+    found, task = _diagnosis(source, run, truths, reports, rtol, atol) if diagnose_now else (None, None)
     effects = _side_effects(model, run.changes)
-    return Validation(reports, overall, effects, found, rtol, atol, task, source.name)
+    notes = _notes(model, meta_batch)
+    return Validation(reports, overall, effects, found, rtol, atol, task, source.name, checked, note, notes)

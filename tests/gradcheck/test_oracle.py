@@ -170,3 +170,37 @@ def test_oracle_on_a_model_that_overrides_parameters(steps):
     twin = oracle.meta_gradient(model.plain(), task, steps, 0.2)
     compare(g, dict(zip(g, twin.values()))).assert_close(RTOL, ATOL)
     assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"inner_optimizer": "adam"},
+        {"first_order": True},
+        {"leap": 0.4},
+        {"adapt": "head"},
+        {"adapt": "body"},
+    ],
+)
+@pytest.mark.parametrize(
+    "build", [lambda: (mlp([2, 5, 1]), regression_task()), lambda: (conv_bn(), image_task())]
+)
+def test_the_hooked_models_unroll_is_the_higher_unroll_on_a_model_without_hooks(build, settings):
+    """The functional_call unroll the oracle uses for hooked models, forced on models without
+    hooks, against the higher unroll: the same operations, so equal to rounding."""
+    from gradcheck.oracle import _task_gradient, _unrolled
+    from gradcheck.parameters import resolve_adapt
+    from gradcheck.settings import InnerLoop
+
+    model, task = build()
+    loop = InnerLoop(3, 0.2, **settings)
+    theta = dict(model.named_parameters())
+    adapted = resolve_adapt(model, loop.adapt)
+    before = model_state(model)
+    via_higher = _task_gradient(model, task, loop, theta, adapted)
+    model.load_state_dict(before["state_dict"])  # BatchNorm statistics, as they were
+    unrolled = _unrolled(model, task, loop, theta, adapted)
+    model.load_state_dict(before["state_dict"])
+    for a, b in zip(via_higher, unrolled):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)

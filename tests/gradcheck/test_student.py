@@ -232,3 +232,33 @@ def test_a_parameter_the_support_loss_never_reads_gets_no_step_but_the_proximal_
     # λ(φ − φ_0) alone acts on it, and φ_0 is the start: still no motion
     phi, _ = Student.read(model).run(task, InnerLoop(2, 0.5), start, proximal=1.0)
     assert torch.equal(phi["spare"], start["spare"])
+
+
+class _Counting(torch.nn.Module):
+    """A buffer reassigned in forward, not written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1).double()
+        self.register_buffer("count", torch.zeros((), dtype=F64))
+
+    def forward(self, x):
+        self.count = self.count + 1
+        return self.linear(x) * self.count
+
+
+def test_a_reassigned_buffer_carries_like_an_in_place_one():
+    """One buffer semantics: K support forwards and the query forward on one untrained mapping
+    see the count 1, 2, …, K + 1; the model's own buffer is never written."""
+    model, task = _Counting(), regression_task()
+    student = Student.read(model)
+    phi, untrained = student.run(task, InnerLoop(3, 0.1))
+    assert untrained["count"].item() == 3
+    student.at(phi, untrained)(task.query[0])
+    assert untrained["count"].item() == 4
+    assert model.count.item() == 0
+    frozen = dict(untrained)  # a read-only view: nothing to carry into, nothing written
+    from types import MappingProxyType
+
+    student.at(phi, MappingProxyType(frozen))(task.query[0])
+    assert frozen["count"].item() == 4

@@ -401,3 +401,38 @@ def test_an_unexplained_candidate_names_the_reference_and_skips_first_order():
     assert diagnosis.label == "unexplained"
     assert diagnosis.detail.startswith("no nearby setting of the reference 'lazy' explains the candidate")
     assert "first order" not in diagnosis.detail
+
+
+def test_the_oracle_is_checked_against_finite_differences_by_default():
+    model, tasks = problem()
+    result = validate(functional_maml, model, tasks, STEPS, LR)
+    assert result.reference_check is not None and result.reference_check.ok()
+    assert "the oracle agrees with finite differences along 2 of 2 directions" in result.summary()
+    assert not validate(functional_maml, model, tasks, STEPS, LR, first_order=True).gradient_ok()
+    first = validate(functional_maml, model, tasks, STEPS, LR, first_order=True)
+    assert first.reference_check is None and "first_order=True" in first.reference_note
+    off = validate(functional_maml, model, tasks, STEPS, LR, check_reference=False)
+    assert off.reference_check is None and off.gradient_ok()
+
+
+def _scaled_oracle(model, task_or_tasks, steps, inner_lr, **settings):
+    g = oracle.meta_gradient(model, task_or_tasks, steps, inner_lr, **settings)
+    return {n: 1.01 * t for n, t in g.items()}
+
+
+def test_a_reference_that_disagrees_with_finite_differences_cannot_verify():
+    """A wrong reference (what torch's weight-norm defect makes of the oracle), and a candidate
+    that agrees with it: never PASS, never a FAIL of the candidate, no diagnosis."""
+    model, tasks = problem()
+    unchecked = validate(_scaled_oracle, model, tasks, STEPS, LR, reference=_scaled_oracle)
+    assert unchecked.reference_check is None and "a user's reference" in unchecked.reference_note
+    result = validate(_scaled_oracle, model, tasks, STEPS, LR, reference=_scaled_oracle, check_reference=True)
+    assert result.reference_disagrees and not result.gradient_ok() and not result.ok()
+    assert result.headline().startswith(
+        "cannot verify on this model: the reference '_scaled_oracle' disagrees"
+    )
+    assert result.diagnosis is None
+    with pytest.raises(AssertionError, match="cannot verify the candidate"):
+        result.assert_close(allow_side_effects=True)
+    with pytest.raises(ValueError, match="first-order"):
+        validate(_scaled_oracle, model, tasks, STEPS, LR, first_order=True, check_reference=True)
