@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradcheck.models import refuse_unsupported
 from gradcheck.parameters import Adapt, flat, task_mean, unflat
 from gradcheck.settings import InnerLoop, InnerOptimizer
 from gradcheck.state import preserved
@@ -140,6 +141,7 @@ def run(estimator: str | Estimator, model: nn.Module, task_or_tasks: Tasks, loop
     entry = get(estimator)
     loop = entry.settings(loop)
     tasks = as_tasks(task_or_tasks)
+    refuse_unsupported(model, tasks, by=f"estimator {entry.name!r}")
     student = Student.read(model, loop.adapt)
     with preserved(model):
         return task_mean([per_task(entry, student, task, loop)[0] for task in tasks])

@@ -56,6 +56,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
+from gradcheck.models import refuse_unsupported
 from gradcheck.parameters import Adapt
 from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep
 from gradcheck.state import preserved
@@ -128,6 +129,7 @@ class MetaLearner:
             )
         if batched not in (True, False, "auto"):
             raise ValueError(f'batched must be True, False or "auto", got {batched!r}')
+        refuse_unsupported(model, by="MetaLearner")
         self.model, self.estimator, self.batched = model, entry.name, batched
         loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, **given)
         self.loop = entry.settings(loop)
@@ -281,6 +283,7 @@ class MetaLearner:
         loss L_Q(φ_T) (also for Reptile, which never uses it). With ``process_group``, both are means
         over every task of every rank. Nothing is written unless every task (every rank) succeeds."""
         tasks = _tasks(task_or_tasks)
+        refuse_unsupported(self.model, tasks, by="MetaLearner.meta_backward")
         student = Student.read(self.model, self.loop.adapt)
         try:
             with preserved(self.model):
@@ -312,7 +315,7 @@ class MetaLearner:
             phi, untrained = student.run(
                 task, self.loop, proximal=self.loop.lam if self.entry.proximal else 0.0
             )
-        adapted = copy.deepcopy(self.model)
+        adapted = _copy(self.model)
         tensors = {**dict(adapted.named_parameters()), **dict(adapted.named_buffers())}
         with torch.no_grad():
             for name, value in {**phi, **untrained}.items():
@@ -384,3 +387,16 @@ def _head(batch: TaskBatch, size: int) -> TaskBatch:
     """The first ``size`` tasks of ``batch``, as a batch (views, no copy)."""
     (xs, ys), (xq, yq) = batch.support, batch.query
     return TaskBatch((xs[:size], ys[:size]), (xq[:size], yq[:size]), batch.loss)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy``, also of a model whose modules hold non-leaf tensors as plain attributes
+    (``torch.nn.utils.prune`` and the hook-based ``weight_norm``/``spectral_norm`` recompute
+    ``weight`` on every forward; deepcopy refuses non-leaf tensors): those are copied detached,
+    and the hooks recompute them on the next forward."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)

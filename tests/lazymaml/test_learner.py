@@ -8,9 +8,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.utils.prune
 
 import lazymaml
 from gradcheck import Task, compare, oracle, problems, validate
+from gradcheck.settings import InnerLoop
+from gradcheck.state import preserved
+from gradcheck.student import Student
 from lazymaml.estimators import REGISTRY, as_function
 from tests.helpers import (
     assert_same_state,
@@ -232,3 +236,40 @@ def test_a_loss_that_writes_to_the_real_model_is_undone():
         lazymaml.MetaLearner(model, 2, 0.1).meta_backward(tasks)
     model.zero_grad(set_to_none=True)
     assert_same_state(before, model_state(model))
+
+
+@pytest.mark.filterwarnings("ignore::lazymaml.SequentialFallback")  # hooks: sequential
+@pytest.mark.parametrize("kind", ["prune", "weight_norm"])
+def test_adapt_copies_a_model_whose_hooks_keep_a_non_leaf_weight(kind):
+    """prune and the hook-based weight_norm keep `weight` as a non-leaf plain attribute, which
+    copy.deepcopy refuses; the adapted copy computes what the student's K steps give."""
+    model, task = mlp([2, 5, 1]), regression_task()
+    if kind == "prune":
+        torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.4)
+    else:
+        torch.nn.utils.weight_norm(model[0])
+    x = task.query[0]
+    model(x)  # the hook writes the attribute
+    before = model_state(model)
+    learner = lazymaml.MetaLearner(model, 3, 0.1)
+    adapted = learner.adapt(task)
+    assert_same_state(before, model_state(model))
+    phi, untrained = Student.read(model).run(task, InnerLoop(3, 0.1))
+    with preserved(model):  # the hooks write model[0].weight when the student's model runs
+        want = Student.read(model).at(phi, untrained)(x)
+    torch.testing.assert_close(adapted(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "pattern"),
+    [
+        (lambda m: torch.nn.DataParallel(m), "pass model.module"),
+        (lambda m: m.float(), r"parameters are torch.float32 but task 0's .* are torch.float64"),
+    ],
+)
+def test_the_learner_and_the_estimators_refuse_what_the_checkers_refuse(wrap, pattern):
+    model, task = wrap(mlp([2, 3, 1])), regression_task()
+    with pytest.raises(TypeError, match=pattern):
+        lazymaml.MetaLearner(model, 2, 0.1).meta_backward([task, task])
+    with pytest.raises(TypeError, match=pattern):
+        lazymaml.meta_gradient(model, task, 2, 0.1)
