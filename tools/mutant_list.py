@@ -487,18 +487,21 @@ MUTANTS = [
         (f"{GC}/test_parameters.py",),
     ),
     Mutant(
-        "head-owner-startswith",
+        "head-tied-weight-by-name",
         "gradcheck/parameters.py",
-        'return [n for n in names if n.rpartition(".")[0] == head]',
-        "return [n for n in names if n.startswith(head)]",
-        "the head preset's owner matched as a string prefix",
-        (f"{GC}/test_parameters.py",),
+        "return [n for n in names if id(model.get_parameter(n)) in held]",
+        "return [n for n in names if n.startswith(owners[-1])]",
+        "the head preset's owner matched as a string prefix ('1' takes '10')",
+        (
+            f"{GC}/test_parameters.py",
+            "tests/test_model_kinds.py",
+        ),
     ),
     Mutant(
         "head-first-owner",
         "gradcheck/parameters.py",
-        "head = owners[-1]",
-        "head = owners[0]",
+        "model.get_submodule(owners[-1])._parameters",
+        "model.get_submodule(owners[0])._parameters",
         "ANIL's head taken from the wrong end",
         (f"{GC}/test_parameters.py",),
     ),
@@ -593,6 +596,17 @@ MUTANTS = [
     ),
     # gradcheck/oracle.py and gradcheck/_higher.py
     Mutant(
+        "unrolled-oracle-leap-ignored",
+        "gradcheck/oracle.py",
+        "    if loop.leap != 1:\n        phi = {",
+        "    if loop.leap > 1:\n        phi = {",
+        "the hooked-model oracle scores φ_K whatever γ is",
+        (
+            f"{GC}/test_oracle.py",
+            "tests/test_model_kinds.py",
+        ),
+    ),
+    Mutant(
         "oracle-ignores-hooks",
         "gradcheck/oracle.py",
         "unroll = _unrolled if hooks(model) else _task_gradient",
@@ -683,8 +697,8 @@ MUTANTS = [
     Mutant(
         "oracle-leap-ignored",
         "gradcheck/oracle.py",
-        "    if loop.leap != 1:",
-        "    if loop.leap > 1:",
+        "    if loop.leap != 1:\n        fmodel.update_params(",
+        "    if loop.leap > 1:\n        fmodel.update_params(",
         "the oracle scores φ_K whatever γ is",
         (f"{GC}/test_oracle.py",),
     ),
