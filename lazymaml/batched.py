@@ -79,17 +79,19 @@ def refusal(model: nn.Module) -> tuple[str | None, bool]:
     """Why the batched path will not run ``model`` (None if it will), and whether it needs
     :class:`~lazymaml.normalization.BatchStatistics`.
 
-    Refused: a module with forward hooks, dropout that is active, and a module of a type outside
-    :data:`VERIFIED` and :data:`BATCH_STATISTICS` that owns parameters or buffers (its forward may do
-    anything with them). A module of another type that owns none (a user's network class, whose
-    forward composes verified modules and functions) is batched under ``BatchStatistics``, which
-    also catches ``F.batch_norm`` called by hand.
+    Refused: a module with forward or backward hooks, dropout that is active, and a module of a
+    type outside :data:`VERIFIED` and :data:`BATCH_STATISTICS` that owns parameters or buffers
+    (its forward may do anything with them). A module of another type that owns none (a user's
+    network class, whose forward composes verified modules and functions) is batched under
+    ``BatchStatistics``, which also catches ``F.batch_norm`` called by hand.
     """
     statistics = False
     for name, module in model.named_modules():
         kind, where = type(module), f"module {name!r}" if name else "the model"
         if module._forward_hooks or module._forward_pre_hooks:
             return f"{where} has forward hooks", statistics
+        if module._backward_hooks or module._backward_pre_hooks:
+            return f"{where} has backward hooks (autograd hooks cannot run under vmap)", statistics
         if kind in BATCH_STATISTICS:
             statistics = True
         elif kind in VERIFIED:

@@ -2,8 +2,9 @@
 
 Entry points: the oracle (``oracle.meta_gradient``), ``validate`` with a correct hand-written
 candidate (a ``torch.func.functional_call`` unroll written here, sharing nothing with the
-oracle), and ``finite_differences.check``. Every cell leaves the model exactly as it was
-(``model_state``/``assert_same_state``) and the caller's generator state untouched.
+oracle), ``finite_differences.check``, and lazymaml's exact-MAML estimator, lazy gradient (at
+K = 1) and ``MetaLearner`` sequential and batched (the last section). Every cell leaves the
+model exactly as it was (``model_state``/``assert_same_state``) and the caller's generator state untouched.
 
 * **exact** kinds: the oracle agrees with coordinate-wise finite differences at
   ``tolerances.COORDINATEWISE`` (the independent witness, derived in docs/verification.md),
@@ -31,9 +32,12 @@ import torch.nn.utils.prune
 from torch import nn
 from torch.func import functional_call
 
+import lazymaml
 from gradcheck import Task, finite_differences, oracle, validate
+from gradcheck.models import common_random_numbers
 from gradcheck.parameters import resolve_adapt
 from gradcheck.tolerances import COORDINATEWISE
+from lazymaml import estimators
 from tests.helpers import assert_same_state, model_state
 
 F64 = torch.float64
@@ -488,3 +492,58 @@ def test_hooked_model_with_buffers_starts_every_task_from_the_model():
     rtol, atol = COORDINATEWISE
     for name in g:
         torch.testing.assert_close(g[name], numerical[name], rtol=rtol, atol=atol, msg=name)
+
+
+# --- the lazymaml columns: the project's own estimators and learner on every exact kind ---------
+#
+# Each against the oracle of the same cell (itself held to finite differences above): the
+# registry's exact-MAML unroll and MetaLearner(estimator="maml") at K = 2, and the lazy gradient at
+# K = 1, where it *is* exact MAML. Under Dropout every path draws its masks from the common seed
+# (gradcheck.models.common_random_numbers) in the oracle's order — support forward at each step,
+# then the query — except the lazy gradient, whose Hessian-vector product runs one more support
+# forward at θ and so draws a mask exact MAML never sees: no identity holds there, and that cell
+# is left out. The batched learner is exact or refuses (batched=True) naming why.
+LAZYMAML_RTOL = 1e-10  # two float64 computations of one quantity (measured ≤ 1e-15 on these)
+
+
+def _seeded(model, fn, task, steps):
+    with common_random_numbers(model):
+        return fn(model, task, steps, LR)
+
+
+def _learned(model, task, batched):
+    learner = lazymaml.MetaLearner(model, K, LR, estimator="maml", batched=batched)
+    with common_random_numbers(model):
+        learner.meta_backward([task, task] if batched else [task])
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _close(got, want, kind):
+    for name in want:
+        torch.testing.assert_close(
+            got[name], want[name], rtol=LAZYMAML_RTOL, atol=1e-13, msg=f"{kind}: {name}"
+        )
+
+
+@pytest.mark.filterwarnings("ignore::lazymaml.SequentialFallback")
+@pytest.mark.parametrize("kind", list(EXACT))
+def test_lazymaml_columns_of_the_exact_kinds(kind):
+    build, make_task = EXACT[kind]
+    model, task = build(), make_task()
+    exact = oracle.meta_gradient(model, task, K, LR)
+    unrolled = _unchanged(model, lambda: _seeded(model, estimators.as_function("maml"), task, K))
+    _close(unrolled, exact, kind)
+    if kind != "dropout (train)":
+        lazy = _unchanged(model, lambda: lazymaml.meta_gradient(model, task, 1, LR))
+        _close(lazy, oracle.meta_gradient(model, task, 1, LR), kind)
+    _close(_learned(model, task, batched=False), exact, kind)
+    before = model_state(model)
+    try:
+        batched = _learned(model, task, batched=True)
+    except ValueError as refusal:
+        assert str(refusal).startswith("batched=True, but "), str(refusal)
+    else:
+        _close(batched, exact, kind)
+    assert_same_state(before, model_state(model))
