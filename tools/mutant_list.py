@@ -1285,6 +1285,14 @@ MUTANTS = [
     ),
     # lazymaml/learner.py
     Mutant(
+        "batched-backward-hooks-unrefused",
+        "lazymaml/batched.py",
+        "        if module._backward_hooks or module._backward_pre_hooks:\n",
+        "        if False:\n",
+        "a backward hook reaches vmap, which raises a RuntimeError instead of the refusal",
+        ("tests/test_model_kinds.py",),
+    ),
+    Mutant(
         "lazymaml-accepts-unsupported-models",
         "lazymaml/estimators.py",
         '    refuse_unsupported(model, tasks, by=f"estimator {entry.name!r}")\n',
