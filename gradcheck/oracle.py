@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ._higher import DIFFERENTIABLE, higher
 from .models import common_random_numbers, hooks, refuse_unsupported
-from .optim import adam_update
+from .optim import InnerUpdate
 from .parameters import Adapt, dense, resolve_adapt, task_mean, trainable
 from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
@@ -104,32 +104,22 @@ def _unrolled(
     adapted: tuple[str, ...],
 ) -> list[Tensor | None]:
     """:func:`_task_gradient` without ``higher``: the inner loop over ``functional_call``, which
-    runs the model's hooks. SGD p ← p − αg, or :func:`gradcheck.optim.adam_update` with
-    ``torch.optim.Adam``'s defaults; first-order treats every inner gradient as a constant."""
-    defaults = DIFFERENTIABLE[str(loop.inner_optimizer)][0]([torch.zeros(1)], lr=loop.inner_lr).defaults
+    runs the model's hooks, stepped by the pure update of the inner optimizer's spec (the same
+    :mod:`gradcheck.optim` functions higher's differentiable optimizers call, with the same
+    options); first-order treats every inner gradient as a constant."""
+    update: InnerUpdate = loop.spec().update(loop.inner_lr)  # pure: differentiable
     phi = dict(theta)
 
     def f(*args: object, **kwargs: object) -> object:
         return torch.func.functional_call(model, phi, args, kwargs)
 
-    moments = {n: (torch.zeros_like(theta[n]), torch.zeros_like(theta[n])) for n in adapted}
+    state = update.init({n: phi[n] for n in adapted})
     for k in range(loop.steps):
         loss = checked_loss(task.support_loss(f), support_loss_at(k, loop.steps))
         leaves = [phi[n] for n in adapted]
         grads = torch.autograd.grad(loss, leaves, create_graph=not loop.first_order, allow_unused=True)
-        for n, g in zip(adapted, grads):
-            if g is None:
-                continue
-            if loop.first_order:
-                g = g.detach()
-            if loop.inner_optimizer == "adam":
-                m, v = moments[n]
-                phi[n], m, v = adam_update(
-                    phi[n], g, m, v, k + 1, loop.inner_lr, defaults["betas"], defaults["eps"]
-                )
-                moments[n] = (m, v)
-            else:
-                phi[n] = phi[n] - loop.inner_lr * g
+        given = {n: g.detach() if loop.first_order else g for n, g in zip(adapted, grads) if g is not None}
+        phi, state = update.step(phi, given, state)
     if loop.leap != 1:
         phi = {n: t + loop.leap * (phi[n] - t) for n, t in theta.items()}
     loss = checked_loss(task.query_loss(f), QUERY_LOSS)

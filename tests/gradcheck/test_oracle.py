@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from gradcheck import Task, compare, finite_differences, oracle
+from gradcheck import Task, compare, finite_differences, optim, oracle
 from gradcheck._higher import higher
 from tests.helpers import (
     VarsNet,
@@ -177,6 +177,9 @@ def test_oracle_on_a_model_that_overrides_parameters(steps):
     [
         {},
         {"inner_optimizer": "adam"},
+        {"inner_optimizer": optim.SGD(momentum=0.9, nesterov=True, weight_decay=0.01)},
+        {"inner_optimizer": optim.AdamW(weight_decay=0.05)},
+        {"inner_optimizer": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.5, dampening=0.1)},
         {"first_order": True},
         {"leap": 0.4},
         {"adapt": "head"},
