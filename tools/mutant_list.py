@@ -596,6 +596,14 @@ MUTANTS = [
     ),
     # gradcheck/oracle.py and gradcheck/_higher.py
     Mutant(
+        "unrolled-oracle-plain-sgd",
+        "gradcheck/oracle.py",
+        "update: InnerUpdate = loop.spec().update(loop.inner_lr)",
+        'update: InnerUpdate = loop.replace(inner_optimizer="sgd").spec().update(loop.inner_lr)',
+        "the hooked-model oracle differentiates plain SGD whatever the optimizer",
+        (f"{GC}/test_oracle.py",),
+    ),
+    Mutant(
         "unrolled-oracle-leap-ignored",
         "gradcheck/oracle.py",
         "    if loop.leap != 1:\n        phi = {",
@@ -838,7 +846,7 @@ MUTANTS = [
         "return list(torch.autograd.grad(loss, adapted, create_graph=True, allow_unused=True))",
         "return list(torch.autograd.grad(loss, adapted, create_graph=False, allow_unused=True))",
         "create_graph forgotten: the HVP silently vanishes",
-        (f"{LM}/test_lazy.py",),
+        (f"{LM}/test_derivatives.py",),
     ),
     # lazymaml/bound.py
     Mutant(
@@ -887,7 +895,7 @@ MUTANTS = [
         "matrix_norm(eye - loop.inner_lr * projected, ord=2)",
         "matrix_norm(eye + loop.inner_lr * projected, ord=2)",
         "‖T₀‖ computed as ‖I + αH‖",
-        (f"{LM}/test_lazy.py",),
+        (f"{LM}/test_bound.py",),
     ),
     Mutant(
         "bound-growth-from-h0",
@@ -895,7 +903,7 @@ MUTANTS = [
         "for h in self.hessian_norms[1:]) - 1",
         "for h in self.hessian_norms) - 1",
         "the product over k = 0 … K−1 instead of 1 … K−1 (looser, still a bound)",
-        (f"{LM}/test_lazy.py",),
+        (f"{LM}/test_bound.py",),
     ),
     Mutant(
         "bound-unprojected",
@@ -903,7 +911,7 @@ MUTANTS = [
         "torch.full_like(t, float(k in student.adapted))",
         "torch.full_like(t, 1.0)",
         "E_A forgotten: the Hessian of every parameter, not just the adapted ones",
-        (f"{LM}/test_lazy.py",),
+        (f"{LM}/test_bound.py",),
     ),
     # lazymaml/graph.py
     Mutant(
@@ -968,7 +976,7 @@ MUTANTS = [
         "psi[n] = psi[n] - eta * (g - g.detach())",
         "psi[n] = psi[n] - eta * g",
         "stop-gradient forgotten: ψ no longer has the teacher's value",
-        (f"{LM}/test_lazy.py",),
+        (f"{LM}/test_graph.py",),
     ),
     # gradcheck/finite_differences.py
     Mutant(
@@ -1492,6 +1500,6 @@ MUTANTS = [
         'if self.estimator == "lazy" and self.steps == 1 and self.rel_error > IDENTITY_RTOL:',
         'if self.estimator == "lazy" and self.steps == 0 and self.rel_error > IDENTITY_RTOL:',
         "the K = 1 identity never checked by the report",
-        ("tests/test_cli.py",),
+        (f"{LM}/test_report.py",),
     ),
 ]
