@@ -265,7 +265,7 @@ def conv4_setup(batch: int, device: torch.device, seed: int = 0) -> tuple[nn.Mod
 
 
 def conv4_timing(args: argparse.Namespace, device: torch.device) -> tuple[dict, str]:
-    """Interleaved timing of the three learners, and what auto decided after its two trials."""
+    """Interleaved timing of the three learners, and what auto decided after its probe."""
     model, tasks = conv4_setup(4, device)
     calls = {
         timing_key("lazy", 20, name): step(lazymaml.MetaLearner(model, 20, INNER_LR, batched=batched), tasks)
@@ -348,7 +348,7 @@ def targets(sinusoid: dict, conv: dict, memory: dict[str, float], ks: tuple[int,
         rows.append(Ratio(f"sinusoid {key}, fresh process: auto / hand-written vmap", ratio, 1.3, True))
     batched, sequential, auto = (c[timing_key("lazy", 20, p)] for p in ("batched", "sequential", "auto"))
     rows.append(Ratio("conv4 lazy K=20 B=4: batched / sequential", batched / sequential, 1, True))
-    # after its two trials auto runs the path it chose: the same code as one of the two (±10% noise)
+    # after its probe auto runs the path it chose: the same code as one of the two (±10% noise)
     rows.append(
         Ratio("conv4 lazy K=20 B=4: auto / the faster path", auto / min(batched, sequential), 1.1, True)
     )
@@ -401,7 +401,7 @@ def report_conv4(args: argparse.Namespace, device: torch.device) -> dict:
         f"2. conv4 84×84×3, 5-way 1-shot, 15 queries, B=4 (best and median of {args.conv_rounds} rounds)",
         conv,
     )
-    print(f"  auto after its two trials: {decision}")
+    print(f"  auto after its probe: {decision}")
     memory = conv4_memory(args, args.ks)
     print("  peak memory above baseline, MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
     return {"timing": conv, "auto": decision, "peak_mib": memory}

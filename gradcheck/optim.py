@@ -3,7 +3,7 @@
 
 **Specs** — :class:`SGD`, :class:`Adam`, :class:`AdamW` — name an optimizer with its options
 (never its learning rate, which is ``inner_lr``); they are hashable, validated on construction,
-and what ``inner_optimizer=`` takes besides the names ``"sgd"``, ``"adam"``, ``"adamw"`` and a
+and what ``inner_optimizer=`` takes besides the names ``"sgd"`` and ``"adam"`` and a
 factory ``params -> torch.optim.Optimizer``. :func:`spec_of` recognises a ``torch.optim.SGD``,
 ``Adam`` or ``AdamW`` made by a factory from its ``param_groups`` and refuses, by name, an option
 no pure update here follows (``maximize``, ``amsgrad``, several parameter groups, another class);
@@ -208,7 +208,7 @@ class Adam:
 @dataclass(frozen=True)
 class AdamW(Adam):
     """``torch.optim.AdamW`` with these options at ``inner_lr``: ``weight_decay`` is decoupled,
-    p ← p(1 − αλ) before the Adam step. ``AdamW()`` (λ = 0.01, torch's default) is ``"adamw"``."""
+    p ← p(1 − αλ) before the Adam step. ``AdamW()`` has λ = 0.01, torch's default (no name stands for it)."""
 
     weight_decay: float = 1e-2
     name: ClassVar[str] = "adamw"

@@ -1,8 +1,8 @@
 """Every meta-gradient estimator, defined once, in one registry.
 
 An :class:`Estimator` is one per-task function ``per_task(objective, theta, untrained) ->
-(gradient, L_Q(φ_T), [L_S(φ_k)])`` written with :class:`~lazymaml.derivatives.Objective` (the
-``torch.func`` building blocks), plus what it supports: whether it may be batched, which inner
+(gradient, L_Q(φ_T), [L_S(φ_k)])`` written with :class:`~lazymaml.derivatives.Objective` (one
+task's losses and derivatives, by autograd or by ``torch.func``), plus what it supports: whether it may be batched, which inner
 optimizers it accepts, which settings it reads. The sequential path (:func:`run`, and
 :class:`lazymaml.MetaLearner` task by task) calls ``per_task`` once per task; the batched path
 (:mod:`lazymaml.batched`) is ``torch.func.vmap`` of the very same function. With
@@ -333,7 +333,7 @@ def maml(
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
 ) -> Params:
-    """Exact second-order MAML by a ``torch.func`` unroll (SGD or Adam inner loop)."""
+    """Exact second-order MAML by the project's own unroll (SGD or Adam inner loop)."""
     return _call("maml", **locals())
 
 

@@ -1,7 +1,7 @@
 """Meta-training with any estimator: ``meta_backward(tasks)`` fills ``p.grad`` for an outer optimizer.
 
 :class:`MetaLearner` runs every estimator of :mod:`lazymaml.estimators` — and exact second-order
-MAML, ``"maml"``, by a ``torch.func`` unroll — through the same machinery, so that methods are
+MAML, ``"maml"``, by the project's own unroll — through the same machinery, so that methods are
 compared on their maths alone. A meta-batch of data tasks of equal shapes runs as one batched
 computation (:mod:`lazymaml.batched`); anything else runs task by task on the building blocks of
 :mod:`lazymaml.estimators`. With ``process_group`` the mean is over every task of every rank
@@ -29,14 +29,14 @@ Batching (``batched=``):
   batched path pays anyway, and about one more meta-batch's time. ``seconds`` holds the
   estimates per task. On CPU, convolutional networks are usually faster sequentially (vmap turns
   per-task weights into grouped convolutions), MLPs batched. Where batching does not apply it
-  runs sequentially, saying why with one :class:`SequentialFallback` warning per reason and
-  learner. A single task runs sequentially;
+  runs sequentially, saying why with one :class:`SequentialFallback` warning per kind of reason
+  (the learner, the model, the tasks) and learner. A single task runs sequentially;
 * ``True`` — batched or an exception naming why not (at construction where that is known then);
 * ``False`` — always sequential.
 
 It applies to the estimators "maml", "truncated", "first_order", "lazy", "lazy_horizon" and
-"reptile" (not "imaml": its conjugate gradient stops per task), with ``inner_optimizer="sgd"``
-(or ``"adam"`` for the estimators that do not differentiate the student), to data tasks
+"reptile" (not "imaml": its conjugate gradient stops per task), with an inner optimizer that has a pure
+update (``"sgd"``, ``"adam"`` or a spec of :mod:`gradcheck.optim`), to data tasks
 (:class:`~gradcheck.task.Task`, the same loss, equal shapes, or ``Task.stack``), on models that
 :func:`lazymaml.batched.refusal` accepts. When the batched result is not finite, or the batched
 computation raises, the tasks rerun sequentially: a user's error then surfaces with the
@@ -151,7 +151,7 @@ class MetaLearner:
         if self.entry.not_batched:
             return f"estimator={self.estimator!r} is not batched ({self.entry.not_batched})"
         if not self.loop.update().pure:
-            return f"inner_optimizer={self.loop.inner_optimizer!r} is not batched (only 'sgd' and 'adam')"
+            return f"inner_optimizer={self.loop.inner_optimizer!r} is not batched (only names and specs of gradcheck.optim: a factory's optimizer writes its own tensors)"
         return None
 
     def _batch(
