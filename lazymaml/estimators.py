@@ -2,11 +2,11 @@
 
 An :class:`Estimator` is one per-task function ``per_task(objective, theta, untrained) ->
 (gradient, L_Q(φ_T), [L_S(φ_k)])`` written with :class:`~lazymaml.derivatives.Objective` (one
-task's losses and derivatives, by autograd or by ``torch.func``), plus what it supports: whether it may be batched, which inner
-optimizers it accepts, which settings it reads. The sequential path (:func:`run`, and
-:class:`lazymaml.MetaLearner` task by task) calls ``per_task`` once per task; the batched path
-(:mod:`lazymaml.batched`) is ``torch.func.vmap`` of the very same function. With
-v = ∇L_Q(φ_T), φ_T = θ + γ(φ_K − θ) and T_k = I − α E_A ∇²L_S(φ_k):
+task's losses and derivatives, by autograd or by ``torch.func``), plus what it supports: whether
+it may be batched, which inner optimizers it accepts, which settings it reads. The sequential
+path (:func:`run`, and :class:`lazymaml.MetaLearner` task by task) calls ``per_task`` once per
+task; the batched path (:mod:`lazymaml.batched`) is ``torch.func.vmap`` of the very same
+function. With v = ∇L_Q(φ_T), φ_T = θ + γ(φ_K − θ) and T_k = I − α E_A ∇²L_S(φ_k):
 
 ================  =========================================================  =================
 name              g                                                           reads

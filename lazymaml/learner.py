@@ -151,7 +151,10 @@ class MetaLearner:
         if self.entry.not_batched:
             return f"estimator={self.estimator!r} is not batched ({self.entry.not_batched})"
         if not self.loop.update().pure:
-            return f"inner_optimizer={self.loop.inner_optimizer!r} is not batched (only names and specs of gradcheck.optim: a factory's optimizer writes its own tensors)"
+            return (
+                f"inner_optimizer={self.loop.inner_optimizer!r} is not batched (only names and specs "
+                "of gradcheck.optim: a factory's optimizer writes its own tensors)"
+            )
         return None
 
     def _batch(
