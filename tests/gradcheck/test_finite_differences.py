@@ -154,3 +154,20 @@ def test_check_refuses_gradient_with_wrong_keys():
     del g["0.bias"]
     with pytest.raises(ValueError, match=r"missing \['0.bias'\]"):
         finite_differences.check(g, model, task, 1, 0.1)
+
+
+def test_a_float32_candidate_is_held_to_float32_precision_of_the_typical_projection():
+    """rtol 1e-3 (float32) scales the typical size of ⟨g, u⟩, ‖g‖/√n — not ‖g‖, which is √n ≈ 52
+    times larger here: the exact gradient cast to float32 (relative rounding ~1e-7) passes, and
+    one off by 3% of ‖g‖ (≈ 6e-4 ‖g‖ along a random direction, above 1e-3 ‖g‖/√n ≈ 2e-5 ‖g‖ but
+    below 1e-3 ‖g‖) fails."""
+    model, task = mlp([4, 48, 48, 2]), regression_task(inputs=4, outputs=2)
+    g = oracle.meta_gradient(model, task, 3, 0.3)
+    as32 = {n: t.float() for n, t in g.items()}
+    assert finite_differences.check(as32, model, task, 3, 0.3).ok()
+    generator = torch.Generator().manual_seed(3)
+    noise = {n: torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in g.items()}
+    scale = 3e-2 * flat(g).norm() / flat(noise).norm()
+    off = {n: (t + scale * noise[n]).float() for n, t in g.items()}
+    report = finite_differences.check(off, model, task, 3, 0.3)
+    assert report.rtol == 1e-3 and len(report.failed) >= 4, str(report)

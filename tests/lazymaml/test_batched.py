@@ -429,7 +429,7 @@ FALLBACKS = {  # name -> (model, tasks, learner options, the reason's words)
         lambda: _regression_model(),
         TASKS,
         dict(inner_optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)),
-        "is not batched (only 'sgd'",
+        "is not batched (only names and specs",
     ),
     "imaml": (lambda: _regression_model(), TASKS, dict(estimator="imaml", lam=2.0), "conjugate gradient"),
     "unverified module": (lambda: _regression_model(Scale()), TASKS, {}, "'2' is a Scale"),
