@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings["command"] = "python benchmarks/brake_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
     settings["torch"] = torch.__version__
+    settings["load_average"] = __import__("os").getloadavg()  # a shared machine slows every timing
     record = {"settings": settings, "wall_seconds": time.perf_counter() - started, "rows": rows}
     path.write_text(__import__("json").dumps(plain(record), indent=1, allow_nan=False))
     print(f"wrote {path}")
