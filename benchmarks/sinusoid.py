@@ -1,24 +1,35 @@
-"""Sinusoid regression at the standard protocol: does the lazy leap pay off against MAML?
+"""Sinusoid regression at the standard protocol: does the lazy leap pay off against MAML, and why
+does it diverge?
 
-    python benchmarks/sinusoid.py --quick        # smoke test, same code path (≈ 15 s)
-    python benchmarks/sinusoid.py                # the full run: ≈ 50 min on 2 cores (below)
-    python benchmarks/sinusoid.py --methods 'lazy-*' maml-k5 --outer-steps 2000 --seeds 5
+    python benchmarks/sinusoid.py --quick        # smoke test, same code path (≈ 20 s)
+    python benchmarks/sinusoid.py                # the full default run (≈ 65 min on 2 idle cores)
+    python benchmarks/sinusoid.py --outer-steps 3000 --seeds 2 --sweep-steps 0 --inner-lrs 0.01 \
+        --leaps 1 --curve-points 30 --methods maml-k10 'fomaml-k[124]0' brake-k10 brake-k10-t1 \
+        brake-k10-t3 'lazy-k[124]0'              # the committed λ_θ run (results/sinusoid-brake/)
 
-Budget. The standard protocol's 70,000 outer steps do not fit an hour on 2 CPU cores. Measured
-(one thread, torch 2.13 CPU, batched learner, task sampling and Adam included), one outer step of
-each default method costs 7.3 + 15.1 + 9.5 + 16.9 + 26.6 + 45.2 = 120 ms (MAML K=1, K=5, FOMAML,
-Lazy K=10, 20, 40); the defaults run 3 seeds × 12,000 steps plus the sweep's 8 × 1,000 steps per
-method, 44,000 × 120 ms ≈ 5,300 s of one core, plus ≈ 210 s of evaluation: ≈ 46 min on 2
-workers, ≈ 50–55 min if two workers slow each other by 10–20%. So 12,000 steps is the largest
-round budget that fits the hour; whether the curves have flattened by then is reported, not assumed.
+Budget. The standard protocol's 70,000 outer steps do not fit a session on 2 CPU cores. Measured
+(one thread, torch 2.13 CPU, batched learner, meta-batch 25, task sampling and Adam included, a
+lightly loaded machine), one outer step costs: MAML K = 5, 10, 20: 7.3, 13.3, 25.8 ms;
+first-order K = 10, 20, 40: 7.0, 12.6, 23.7 ms; Lazy K = 10, 20, 40: 8.3, 13.8, 24.9 ms; the
+brake (exact MAML by stored-point HVPs) K = 10, 20: 20.9, 40.6 ms; the truncated brake K = 10,
+T = 3: 11.2 ms; one λ_θ probe (25 tasks × 20 power iterations, vmapped): 30 ms. The defaults
+(3 seeds × 12,000 steps plus the sweep's 8 × 1,000 steps per method, 178 ms per step of all ten
+methods together) are ≈ 7,800 s of one core: ≈ 65 min on 2 idle workers. On a machine
+shared with others these grow several-fold (the committed λ_θ run ran at a load average of ≈ 10
+on 2 cores, at nice 5). ``--sweep-steps 0`` with one α and one γ skips the sweep.
 
 Tasks (Finn et al., 2017; ``gradcheck.problems.sinusoid``): y = A sin(x − φ), A ~ U[0.1, 5],
 φ ~ U[0, π], x ~ U[−5, 5]; 10 support and 10 query points (10-shot), MSE; an MLP 1–40–40–1 with
 ReLU (``gradcheck.problems.mlp``); meta-batch 25, Adam on θ.
 
-Methods (``METHODS``): MAML K = 1 and K = 5 (second order), first-order MAML K = 5, Lazy
-K ∈ {10, 20, 40} with η = γα ("single"); Lazy with η = γKα ("horizon") on request
-(``--methods 'lazy-*-horizon'``). Every one trains through ``lazymaml.MetaLearner``, batched over
+Methods (``METHODS``): MAML K ∈ {1, 5, 10, 20} (second order, unrolled), first-order MAML
+K ∈ {5, 10, 20, 40}, the brake K ∈ {10, 20, 40} (``maml_hvp``: the same exact gradient by
+Hessian-vector products at the stored student points, one step's graph), the truncated brake
+(``truncated_hvp``: that product over the last T steps; K = 10 with T ∈ {1, 3}, K = 20 with
+T = 5), Lazy K ∈ {10, 20, 40} with η = γα ("single"); Lazy with η = γKα ("horizon") on request
+(``--methods 'lazy-*-horizon'``). The defaults (``DEFAULT_METHODS``) are the mechanism's
+controls: MAML K = 5, 10, 20, first-order at every Lazy K, the brake and truncated brake at
+K = 10, Lazy K = 10, 20, 40. Every one trains through ``lazymaml.MetaLearner``, batched over
 the meta-batch (``batched=True``), one thread per worker process.
 
 Protocol, identical for every method: the same outer budget (``--outer-steps`` × ``--meta-batch``),
@@ -44,7 +55,10 @@ equal wall time (each seed's last evaluation within the training time the fastes
 slowest seed needed for the whole budget); the autograd graph's peak bytes for one task
 (``gradcheck.memory.SavedTensorMeter`` on the sequential path: exact and deterministic) and the
 best method within each memory budget;
-median ms per outer step; the meta-gradient's deviation from exact MAML with the same K, α and
+median ms per outer step; λ_θ, the support Hessian's largest eigenvalue at θ (``sharpness``:
+power iteration with HVPs, ``--probe-iterations`` from a fixed start, mean over ``--probe-tasks``
+fixed probe tasks), at every evaluation of a full run, its time reported apart and excluded from
+the training time (so from the equal-time budget); the meta-gradient's deviation from exact MAML with the same K, α and
 γ at the trained θ (‖g − g_MAML‖/‖g_MAML‖, float64, ``DEVIATION_TASKS`` validation tasks, the
 oracle ``gradcheck.oracle``). A table, ``sinusoid[-quick].json`` and ``sinusoid[-quick].png``
 under ``--out``.
