@@ -13,7 +13,7 @@ lightly loaded machine), one outer step costs: MAML K = 5, 10, 20: 7.3, 13.3, 25
 first-order K = 10, 20, 40: 7.0, 12.6, 23.7 ms; Lazy K = 10, 20, 40: 8.3, 13.8, 24.9 ms; the
 brake (exact MAML by stored-point HVPs) K = 10, 20: 20.9, 40.6 ms; the truncated brake K = 10,
 T = 3: 11.2 ms; one λ_θ probe (25 tasks × 20 power iterations, vmapped): 30 ms. The defaults
-(3 seeds × 12,000 steps plus the sweep's 8 × 1,000 steps per method, 178 ms per step of all ten
+(3 seeds × 12,000 steps plus the sweep's 8 × 1,000 steps per method, 178 ms per step of all twelve
 methods together) are ≈ 7,800 s of one core: ≈ 65 min on 2 idle workers. On a machine
 shared with others these grow several-fold (the committed λ_θ run ran at a load average of ≈ 10
 on 2 cores, at nice 5). ``--sweep-steps 0`` with one α and one γ skips the sweep.
