@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plain  # noqa: E402
+from common import plain
 
 ESTIMATORS = ("first_order", "lazy", "maml", "maml_hvp", "maml_hvp_sqrt")
 QUICK = {"steps": [2, 4], "rounds": 2, "networks": ["sinusoid", "conv"]}
@@ -73,7 +73,6 @@ def problem(network: str):
 
 
 def measure(network: str, steps: list[int], rounds: int) -> list[dict]:
-    import torch
 
     import lazymaml
     from gradcheck.memory import SavedTensorMeter
@@ -82,7 +81,9 @@ def measure(network: str, steps: list[int], rounds: int) -> list[dict]:
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for k in steps:
-        learners = {e: lazymaml.MetaLearner(model, k, inner_lr, estimator=e, batched=False) for e in ESTIMATORS}
+        learners = {
+            e: lazymaml.MetaLearner(model, k, inner_lr, estimator=e, batched=False) for e in ESTIMATORS
+        }
         graph = {}
         for name, meta in learners.items():
             with SavedTensorMeter() as meter:
@@ -114,7 +115,9 @@ def measure(network: str, steps: list[int], rounds: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'network':9} {'K':>3} {'estimator':14} {'graph KiB':>10} {'stored KiB':>10} {'ms':>9} {'×lazy':>6}"]
+    lines = [
+        f"{'network':9} {'K':>3} {'estimator':14} {'graph KiB':>10} {'stored KiB':>10} {'ms':>9} {'×lazy':>6}"
+    ]
     for r in rows:
         lines.append(
             f"{r['network']:9} {r['K']:>3} {r['estimator']:14} {r['graph_bytes'] / 1024:>10.1f} "
@@ -145,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("brake_cost-quick.json" if args.quick else "brake_cost.json")
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    settings["command"] = "python benchmarks/brake_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    settings["command"] = "python benchmarks/brake_cost.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     settings["torch"] = torch.__version__
     settings["load_average"] = __import__("os").getloadavg()  # a shared machine slows every timing
     record = {"settings": settings, "wall_seconds": time.perf_counter() - started, "rows": rows}

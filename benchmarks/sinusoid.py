@@ -58,8 +58,8 @@ best method within each memory budget;
 median ms per outer step; λ_θ, the support Hessian's largest eigenvalue at θ (``sharpness``:
 power iteration with HVPs, ``--probe-iterations`` from a fixed start, mean over ``--probe-tasks``
 fixed probe tasks), at every evaluation of a full run, its time reported apart and excluded from
-the training time (so from the equal-time budget); the meta-gradient's deviation from exact MAML with the same K, α and
-γ at the trained θ (‖g − g_MAML‖/‖g_MAML‖, float64, ``DEVIATION_TASKS`` validation tasks, the
+the training time (so from the equal-time budget); the meta-gradient's deviation from exact
+MAML with the same K, α and γ at the trained θ (‖g − g_MAML‖/‖g_MAML‖, float64, ``DEVIATION_TASKS`` validation tasks, the
 oracle ``gradcheck.oracle``). A table, ``sinusoid[-quick].json`` and ``sinusoid[-quick].png``
 under ``--out``.
 """
@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import dataclass
 import hashlib
 import math
 import multiprocessing
@@ -77,6 +76,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,9 @@ def _methods() -> dict[str, Method]:
     for k in (10, 20, 40):
         methods[f"brake-k{k}"] = Method(f"Brake K={k}", "Brake", "maml_hvp", k)
     for k, t in ((10, 1), (10, 3), (20, 5)):
-        methods[f"brake-k{k}-t{t}"] = Method(f"Brake K={k} T={t}", "Brake, last T", "truncated_hvp", k, horizon=t)
+        methods[f"brake-k{k}-t{t}"] = Method(
+            f"Brake K={k} T={t}", "Brake, last T", "truncated_hvp", k, horizon=t
+        )
     for k in (10, 20, 40):
         methods[f"lazy-k{k}"] = Method(f"Lazy K={k}", "Lazy", "lazy", k)
     for k in (10, 20, 40):
@@ -231,7 +233,9 @@ def sharpness(model, batch, iterations: int = PROBE_ITERATIONS, seed: int = 0) -
         return {n: t / norm.view(-1, *[1] * (t.dim() - 1)) for n, t in w.items()}
 
     with torch.no_grad():
-        u = unit({n: torch.randn((count, *t.shape), generator=generator, dtype=t.dtype) for n, t in theta.items()})
+        u = unit(
+            {n: torch.randn((count, *t.shape), generator=generator, dtype=t.dtype) for n, t in theta.items()}
+        )
         for _ in range(iterations):
             u = unit(vmap(product)(u, xs, ys))
         value = float(dot(u, vmap(product)(u, xs, ys)).mean())
@@ -527,7 +531,13 @@ def plot_sharpness(ax, runs: list[SinusoidRun], summary: SinusoidSummary) -> Non
             if not points:
                 continue
             label = row.label if i == 0 else None
-            ax.plot([p.step for p in points], [p.sharpness for p in points], color=colours[row.method], lw=1, label=label)
+            ax.plot(
+                [p.step for p in points],
+                [p.sharpness for p in points],
+                color=colours[row.method],
+                lw=1,
+                label=label,
+            )
             if r.diverged is not None:
                 ax.plot(points[-1].step, points[-1].sharpness, "x", color=colours[row.method])
     for lr in sorted({r.inner_lr for r in summary.rows}):
@@ -624,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         points = [("sweep", k, lr, leap, SWEEP_SEED) for k in args.keys for lr, leap in grid]
         sweep = pool_map(pool, job, points, args, bar, progress, cost) if args.sweep_steps else []
         chosen = {
-            k: best([r for r in sweep if r.method == k]) if sweep else SweepChoice(*grid[0]) for k in args.keys
+            k: best([r for r in sweep if r.method == k]) if sweep else SweepChoice(*grid[0])
+            for k in args.keys
         }
         finals = [
             ("run", k, chosen[k].inner_lr, chosen[k].leap, s) for k in args.keys for s in range(args.seeds)

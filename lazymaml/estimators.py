@@ -344,7 +344,9 @@ def _trajectory(
     return phi, losses, kept
 
 
-def _segment(f: Objective, start: tuple[Params, Params], first: int, count: int) -> list[tuple[Params, Params]]:
+def _segment(
+    f: Objective, start: tuple[Params, Params], first: int, count: int
+) -> list[tuple[Params, Params]]:
     """The points φ_first … φ_{first+count−1} (each with its untrained tensors), recomputed from
     the checkpoint ``start`` = (φ_first, u_first) by the same SGD steps as the forward sweep."""
     phi, untrained = start[0], {n: t.clone() for n, t in start[1].items()}
@@ -392,7 +394,9 @@ def stored_point(checkpoint_every: Every = 1, horizon: bool = False, name: str |
     :class:`~gradcheck.settings.InnerLoop` has no field for it.
     """
     if not callable(checkpoint_every) and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-        raise ValueError(f"checkpoint_every must be an integer ≥ 1 or a function of K, got {checkpoint_every!r}")
+        raise ValueError(
+            f"checkpoint_every must be an integer ≥ 1 or a function of K, got {checkpoint_every!r}"
+        )
 
     def per_task(f: Objective, theta: Params, untrained: Params) -> Result:
         assert f.loop is not None

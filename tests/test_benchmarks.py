@@ -493,19 +493,25 @@ def test_sinusoid_sharpness_is_the_top_eigenvalue_of_the_support_hessian():
     torch.manual_seed(1)
     model = problems.mlp((6, 6), torch.nn.Tanh).double()
     batch = sinusoid.task_set(sinusoid.TASK_SEEDS["probe"], 3)
-    batch = type(batch)(*(tuple(t.double() for t in part) for part in (batch.support, batch.query)), batch.loss)
+    batch = type(batch)(
+        *(tuple(t.double() for t in part) for part in (batch.support, batch.query)), batch.loss
+    )
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     def support(vector, i):
-        tensors = dict(zip(names, (t.view(s) for t, s in zip(vector.split([s.numel() for s in shapes]), shapes))))
+        tensors = dict(
+            zip(names, (t.view(s) for t, s in zip(vector.split([s.numel() for s in shapes]), shapes)))
+        )
         xs, ys = batch.support
         return batch.loss(functional_call(model, tensors, (xs[i],)), ys[i])
 
     tops = []
     for i in range(3):
-        eigenvalues = torch.linalg.eigvalsh(torch.autograd.functional.hessian(lambda v: support(v, i), theta))
+        eigenvalues = torch.linalg.eigvalsh(
+            torch.autograd.functional.hessian(lambda v, i=i: support(v, i), theta)
+        )
         tops.append(eigenvalues[eigenvalues.abs().argmax()].item())
     got = sinusoid.sharpness(model, batch, iterations=300)
     assert got == pytest.approx(sum(tops) / 3, rel=1e-6)
@@ -515,7 +521,7 @@ def test_sinusoid_sharpness_is_the_top_eigenvalue_of_the_support_hessian():
 def test_sinusoid_without_a_sweep_trains_the_one_grid_point(tmp_path):
     args = ["--quick", "--out", str(tmp_path), "--sweep-steps", "0", "--inner-lrs", "0.01", "--leaps", "1"]
     args += ["--methods", "fomaml-k10", "brake-k10-t1", "--seeds", "1", "--probe-tasks", "0"]
-    assert sinusoid.main(args + ["--workers", "1"]) == 0
+    assert sinusoid.main([*args, "--workers", "1"]) == 0
     record = json.loads((tmp_path / "sinusoid-quick.json").read_text())
     assert record["sweep"] == [] and record["settings"]["command"].endswith("--workers 1")
     assert {(r["method"], r["inner_lr"], r["leap"]) for r in record["runs"]} == {
@@ -541,6 +547,12 @@ def test_brake_cost_quick(tmp_path):
             lazy, brake = at[n, k, "lazy"], at[n, k, "maml_hvp"]
             assert brake["graph_bytes"] == at[n, k, "maml_hvp_sqrt"]["graph_bytes"] == lazy["graph_bytes"]
             assert brake["stored_bytes"] == k * brake["parameter_bytes"] and lazy["stored_bytes"] == 0
-            assert lazy["time_vs_lazy"] == 1.0 and all(at[n, k, e]["seconds"] > 0 for e in brake_cost.ESTIMATORS)
-        assert at[n, 4, "maml"]["graph_bytes"] > at[n, 2, "maml"]["graph_bytes"] > at[n, 2, "lazy"]["graph_bytes"]
+            assert lazy["time_vs_lazy"] == 1.0 and all(
+                at[n, k, e]["seconds"] > 0 for e in brake_cost.ESTIMATORS
+            )
+        assert (
+            at[n, 4, "maml"]["graph_bytes"]
+            > at[n, 2, "maml"]["graph_bytes"]
+            > at[n, 2, "lazy"]["graph_bytes"]
+        )
     assert brake_cost.stored_points("maml_hvp_sqrt", 40) == 6 + 7  # m = 7: 6 checkpoints + 7 recomputed

@@ -226,10 +226,14 @@ def test_stored_point_product_through_conv_batchnorm_is_the_oracle():
     model, task = conv_bn().train(), image_task()
     for name in ("maml_hvp", "maml_hvp_sqrt"):
         got = as_function(name)(model, task, 4, 0.2, adapt="body", leap=0.7)
-        compare(got, oracle.meta_gradient(model, task, 4, 0.2, adapt="body", leap=0.7)).assert_close(RTOL, ATOL)
+        compare(got, oracle.meta_gradient(model, task, 4, 0.2, adapt="body", leap=0.7)).assert_close(
+            RTOL, ATOL
+        )
 
 
-@pytest.mark.parametrize(("steps", "want"), [(1, 1), (2, 2), (4, 2), (5, 3), (9, 3), (10, 4), (16, 4), (17, 5)])
+@pytest.mark.parametrize(
+    ("steps", "want"), [(1, 1), (2, 2), (4, 2), (5, 3), (9, 3), (10, 4), (16, 4), (17, 5)]
+)
 def test_sqrt_interval_is_the_ceiling_of_the_root(steps, want):
     assert sqrt_interval(steps) == want
 
@@ -250,7 +254,9 @@ def test_stored_point_product_at_one_step_is_lazy(adapt):
     """K = 1: [(1 − γ)I + γ T_0ᵀ] v = v − γα H_0 E_A v, the lazy gradient with η = γα."""
     model, task = mlp([2, 5, 5, 1], "softplus"), regression_task()
     want = lazymaml.meta_gradient(model, task, 1, 0.3, leap=0.4, adapt=adapt)
-    compare(as_function("maml_hvp")(model, task, 1, 0.3, leap=0.4, adapt=adapt), want).assert_close(RTOL, ATOL)
+    compare(as_function("maml_hvp")(model, task, 1, 0.3, leap=0.4, adapt=adapt), want).assert_close(
+        RTOL, ATOL
+    )
 
 
 def test_stored_point_product_passes_finite_differences_of_its_own_definition():
@@ -269,14 +275,16 @@ def test_stored_point_product_passes_finite_differences_of_its_own_definition():
 def test_stored_point_product_batched_is_sequential(name, adapt):
     model = mlp([2, 5, 5, 1], "softplus", seed=2)
     tasks = Task.stack([regression_task(10 + i) for i in range(3)])
-    options = dict(estimator=name, leap=0.7, adapt=adapt, **({"horizon": 2} if name == "truncated_hvp" else {}))
+    options = dict(
+        estimator=name, leap=0.7, adapt=adapt, **({"horizon": 2} if name == "truncated_hvp" else {})
+    )
     batched = _learn(model, tasks, 5, 0.2, True, **options)
     sequential = _learn(model, tasks, 5, 0.2, False, **options)
     compare(batched, sequential).assert_close(1e-12, 1e-15)
     if name != "truncated_hvp":
-        compare(batched, oracle.meta_gradient(model, list(tasks), 5, 0.2, leap=0.7, adapt=adapt)).assert_close(
-            RTOL, ATOL
-        )
+        compare(
+            batched, oracle.meta_gradient(model, list(tasks), 5, 0.2, leap=0.7, adapt=adapt)
+        ).assert_close(RTOL, ATOL)
 
 
 def test_stored_point_product_refuses_what_it_cannot_differentiate():
