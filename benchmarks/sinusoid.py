@@ -60,8 +60,8 @@ power iteration with HVPs, ``--probe-iterations`` from a fixed start, mean over 
 fixed probe tasks), at every evaluation of a full run, its time reported apart and excluded from
 the training time (so from the equal-time budget); the meta-gradient's deviation from exact
 MAML with the same K, α and γ at the trained θ (‖g − g_MAML‖/‖g_MAML‖, float64,
-``DEVIATION_TASKS`` validation tasks, the oracle ``gradcheck.oracle``). A table, ``sinusoid[-quick].json`` and ``sinusoid[-quick].png``
-under ``--out``.
+``DEVIATION_TASKS`` validation tasks, the oracle ``gradcheck.oracle``). A table,
+``sinusoid[-quick].json`` and ``sinusoid[-quick].png`` under ``--out``.
 """
 
 from __future__ import annotations
