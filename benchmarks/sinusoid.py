@@ -542,7 +542,7 @@ def plot_sharpness(ax, runs: list[SinusoidRun], summary: SinusoidSummary) -> Non
                 ax.plot(points[-1].step, points[-1].sharpness, "x", color=colours[row.method])
     for lr in sorted({r.inner_lr for r in summary.rows}):
         ax.axhline(2 / lr, color="k", ls="--", lw=1, label=f"2/α = {2 / lr:g}")
-    ax.set(xlabel="outer step", ylabel="λ_θ (top eigenvalue of ∇²L_S at θ)", yscale="log")
+    ax.set(xlabel="outer step", ylabel="λ_θ (top eigenvalue of ∇²L_S at θ)")
     ax.set(title="sharpness λ_θ on fixed probe tasks")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
