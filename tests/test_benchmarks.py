@@ -413,6 +413,10 @@ def test_loaders_read_every_committed_results_file_back_to_its_json():
     def strict(data):  # what the file holds, with divergences in the current form
         for r in [*data["runs"], *data["sweep"]]:
             r["diverged"] = common.plain(common.Divergence.from_json(r["diverged"]))
+            if "curve" in r and "sharpness_seconds" not in r:  # a sinusoid file from before λ_θ
+                r["sharpness_seconds"] = 0.0
+                for point in r["curve"]:
+                    point["sharpness"] = None
         return data
 
     for name, load in (
@@ -421,6 +425,7 @@ def test_loaders_read_every_committed_results_file_back_to_its_json():
         ("sinusoid.json", records.load_sinusoid),
         ("sinusoid-quick.json", records.load_sinusoid),
         ("sinusoid-lazy-alpha0.003/sinusoid.json", records.load_sinusoid),
+        ("sinusoid-brake/sinusoid.json", records.load_sinusoid),
     ):
         data = json.loads((RESULTS / name).read_text())
         loaded = load(name)
