@@ -68,12 +68,15 @@ __all__ = [
     "imaml",
     "lazy_horizon",
     "maml",
+    "maml_hvp",
+    "maml_hvp_sqrt",
     "register",
     "reptile",
     "run",
     "sqrt_interval",
     "stored_point",
     "truncated",
+    "truncated_hvp",
 ]
 
 Result = tuple[Params, Tensor, list[Tensor]]
@@ -424,6 +427,80 @@ for _entry in (
     stored_point(1, horizon=True, name="truncated_hvp"),
 ):
     register(_entry)
+
+
+def maml_hvp(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+) -> Params:
+    """Exact MAML (SGD student) by reverse HVPs at the K stored student points: the same
+    gradient as :func:`maml`, with one step's autograd graph and K parameter copies."""
+    return _call(
+        "maml_hvp",
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        inner_optimizer=inner_optimizer,
+    )
+
+
+def maml_hvp_sqrt(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+) -> Params:
+    """:func:`maml_hvp` keeping every ⌈√K⌉-th point and recomputing the others (≤ 2⌈√K⌉ + 1
+    parameter copies, fewer than K extra student steps)."""
+    return _call(
+        "maml_hvp_sqrt",
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        inner_optimizer=inner_optimizer,
+    )
+
+
+def truncated_hvp(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+    horizon: int | None = None,
+) -> Params:
+    """:func:`truncated`'s gradient (the last T = ``horizon`` steps; default all K) by reverse
+    HVPs at the T stored points instead of their unrolled graphs."""
+    return _call(
+        "truncated_hvp",
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        inner_optimizer=inner_optimizer,
+        horizon=horizon,
+    )
 
 
 # --- the calling convention ----------------------------------------------------------------

@@ -311,3 +311,14 @@ def test_stored_point_product_keeps_one_steps_graph(steps):
 
     assert peak("maml_hvp") == peak("maml_hvp_sqrt") == peak("lazy") > 0
     assert peak("maml") > (steps - 1) * peak("maml_hvp") / 2
+
+
+def test_stored_point_functions_follow_the_calling_convention():
+    model, task = mlp([2, 5, 5, 1], "softplus", seed=4), regression_task(3)
+    exact = lazymaml.estimators.maml(model, task, 4, 0.2, adapt="head", leap=0.6)
+    for fn in (lazymaml.estimators.maml_hvp, lazymaml.estimators.maml_hvp_sqrt):
+        compare(fn(model, task, 4, 0.2, adapt="head", leap=0.6), exact).assert_close(RTOL, ATOL)
+    compare(
+        lazymaml.estimators.truncated_hvp(model, task, 4, 0.2, leap=0.6, horizon=2),
+        truncated(model, task, 4, 0.2, leap=0.6, horizon=2),
+    ).assert_close(RTOL, ATOL)
