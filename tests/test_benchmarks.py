@@ -426,6 +426,7 @@ def test_loaders_read_every_committed_results_file_back_to_its_json():
         ("sinusoid-quick.json", records.load_sinusoid),
         ("sinusoid-lazy-alpha0.003/sinusoid.json", records.load_sinusoid),
         ("sinusoid-brake/sinusoid.json", records.load_sinusoid),
+        ("sinusoid-brake-long/sinusoid.json", records.load_sinusoid),
     ):
         data = json.loads((RESULTS / name).read_text())
         loaded = load(name)
