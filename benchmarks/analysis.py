@@ -334,3 +334,33 @@ def plot_sweep(results: SinusoidResults):
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def sharpness_lines(results: SinusoidResults) -> list[str]:
+    """Per method of a run that tracked λ_θ (``sinusoid.py`` probes): where its seeds diverged,
+    λ_θ (mean over the probe tasks) at its last checkpoint per seed, the first checkpoint where it
+    passed 2/α, its level over the last third of the run (the median of the seeds' medians over
+    the checkpoints there, finished seeds only) and the final held-out MSE over seeds."""
+    lines = []
+    for row in results.summary.rows:
+        runs = results.runs_of(row.method)
+        limit = 2 / row.inner_lr
+        tracked = [[p for p in r.curve if p.sharpness is not None] for r in runs]
+        last = ", ".join(f"{ps[-1].sharpness:.0f} (step {ps[-1].step})" for ps in tracked if ps)
+        crossed = [next((p.step for p in ps if p.sharpness > limit), None) for ps in tracked]
+        third = results.settings["outer_steps"] * 2 / 3
+        levels = [
+            sorted(p.sharpness for p in ps if p.step >= third)
+            for r, ps in zip(runs, tracked)
+            if r.diverged is None
+        ]
+        medians = sorted(v[len(v) // 2] for v in levels if v)
+        level = f"{medians[len(medians) // 2]:.0f}" if medians else "—"
+        diverged = sorted(r.diverged.step for r in runs if r.diverged is not None)
+        fate = f"diverged at steps {diverged}" if diverged else "no seed diverged"
+        lines.append(
+            f"  {row.label}: {fate} ({len(diverged)} of {len(runs)}); λ_θ last {last}; first above "
+            f"2/α = {limit:g} at {[c for c in crossed]}; level over the last third {level}; "
+            f"MSE {ci(row.mse, row.ci95, digits=3)}"
+        )
+    return lines

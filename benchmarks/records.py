@@ -153,6 +153,9 @@ class CurvePoint:
     seconds: float
     mse: float | None  # held-out (or validation) MSE; None after a divergence
     train_mse: float | None  # the mean training loss since the previous point; None at step 0
+    # λ_θ: the support Hessian's largest eigenvalue at θ (power iteration), mean over the fixed
+    # probe tasks; None where not tracked or after a divergence
+    sharpness: float | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CurvePoint:
@@ -186,6 +189,7 @@ class SinusoidRun:
     eval_tasks_digest: str
     graph_bytes_per_task: int | None = None
     deviation_from_maml: float | None = None
+    sharpness_seconds: float = 0.0  # the λ_θ probes' time, outside train_seconds (not in the budget)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

@@ -1,24 +1,35 @@
-"""Sinusoid regression at the standard protocol: does the lazy leap pay off against MAML?
+"""Sinusoid regression at the standard protocol: does the lazy leap pay off against MAML, and why
+does it diverge?
 
-    python benchmarks/sinusoid.py --quick        # smoke test, same code path (≈ 15 s)
-    python benchmarks/sinusoid.py                # the full run: ≈ 50 min on 2 cores (below)
-    python benchmarks/sinusoid.py --methods 'lazy-*' maml-k5 --outer-steps 2000 --seeds 5
+    python benchmarks/sinusoid.py --quick        # smoke test, same code path (≈ 20 s)
+    python benchmarks/sinusoid.py                # the full default run (≈ 65 min on 2 idle cores)
+    python benchmarks/sinusoid.py --outer-steps 3000 --seeds 2 --sweep-steps 0 --inner-lrs 0.01 \
+        --leaps 1 --curve-points 30 --methods maml-k10 'fomaml-k[124]0' brake-k10 brake-k10-t1 \
+        brake-k10-t3 'lazy-k[124]0'              # the committed λ_θ run (results/sinusoid-brake/)
 
-Budget. The standard protocol's 70,000 outer steps do not fit an hour on 2 CPU cores. Measured
-(one thread, torch 2.13 CPU, batched learner, task sampling and Adam included), one outer step of
-each default method costs 7.3 + 15.1 + 9.5 + 16.9 + 26.6 + 45.2 = 120 ms (MAML K=1, K=5, FOMAML,
-Lazy K=10, 20, 40); the defaults run 3 seeds × 12,000 steps plus the sweep's 8 × 1,000 steps per
-method, 44,000 × 120 ms ≈ 5,300 s of one core, plus ≈ 210 s of evaluation: ≈ 46 min on 2
-workers, ≈ 50–55 min if two workers slow each other by 10–20%. So 12,000 steps is the largest
-round budget that fits the hour; whether the curves have flattened by then is reported, not assumed.
+Budget. The standard protocol's 70,000 outer steps do not fit a session on 2 CPU cores. Measured
+(one thread, torch 2.13 CPU, batched learner, meta-batch 25, task sampling and Adam included, a
+lightly loaded machine), one outer step costs: MAML K = 5, 10, 20: 7.3, 13.3, 25.8 ms;
+first-order K = 10, 20, 40: 7.0, 12.6, 23.7 ms; Lazy K = 10, 20, 40: 8.3, 13.8, 24.9 ms; the
+brake (exact MAML by stored-point HVPs) K = 10, 20: 20.9, 40.6 ms; the truncated brake K = 10,
+T = 3: 11.2 ms; one λ_θ probe (25 tasks × 20 power iterations, vmapped): 30 ms. The defaults
+(3 seeds × 12,000 steps plus the sweep's 8 × 1,000 steps per method, 178 ms per step of all twelve
+methods together) are ≈ 7,800 s of one core: ≈ 65 min on 2 idle workers. On a machine
+shared with others these grow several-fold (the committed λ_θ run ran at a load average of ≈ 10
+on 2 cores, at nice 5). ``--sweep-steps 0`` with one α and one γ skips the sweep.
 
 Tasks (Finn et al., 2017; ``gradcheck.problems.sinusoid``): y = A sin(x − φ), A ~ U[0.1, 5],
 φ ~ U[0, π], x ~ U[−5, 5]; 10 support and 10 query points (10-shot), MSE; an MLP 1–40–40–1 with
 ReLU (``gradcheck.problems.mlp``); meta-batch 25, Adam on θ.
 
-Methods (``METHODS``): MAML K = 1 and K = 5 (second order), first-order MAML K = 5, Lazy
-K ∈ {10, 20, 40} with η = γα ("single"); Lazy with η = γKα ("horizon") on request
-(``--methods 'lazy-*-horizon'``). Every one trains through ``lazymaml.MetaLearner``, batched over
+Methods (``METHODS``): MAML K ∈ {1, 5, 10, 20} (second order, unrolled), first-order MAML
+K ∈ {5, 10, 20, 40}, the brake K ∈ {10, 20, 40} (``maml_hvp``: the same exact gradient by
+Hessian-vector products at the stored student points, one step's graph), the truncated brake
+(``truncated_hvp``: that product over the last T steps; K = 10 with T ∈ {1, 3}, K = 20 with
+T = 5), Lazy K ∈ {10, 20, 40} with η = γα ("single"); Lazy with η = γKα ("horizon") on request
+(``--methods 'lazy-*-horizon'``). The defaults (``DEFAULT_METHODS``) are the mechanism's
+controls: MAML K = 5, 10, 20, first-order at every Lazy K, the brake and truncated brake at
+K = 10, Lazy K = 10, 20, 40. Every one trains through ``lazymaml.MetaLearner``, batched over
 the meta-batch (``batched=True``), one thread per worker process.
 
 Protocol, identical for every method: the same outer budget (``--outer-steps`` × ``--meta-batch``),
@@ -44,10 +55,13 @@ equal wall time (each seed's last evaluation within the training time the fastes
 slowest seed needed for the whole budget); the autograd graph's peak bytes for one task
 (``gradcheck.memory.SavedTensorMeter`` on the sequential path: exact and deterministic) and the
 best method within each memory budget;
-median ms per outer step; the meta-gradient's deviation from exact MAML with the same K, α and
-γ at the trained θ (‖g − g_MAML‖/‖g_MAML‖, float64, ``DEVIATION_TASKS`` validation tasks, the
-oracle ``gradcheck.oracle``). A table, ``sinusoid[-quick].json`` and ``sinusoid[-quick].png``
-under ``--out``.
+median ms per outer step; λ_θ, the support Hessian's largest eigenvalue at θ (``sharpness``:
+power iteration with HVPs, ``--probe-iterations`` from a fixed start, mean over ``--probe-tasks``
+fixed probe tasks), at every evaluation of a full run, its time reported apart and excluded from
+the training time (so from the equal-time budget); the meta-gradient's deviation from exact
+MAML with the same K, α and γ at the trained θ (‖g − g_MAML‖/‖g_MAML‖, float64,
+``DEVIATION_TASKS`` validation tasks, the oracle ``gradcheck.oracle``). A table,
+``sinusoid[-quick].json`` and ``sinusoid[-quick].png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -62,13 +76,13 @@ import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, also in the spawned workers
 from common import (
     Divergence,
-    Method,
     add_common_arguments,
     cell,
     fingerprint,
@@ -78,26 +92,49 @@ from common import (
     text_table,
     write_results,
 )
+from common import Method as BaseMethod
 from common import parse as parse_common
 from records import CurvePoint, MemoryBest, SinusoidRow, SinusoidRun, SinusoidSummary, SweepChoice
 
 SHOTS = QUERIES = 10
 HIDDEN = (40, 40)
 # generator seeds of the fixed task sets and of the sweep; training streams use seeds 0, 1, 2, …
-TASK_SEEDS = {"val": 1_000_001, "test": 1_000_002, "memory": 1_000_003}
+TASK_SEEDS = {"val": 1_000_001, "test": 1_000_002, "memory": 1_000_003, "probe": 1_000_004}
 SWEEP_SEED = 1_000
 DEVIATION_TASKS = 4
 PLATEAU = 0.02  # relative improvement over the last fifth of the budget below which a curve has stopped
+PROBE_TASKS, PROBE_ITERATIONS = 25, 20  # λ_θ: power iteration on the support Hessian of fixed tasks
+
+
+@dataclass(frozen=True)
+class Method(BaseMethod):
+    """A sinusoid configuration: no γ of its own (γ is swept with α for every method and passed to
+    ``learner``); ``horizon`` is the truncated brake's T (estimator ``truncated_hvp``)."""
+
+    horizon: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), **({"horizon": self.horizon} if self.horizon is not None else {})}
 
 
 def _methods() -> dict[str, Method]:
-    """The methods: the plain ``Method`` (unlike the few-shot benchmark's, no γ of its own: γ is
-    swept with α for every method and passed to ``learner``)."""
+    """The methods: MAML (second order) and its stored-point form (the brake, ``maml_hvp``: the
+    same gradient by HVPs), the truncated brake (last T steps by HVPs), first-order MAML and Lazy."""
     methods = {
         "maml-k1": Method("MAML K=1", "MAML", "maml", 1),
         "maml-k5": Method("MAML K=5", "MAML", "maml", 5),
+        "maml-k10": Method("MAML K=10", "MAML", "maml", 10),
+        "maml-k20": Method("MAML K=20", "MAML", "maml", 20),
         "fomaml-k5": Method("FOMAML K=5", "FOMAML", "first_order", 5),
     }
+    for k in (10, 20, 40):
+        methods[f"fomaml-k{k}"] = Method(f"FOMAML K={k}", "FOMAML", "first_order", k)
+    for k in (10, 20, 40):
+        methods[f"brake-k{k}"] = Method(f"Brake K={k}", "Brake", "maml_hvp", k)
+    for k, t in ((10, 1), (10, 3), (20, 5)):
+        methods[f"brake-k{k}-t{t}"] = Method(
+            f"Brake K={k} T={t}", "Brake, last T", "truncated_hvp", k, horizon=t
+        )
     for k in (10, 20, 40):
         methods[f"lazy-k{k}"] = Method(f"Lazy K={k}", "Lazy", "lazy", k)
     for k in (10, 20, 40):
@@ -106,7 +143,20 @@ def _methods() -> dict[str, Method]:
 
 
 METHODS = _methods()
-DEFAULT_METHODS = [k for k in METHODS if not k.endswith("horizon")]
+DEFAULT_METHODS = [
+    "maml-k5",
+    "maml-k10",
+    "maml-k20",
+    "fomaml-k10",
+    "fomaml-k20",
+    "fomaml-k40",
+    "brake-k10",
+    "brake-k10-t1",
+    "brake-k10-t3",
+    "lazy-k10",
+    "lazy-k20",
+    "lazy-k40",
+]
 
 
 def learner(key: str, model, inner_lr: float, leap: float, batched: bool = True):
@@ -153,6 +203,45 @@ def mse(model, batch, steps: int, inner_lr: float) -> float | None:
         return None
 
 
+def sharpness(model, batch, iterations: int = PROBE_ITERATIONS, seed: int = 0) -> float | None:
+    """λ_θ: the largest-magnitude eigenvalue of the support loss's Hessian at θ (all parameters),
+    by ``iterations`` steps of power iteration with Hessian-vector products from a fixed random
+    start, its Rayleigh quotient, mean over the tasks of ``batch`` (vmapped, the estimators' own
+    ``FuncObjective.hvp``). SGD on L_S is unstable along its top eigenvector once λ_θ > 2/α. None
+    where it is not finite."""
+    import torch
+    from torch.func import vmap
+
+    from gradcheck import Task
+    from gradcheck.student import Student
+    from lazymaml.derivatives import FuncObjective
+
+    student = Student.read(model, None)
+    theta, untrained = student.theta, student.fresh()
+    (xs, ys), count = batch.support, batch.support[0].shape[0]
+    generator = torch.Generator().manual_seed(seed)
+
+    def product(w, x, y):
+        task = Task((x, y), (x, y), batch.loss)
+        return FuncObjective(student, task, None, checked=False).hvp(theta, untrained, w)
+
+    def dot(a, b):
+        return sum((a[n] * b[n]).reshape(count, -1).sum(1) for n in a)
+
+    def unit(w):
+        norm = dot(w, w).sqrt()
+        return {n: t / norm.view(-1, *[1] * (t.dim() - 1)) for n, t in w.items()}
+
+    with torch.no_grad():
+        u = unit(
+            {n: torch.randn((count, *t.shape), generator=generator, dtype=t.dtype) for n, t in theta.items()}
+        )
+        for _ in range(iterations):
+            u = unit(vmap(product)(u, xs, ys))
+        value = float(dot(u, vmap(product)(u, xs, ys)).mean())
+    return value if math.isfinite(value) else None
+
+
 def checkpoints(outer_steps: int, points: int) -> list[int]:
     """Outer steps at which to evaluate: 0, ``outer_steps`` and about ``points`` in between, half
     spaced geometrically (early progress), half linearly."""
@@ -162,7 +251,9 @@ def checkpoints(outer_steps: int, points: int) -> list[int]:
     return sorted({0, outer_steps} | geometric | linear)
 
 
-def train(key: str, inner_lr: float, leap: float, seed: int, outer_steps: int, held_out, args, progress):
+def train(
+    key: str, inner_lr: float, leap: float, seed: int, outer_steps: int, held_out, args, progress, probe=True
+):
     """Meta-train ``key`` from ``seed``; the model and how training went (the keyword arguments of
     ``SinusoidRun`` that training decides: its learning curve on ``held_out``, after a divergence
     without MSE)."""
@@ -178,13 +269,17 @@ def train(key: str, inner_lr: float, leap: float, seed: int, outer_steps: int, h
     steps = METHODS[key].steps
     seen = hashlib.blake2b(digest_size=16)  # the training tasks, to show every method saw the same
     marks = set(checkpoints(outer_steps, args.curve_points))
+    probes = task_set(TASK_SEEDS["probe"], args.probe_tasks) if probe and args.probe_tasks else None
     curve: list[CurvePoint] = []
-    seconds, losses, step_seconds, diverged = 0.0, [], [], None
+    seconds, probing, losses, step_seconds, diverged = 0.0, 0.0, [], [], None
     for step in range(outer_steps + 1):
         if step in marks:
             error = None if diverged else mse(model, held_out, steps, inner_lr)
             train_mse = statistics.fmean(losses) if losses else None  # since the last point
-            curve.append(CurvePoint(step, seconds, error, train_mse))
+            start = time.perf_counter()
+            top = sharpness(model, probes, args.probe_iterations) if probes and not diverged else None
+            probing += time.perf_counter() - start
+            curve.append(CurvePoint(step, seconds, error, train_mse, top))
             losses = []
         if step == outer_steps or diverged:
             continue
@@ -204,6 +299,7 @@ def train(key: str, inner_lr: float, leap: float, seed: int, outer_steps: int, h
         "curve": tuple(curve),
         "final_mse": curve[-1].mse,
         "train_seconds": seconds,
+        "sharpness_seconds": probing,
         "step_seconds": statistics.median(step_seconds[1:] or step_seconds) if step_seconds else None,
         "diverged": diverged,
         "train_tasks_digest": seen.hexdigest(),
@@ -256,7 +352,7 @@ def job(kind: str, key: str, inner_lr: float, leap: float, seed: int, args, prog
         *((TASK_SEEDS["val"], args.val_tasks) if sweep else (TASK_SEEDS["test"], args.test_tasks))
     )
     outer_steps = args.sweep_steps if sweep else args.outer_steps
-    model, trained = train(key, inner_lr, leap, seed, outer_steps, held_out, args, progress)
+    model, trained = train(key, inner_lr, leap, seed, outer_steps, held_out, args, progress, probe=not sweep)
     measured: dict[str, Any] = {}
     if not sweep:
         measured["graph_bytes_per_task"] = graph_bytes(key)
@@ -373,7 +469,7 @@ def plot_curves(axes, runs: list[SinusoidRun], summary: SinusoidSummary) -> None
     each seed thin, the mean over seeds thick (a gap where a seed diverged)."""
     import matplotlib.pyplot as plt
 
-    colours = dict(zip((r.method for r in summary.rows), plt.get_cmap("tab10").colors))
+    colours = dict(zip((r.method for r in summary.rows), plt.get_cmap("tab20").colors))
     for row in summary.rows:
         mine = [r for r in runs if r.method == row.method]
         for r in mine:
@@ -405,7 +501,7 @@ def plot_memory(ax, summary: SinusoidSummary) -> None:
     """The final MSE (± the 95% interval) against the graph's bytes per task."""
     import matplotlib.pyplot as plt
 
-    colours = dict(zip((r.method for r in summary.rows), plt.get_cmap("tab10").colors))
+    colours = dict(zip((r.method for r in summary.rows), plt.get_cmap("tab20").colors))
     for row in (r for r in summary.rows if math.isfinite(r.mse)):
         ax.errorbar(
             row.graph_bytes_per_task / 1024,
@@ -422,6 +518,36 @@ def plot_memory(ax, summary: SinusoidSummary) -> None:
     ax.legend(fontsize=7)
 
 
+def plot_sharpness(ax, runs: list[SinusoidRun], summary: SinusoidSummary) -> None:
+    """λ_θ (the support Hessian's top eigenvalue at θ, mean over the probe tasks) against the outer
+    step, each seed, with the line 2/α above which K steps of SGD at α are unstable; a seed's line
+    ends where it diverged (×)."""
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip((r.method for r in summary.rows), plt.get_cmap("tab20").colors))
+    for row in summary.rows:
+        for i, r in enumerate(r for r in runs if r.method == row.method):
+            points = [p for p in r.curve if p.sharpness is not None]
+            if not points:
+                continue
+            label = row.label if i == 0 else None
+            ax.plot(
+                [p.step for p in points],
+                [p.sharpness for p in points],
+                color=colours[row.method],
+                lw=1,
+                label=label,
+            )
+            if r.diverged is not None:
+                ax.plot(points[-1].step, points[-1].sharpness, "x", color=colours[row.method])
+    for lr in sorted({r.inner_lr for r in summary.rows}):
+        ax.axhline(2 / lr, color="k", ls="--", lw=1, label=f"2/α = {2 / lr:g}")
+    ax.set(xlabel="outer step", ylabel="λ_θ (top eigenvalue of ∇²L_S at θ)")
+    ax.set(title="sharpness λ_θ on fixed probe tasks")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+
 def plot(runs: list[SinusoidRun], summary: SinusoidSummary, path: Path) -> None:
     """The learning curves (``plot_curves``) and the final MSE against memory (``plot_memory``)."""
     import matplotlib
@@ -429,9 +555,10 @@ def plot(runs: list[SinusoidRun], summary: SinusoidSummary, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     plot_curves(axes, runs, summary)
     plot_memory(axes[2], summary)
+    plot_sharpness(axes[3], runs, summary)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -440,7 +567,8 @@ def plot(runs: list[SinusoidRun], summary: SinusoidSummary, path: Path) -> None:
 def cost(j: tuple) -> float:
     """A sweep or run job's relative cost, to submit the costliest first."""
     method = METHODS[j[1]]
-    return {"maml": 2.5, "first_order": 1.0, "lazy": 1.0}[method.estimator] * method.steps
+    weight = {"maml": 2.5, "maml_hvp": 2.6, "truncated_hvp": 1.3, "first_order": 1.0, "lazy": 1.0}
+    return weight[method.estimator] * method.steps
 
 
 QUICK = {
@@ -453,6 +581,8 @@ QUICK = {
     "val_tasks": 10,
     "test_tasks": 20,
     "curve_points": 6,
+    "probe_tasks": 3,
+    "probe_iterations": 3,
 }
 
 
@@ -482,6 +612,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--val-tasks", type=int, default=300)
     add("--test-tasks", type=int, default=600)
     add("--curve-points", type=int, default=40, help="evaluations per run (plus step 0)")
+    add("--probe-tasks", type=int, default=PROBE_TASKS, help="fixed tasks of the λ_θ probe (0: none)")
+    add("--probe-iterations", type=int, default=PROBE_ITERATIONS, help="power iterations per λ_θ probe")
     return parse_common(parser, argv, QUICK, METHODS)
 
 
@@ -492,14 +624,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     progress = multiprocessing.Manager().Queue()
     grid = [(lr, leap) for lr in args.inner_lrs for leap in args.leaps]
+    if args.sweep_steps == 0 and len(grid) > 1:
+        raise SystemExit("--sweep-steps 0 (no sweep) needs one α and one γ")
     total = len(args.keys) * (len(grid) * args.sweep_steps + args.seeds * args.outer_steps)
     with (
         ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool,
         tqdm(total=total, unit="outer step", desc="sinusoid", smoothing=0.05) as bar,
     ):
         points = [("sweep", k, lr, leap, SWEEP_SEED) for k in args.keys for lr, leap in grid]
-        sweep = pool_map(pool, job, points, args, bar, progress, cost)
-        chosen = {k: best([r for r in sweep if r.method == k]) for k in args.keys}
+        sweep = pool_map(pool, job, points, args, bar, progress, cost) if args.sweep_steps else []
+        chosen = {
+            k: best([r for r in sweep if r.method == k]) if sweep else SweepChoice(*grid[0])
+            for k in args.keys
+        }
         finals = [
             ("run", k, chosen[k].inner_lr, chosen[k].leap, s) for k in args.keys for s in range(args.seeds)
         ]
@@ -517,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep_seed": SWEEP_SEED,
         "deviation_tasks": DEVIATION_TASKS,
         "plateau": PLATEAU,
+        "command": "python benchmarks/sinusoid.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     record = {
         "wall_seconds": time.perf_counter() - started,

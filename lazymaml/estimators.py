@@ -20,6 +20,10 @@ name              g                                                           re
 ``imaml``         g_A = (I + H_AA/λ)⁻¹ v_A, g_B = v_B − H_BA g_A/λ at the      ``lam``,
                   proximal φ_K; (1 − γ) v + γ g                               ``cg_iterations``,
                                                                               ``cg_tol``
+``maml_hvp``      exact MAML as [(1 − γ)I + γ T_0ᵀ…T_{K−1}ᵀ] v: HVPs at the    —
+                  stored student points, T_{K−1}ᵀ first (every point kept)
+``maml_hvp_sqrt`` the same, every ⌈√K⌉-th point kept, the rest recomputed      —
+``truncated_hvp`` ``truncated``'s gradient by the same HVPs (last T steps)     ``horizon``
 ================  =========================================================  =================
 
 Each also has a function with the project's calling convention (the lazy one is
@@ -33,6 +37,7 @@ reference. The maths, derived: ``docs/``.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -64,10 +69,15 @@ __all__ = [
     "imaml",
     "lazy_horizon",
     "maml",
+    "maml_hvp",
+    "maml_hvp_sqrt",
     "register",
     "reptile",
     "run",
+    "sqrt_interval",
+    "stored_point",
     "truncated",
+    "truncated_hvp",
 ]
 
 Result = tuple[Params, Tensor, list[Tensor]]
@@ -311,6 +321,188 @@ for _entry in (
     ),
 ):
     register(_entry)
+
+
+# --- the stored-point product: exact MAML by Hessian-vector products (the brake) -------------
+
+
+Every = int | Callable[[int], int]
+"""A checkpoint interval m ≥ 1, or a function of K giving it (``sqrt_interval``)."""
+
+
+def sqrt_interval(steps: int) -> int:
+    """m = ⌈√K⌉ (at least 1): ⌈K/m⌉ + m ≤ 2⌈√K⌉ + 1 stored points, at most K − ⌈K/m⌉ extra steps."""
+    return math.isqrt(steps - 1) + 1 if steps > 1 else 1
+
+
+def _trajectory(
+    f: Objective, theta: Params, untrained: Params, steps: int, every: int
+) -> tuple[Params, list[Tensor], dict[int, tuple[Params, Params]]]:
+    """The student's ``steps`` SGD steps without a graph; every ``every``-th point φ_k (k = 0, m,
+    2m, …) is kept with a copy of the untrained tensors as step k found them."""
+    phi, losses, kept = dict(theta), [], {}
+    for k in range(steps):
+        if k % every == 0:
+            kept[k] = (phi, {n: t.clone() for n, t in untrained.items()})
+        phi, loss = f.descend(phi, untrained, 1, first=k)
+        losses += loss
+    return phi, losses, kept
+
+
+def _segment(
+    f: Objective, start: tuple[Params, Params], first: int, count: int
+) -> list[tuple[Params, Params]]:
+    """The points φ_first … φ_{first+count−1} (each with its untrained tensors), recomputed from
+    the checkpoint ``start`` = (φ_first, u_first) by the same SGD steps as the forward sweep."""
+    phi, untrained = start[0], {n: t.clone() for n, t in start[1].items()}
+    points = []
+    for k in range(first, first + count):
+        points.append((phi, {n: t.clone() for n, t in untrained.items()}))
+        if k < first + count - 1:
+            phi, _ = f.descend(phi, untrained, 1, first=k)
+    return points
+
+
+def _reverse_task(f: Objective, theta: Params, untrained: Params, every: Every, last: int | None) -> Result:
+    """g = (1 − γ) v + γ T_{K−T}ᵀ … T_{K−1}ᵀ v with T_kᵀ w = w − α ∇_φ⟨E_A∇L_S(φ_k), w⟩, applied
+    T_{K−1}ᵀ first at the stored (or recomputed) points; T = ``last`` (None: all K, exact MAML)."""
+    loop = f.loop
+    assert loop is not None
+    steps = loop.steps
+    horizon = steps if last is None else last
+    m = every(steps) if callable(every) else every
+    phi, losses, kept = _trajectory(f, theta, untrained, steps, m)
+    v, loss = f.query_gradient(apply_leap(theta, phi, loop.leap), untrained)
+    w = {n: loop.leap * t for n, t in v.items()}
+    first = steps - horizon  # the first differentiated step; those before it count as I
+    for start in sorted((c for c in kept if c + m > first), reverse=True):
+        begin = max(start, first)
+        points = _segment(f, kept[start], start, min(start + m, steps) - start)[begin - start :]
+        for point, state in reversed(points):
+            h = f.hvp(point, state, w)
+            w = {n: w[n] - loop.inner_lr * h[n] for n in w}
+    if loop.leap == 1:
+        return w, loss, losses
+    return {n: (1 - loop.leap) * v[n] + w[n] for n in v}, loss, losses
+
+
+def stored_point(checkpoint_every: Every = 1, horizon: bool = False, name: str | None = None) -> Estimator:
+    """The stored-point product as an :class:`Estimator`: exact MAML (SGD student) by reverse
+    accumulation of Hessian-vector products at the student's own points, one support-gradient
+    graph at a time. ``checkpoint_every`` = m keeps every m-th point and recomputes the others
+    from the nearest kept one (O(K/m + m) parameter copies for ≤ K extra steps); ``horizon``: it
+    reads ``horizon`` = T and differentiates the last T steps only (the truncated gradient).
+
+    The registry holds ``maml_hvp`` (m = 1), ``maml_hvp_sqrt`` (m = ⌈√K⌉) and ``truncated_hvp``
+    (m = 1, T = ``horizon``); this builds any other m (for ``MetaLearner(estimator=...)``, which
+    takes an :class:`Estimator` as well as a name). m is fixed per entry because
+    :class:`~gradcheck.settings.InnerLoop` has no field for it.
+    """
+    if not callable(checkpoint_every) and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(
+            f"checkpoint_every must be an integer ≥ 1 or a function of K, got {checkpoint_every!r}"
+        )
+
+    def per_task(f: Objective, theta: Params, untrained: Params) -> Result:
+        assert f.loop is not None
+        return _reverse_task(f, theta, untrained, checkpoint_every, f.loop.truncation if horizon else None)
+
+    every = getattr(checkpoint_every, "__name__", checkpoint_every)
+    label = name or f"maml_hvp_every{every}" + ("_truncated" if horizon else "")
+    summary = (
+        f"the stored-point product: {'truncated' if horizon else 'exact'} MAML by HVPs at the "
+        f"student's points, checkpoint interval {every}"
+    )
+    return Estimator(
+        label,
+        per_task,
+        summary,
+        optimizers=("sgd",),
+        reads=frozenset({"horizon"}) if horizon else frozenset(),
+        configure=None if horizon else _all_steps,
+    )
+
+
+for _entry in (
+    stored_point(1, name="maml_hvp"),
+    stored_point(sqrt_interval, name="maml_hvp_sqrt"),
+    stored_point(1, horizon=True, name="truncated_hvp"),
+):
+    register(_entry)
+
+
+def maml_hvp(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+) -> Params:
+    """Exact MAML (SGD student) by reverse HVPs at the K stored student points: the same
+    gradient as :func:`maml`, with one step's autograd graph and K parameter copies."""
+    return _call(
+        "maml_hvp",
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        inner_optimizer=inner_optimizer,
+    )
+
+
+def maml_hvp_sqrt(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+) -> Params:
+    """:func:`maml_hvp` keeping every ⌈√K⌉-th point and recomputing the others (≤ 2⌈√K⌉ + 1
+    parameter copies, fewer than K extra student steps)."""
+    return _call(
+        "maml_hvp_sqrt",
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        inner_optimizer=inner_optimizer,
+    )
+
+
+def truncated_hvp(
+    model: nn.Module,
+    task_or_tasks: Tasks,
+    steps: int,
+    inner_lr: float,
+    *,
+    adapt: Adapt = None,
+    leap: float = 1.0,
+    inner_optimizer: InnerOptimizer = "sgd",
+    horizon: int | None = None,
+) -> Params:
+    """:func:`truncated`'s gradient (the last T = ``horizon`` steps; default all K) by reverse
+    HVPs at the T stored points instead of their unrolled graphs."""
+    return _call(
+        "truncated_hvp",
+        model,
+        task_or_tasks,
+        steps,
+        inner_lr,
+        adapt=adapt,
+        leap=leap,
+        inner_optimizer=inner_optimizer,
+        horizon=horizon,
+    )
 
 
 # --- the calling convention ----------------------------------------------------------------

@@ -232,10 +232,11 @@ def test_sinusoid_memory_and_deviation_from_maml(sine):
     record, _, _ = sine
     graph = {r["method"]: r["graph_bytes_per_task"] for r in record["runs"]}
     assert len({graph[f"lazy-k{k}"] for k in (10, 20, 40)}) == 1
-    assert graph["maml-k5"] > graph["maml-k1"] > graph["fomaml-k5"]
+    assert graph["maml-k10"] > graph["maml-k5"] > graph["lazy-k10"] > graph["fomaml-k10"]
+    assert graph["brake-k10"] == graph["brake-k10-t3"] == graph["lazy-k10"]  # one step's graph
     for r in record["runs"]:
-        if r["method"].startswith("maml"):
-            assert r["deviation_from_maml"] <= 1e-12  # the same estimator as the oracle: rounding
+        if sinusoid.METHODS[r["method"]].estimator in ("maml", "maml_hvp"):
+            assert r["deviation_from_maml"] <= 1e-12  # exact MAML (unrolled or by HVPs): rounding
         elif not r["diverged"]:
             assert r["deviation_from_maml"] > 1e-3  # K > 1 with curvature: never exact
 
@@ -412,6 +413,10 @@ def test_loaders_read_every_committed_results_file_back_to_its_json():
     def strict(data):  # what the file holds, with divergences in the current form
         for r in [*data["runs"], *data["sweep"]]:
             r["diverged"] = common.plain(common.Divergence.from_json(r["diverged"]))
+            if "curve" in r and "sharpness_seconds" not in r:  # a sinusoid file from before λ_θ
+                r["sharpness_seconds"] = 0.0
+                for point in r["curve"]:
+                    point["sharpness"] = None
         return data
 
     for name, load in (
@@ -420,6 +425,8 @@ def test_loaders_read_every_committed_results_file_back_to_its_json():
         ("sinusoid.json", records.load_sinusoid),
         ("sinusoid-quick.json", records.load_sinusoid),
         ("sinusoid-lazy-alpha0.003/sinusoid.json", records.load_sinusoid),
+        ("sinusoid-brake/sinusoid.json", records.load_sinusoid),
+        ("sinusoid-brake-long/sinusoid.json", records.load_sinusoid),
     ):
         data = json.loads((RESULTS / name).read_text())
         loaded = load(name)
@@ -472,3 +479,86 @@ def test_analysis_of_the_committed_results():
     assert "equal steps: MAML K=1: nothing to compare" in headlines[1]
     assert headlines[3].endswith("Lazy K=40 is worse (intervals apart)")  # a lower MSE is better
     assert analysis.ci(math.inf, math.nan) == "diverged" and analysis.ci(0.5, math.nan) == "0.50 ± ?"
+
+
+def test_sinusoid_tracks_sharpness_on_every_run_outside_its_time(sine):
+    record, _, _ = sine
+    for r in record["runs"]:
+        tracked = [p["sharpness"] for p in r["curve"] if p["mse"] is not None]
+        assert tracked and all(t is not None and t > 0 for t in tracked)
+        assert r["sharpness_seconds"] > 0
+    assert all(p["sharpness"] is None for r in record["sweep"] for p in r["curve"])  # runs only
+
+
+def test_sinusoid_sharpness_is_the_top_eigenvalue_of_the_support_hessian():
+    """λ_θ by power iteration against the dense Hessian's eigenvalues, per task, in float64."""
+    from torch.func import functional_call
+
+    from gradcheck import problems
+
+    torch.manual_seed(1)
+    model = problems.mlp((6, 6), torch.nn.Tanh).double()
+    batch = sinusoid.task_set(sinusoid.TASK_SEEDS["probe"], 3)
+    batch = type(batch)(
+        *(tuple(t.double() for t in part) for part in (batch.support, batch.query)), batch.loss
+    )
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def support(vector, i):
+        tensors = dict(
+            zip(names, (t.view(s) for t, s in zip(vector.split([s.numel() for s in shapes]), shapes)))
+        )
+        xs, ys = batch.support
+        return batch.loss(functional_call(model, tensors, (xs[i],)), ys[i])
+
+    tops = []
+    for i in range(3):
+        eigenvalues = torch.linalg.eigvalsh(
+            torch.autograd.functional.hessian(lambda v, i=i: support(v, i), theta)
+        )
+        tops.append(eigenvalues[eigenvalues.abs().argmax()].item())
+    got = sinusoid.sharpness(model, batch, iterations=300)
+    assert got == pytest.approx(sum(tops) / 3, rel=1e-6)
+    assert sinusoid.sharpness(model, batch, iterations=300, seed=5) == pytest.approx(got, rel=1e-6)
+
+
+def test_sinusoid_without_a_sweep_trains_the_one_grid_point(tmp_path):
+    args = ["--quick", "--out", str(tmp_path), "--sweep-steps", "0", "--inner-lrs", "0.01", "--leaps", "1"]
+    args += ["--methods", "fomaml-k10", "brake-k10-t1", "--seeds", "1", "--probe-tasks", "0"]
+    assert sinusoid.main([*args, "--workers", "1"]) == 0
+    record = json.loads((tmp_path / "sinusoid-quick.json").read_text())
+    assert record["sweep"] == [] and record["settings"]["command"].endswith("--workers 1")
+    assert {(r["method"], r["inner_lr"], r["leap"]) for r in record["runs"]} == {
+        ("fomaml-k10", 0.01, 1.0),
+        ("brake-k10-t1", 0.01, 1.0),
+    }
+    assert all(p["sharpness"] is None for r in record["runs"] for p in r["curve"])  # --probe-tasks 0
+    with pytest.raises(SystemExit):
+        sinusoid.main(["--quick", "--out", str(tmp_path), "--sweep-steps", "0"])  # a grid of 4 points
+
+
+def test_brake_cost_quick(tmp_path):
+    import brake_cost
+
+    assert brake_cost.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "brake_cost-quick.json").read_text())["rows"]
+    assert {(r["network"], r["K"], r["estimator"]) for r in rows} == {
+        (n, k, e) for n in ("sinusoid", "conv") for k in (2, 4) for e in brake_cost.ESTIMATORS
+    }
+    at = {(r["network"], r["K"], r["estimator"]): r for r in rows}
+    for n in ("sinusoid", "conv"):
+        for k in (2, 4):
+            lazy, brake = at[n, k, "lazy"], at[n, k, "maml_hvp"]
+            assert brake["graph_bytes"] == at[n, k, "maml_hvp_sqrt"]["graph_bytes"] == lazy["graph_bytes"]
+            assert brake["stored_bytes"] == k * brake["parameter_bytes"] and lazy["stored_bytes"] == 0
+            assert lazy["time_vs_lazy"] == 1.0 and all(
+                at[n, k, e]["seconds"] > 0 for e in brake_cost.ESTIMATORS
+            )
+        assert (
+            at[n, 4, "maml"]["graph_bytes"]
+            > at[n, 2, "maml"]["graph_bytes"]
+            > at[n, 2, "lazy"]["graph_bytes"]
+        )
+    assert brake_cost.stored_points("maml_hvp_sqrt", 40) == 6 + 7  # m = 7: 6 checkpoints + 7 recomputed

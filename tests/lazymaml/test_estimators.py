@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import lazymaml
 import lazymaml.report
-from gradcheck import Task, compare, oracle, validate
+from gradcheck import Task, compare, finite_differences, oracle, validate
 from gradcheck.settings import InnerLoop
 from gradcheck.student import apply_leap
 from lazymaml.estimators import (
@@ -26,6 +26,8 @@ from lazymaml.estimators import (
     register,
     reptile,
     run,
+    sqrt_interval,
+    stored_point,
     truncated,
 )
 from tests.helpers import (
@@ -275,3 +277,141 @@ def test_exact_maml_with_an_adam_student_is_the_oracle():
     got = as_function("maml")(model, task, 4, 0.05, inner_optimizer="adam", leap=0.7)
     want = oracle.meta_gradient(model, task, 4, 0.05, inner_optimizer="adam", leap=0.7)
     compare(got, want).assert_close(RTOL, ATOL)
+
+
+# --- the stored-point product (the brake): maml_hvp, maml_hvp_sqrt, truncated_hvp -------------
+
+
+def _learn(model, tasks, steps, inner_lr, batched, **options):
+    """p.grad after one meta_backward on a copy of ``model``."""
+    model = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lazymaml.SequentialFallback)  # batched=True must batch
+        lazymaml.MetaLearner(model, steps, inner_lr, batched=batched, **options).meta_backward(tasks)
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@given(
+    problem=mlp_problems(),
+    steps=st.integers(0, 7),
+    inner_lr=st.floats(0.01, 0.3),
+    leap=st.floats(0.1, 1.0),
+    adapt=st.sampled_from([None, "head", "body"]),
+    name=st.sampled_from(["maml_hvp", "maml_hvp_sqrt"]),
+)
+def test_stored_point_product_is_the_oracle(problem, steps, inner_lr, leap, adapt, name):
+    model, task = problem
+    want = oracle.meta_gradient(model, task, steps, inner_lr, adapt=adapt, leap=leap)
+    got = as_function(name)(model, task, steps, inner_lr, leap=leap, adapt=adapt)
+    compare(got, want).assert_close(RTOL, ATOL)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 4, 7, 9, sqrt_interval])
+@pytest.mark.parametrize(("adapt", "leap"), [(None, 1.0), ("head", 0.6), ("body", 0.8)])
+def test_every_checkpoint_interval_is_the_oracle(every, adapt, leap):
+    model, task = mlp([2, 5, 5, 1], "softplus", seed=3), regression_task(4)
+    want = oracle.meta_gradient(model, task, 7, 0.15, adapt=adapt, leap=leap)
+    got = run(stored_point(every), model, task, InnerLoop(7, 0.15, leap, adapt=adapt))
+    compare(got, want).assert_close(RTOL, ATOL)
+
+
+def test_stored_point_product_through_conv_batchnorm_is_the_oracle():
+    model, task = conv_bn().train(), image_task()
+    for name in ("maml_hvp", "maml_hvp_sqrt"):
+        got = as_function(name)(model, task, 4, 0.2, adapt="body", leap=0.7)
+        compare(got, oracle.meta_gradient(model, task, 4, 0.2, adapt="body", leap=0.7)).assert_close(
+            RTOL, ATOL
+        )
+
+
+@pytest.mark.parametrize(
+    ("steps", "want"), [(1, 1), (2, 2), (4, 2), (5, 3), (9, 3), (10, 4), (16, 4), (17, 5)]
+)
+def test_sqrt_interval_is_the_ceiling_of_the_root(steps, want):
+    assert sqrt_interval(steps) == want
+
+
+@pytest.mark.parametrize("horizon", [0, 1, 2, 4])
+def test_truncated_hvp_is_the_truncated_definition(horizon):
+    model, task = mlp([2, 5, 5, 1], "softplus"), regression_task()
+    want = reference_meta_gradient(model, task, 4, 0.2, leap=0.6, adapt="head", horizon=horizon)
+    got = as_function("truncated_hvp")(model, task, 4, 0.2, leap=0.6, adapt="head", horizon=horizon)
+    compare(got, want).assert_close(RTOL, ATOL)
+    compare(got, truncated(model, task, 4, 0.2, leap=0.6, adapt="head", horizon=horizon)).assert_close(
+        RTOL, ATOL
+    )
+
+
+@pytest.mark.parametrize("adapt", [None, "head", "body"])
+def test_stored_point_product_at_one_step_is_lazy(adapt):
+    """K = 1: [(1 − γ)I + γ T_0ᵀ] v = v − γα H_0 E_A v, the lazy gradient with η = γα."""
+    model, task = mlp([2, 5, 5, 1], "softplus"), regression_task()
+    want = lazymaml.meta_gradient(model, task, 1, 0.3, leap=0.4, adapt=adapt)
+    compare(as_function("maml_hvp")(model, task, 1, 0.3, leap=0.4, adapt=adapt), want).assert_close(
+        RTOL, ATOL
+    )
+
+
+def test_stored_point_product_passes_finite_differences_of_its_own_definition():
+    model, task = mlp([2, 6, 6, 1], "tanh", seed=5), regression_task(7)
+    g = as_function("maml_hvp_sqrt")(model, task, 6, 0.2, leap=0.7, adapt="body")
+    finite_differences.check(g, model, task, 6, 0.2, leap=0.7, adapt="body", directions=6).assert_close()
+    wrong = as_function("maml_hvp")(model, task, 5, 0.2, leap=0.7, adapt="body")  # one step short
+    report = finite_differences.check(wrong, model, task, 6, 0.2, leap=0.7, adapt="body", directions=6)
+    assert not report.ok()
+    with pytest.raises(AssertionError):
+        report.assert_close()
+
+
+@pytest.mark.parametrize("name", ["maml_hvp", "maml_hvp_sqrt", "truncated_hvp"])
+@pytest.mark.parametrize("adapt", [None, "body"])
+def test_stored_point_product_batched_is_sequential(name, adapt):
+    model = mlp([2, 5, 5, 1], "softplus", seed=2)
+    tasks = Task.stack([regression_task(10 + i) for i in range(3)])
+    options = dict(
+        estimator=name, leap=0.7, adapt=adapt, **({"horizon": 2} if name == "truncated_hvp" else {})
+    )
+    batched = _learn(model, tasks, 5, 0.2, True, **options)
+    sequential = _learn(model, tasks, 5, 0.2, False, **options)
+    compare(batched, sequential).assert_close(1e-12, 1e-15)
+    if name != "truncated_hvp":
+        compare(
+            batched, oracle.meta_gradient(model, list(tasks), 5, 0.2, leap=0.7, adapt=adapt)
+        ).assert_close(RTOL, ATOL)
+
+
+def test_stored_point_product_refuses_what_it_cannot_differentiate():
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        stored_point(0)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        stored_point(1.5)
+    with pytest.raises(ValueError, match="adam"):
+        as_function("maml_hvp")(mlp([2, 3, 1]), regression_task(), 3, 0.1, inner_optimizer="adam")
+
+
+@pytest.mark.parametrize("steps", [2, 8])
+def test_stored_point_product_keeps_one_steps_graph(steps):
+    """The graph is one support gradient's, whatever K (the lazy estimator's), while the unroll's
+    grows with K; the stored points are parameter copies, outside the graph."""
+    from gradcheck.memory import SavedTensorMeter
+
+    model, task = mlp([2, 16, 16, 1], "tanh"), regression_task()
+
+    def peak(name):
+        with SavedTensorMeter() as meter:
+            as_function(name)(model, task, steps, 0.1)
+        return meter.peak
+
+    assert peak("maml_hvp") == peak("maml_hvp_sqrt") == peak("lazy") > 0
+    assert peak("maml") > (steps - 1) * peak("maml_hvp") / 2
+
+
+def test_stored_point_functions_follow_the_calling_convention():
+    model, task = mlp([2, 5, 5, 1], "softplus", seed=4), regression_task(3)
+    exact = lazymaml.estimators.maml(model, task, 4, 0.2, adapt="head", leap=0.6)
+    for fn in (lazymaml.estimators.maml_hvp, lazymaml.estimators.maml_hvp_sqrt):
+        compare(fn(model, task, 4, 0.2, adapt="head", leap=0.6), exact).assert_close(RTOL, ATOL)
+    compare(
+        lazymaml.estimators.truncated_hvp(model, task, 4, 0.2, leap=0.6, horizon=2),
+        truncated(model, task, 4, 0.2, leap=0.6, horizon=2),
+    ).assert_close(RTOL, ATOL)
