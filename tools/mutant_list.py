@@ -1302,7 +1302,8 @@ MUTANTS = [
         "brake-truncated-start",
         "lazymaml/estimators.py",
         "    first = steps - horizon  # the first differentiated step; those before it count as I\n",
-        "    first = steps - horizon - 1 if horizon < steps else 0  # the first differentiated step; those before it count as I\n",
+        "    first = steps - horizon - 1 if horizon < steps else 0"
+        "  # the first differentiated step; those before it count as I\n",
         "the truncated brake differentiates one step too many",
         (f"{LM}/test_estimators.py",),
     ),
