@@ -4,7 +4,8 @@ Three defects of the PyPI release are handled here or in :mod:`gradcheck.oracle`
 
 * its modules emit ``SyntaxWarning`` (``is`` with a literal, invalid escape sequences) when
   Python compiles them; only those two messages are silenced, and only while importing it;
-* its ``DifferentiableAdam`` adds ε to √v before the bias correction (ε·√(1−β₂ᵗ) in effect) and
+* its ``DifferentiableAdam`` adds ε to √v before the bias correction (in torch's form, an ε of
+  ε/√(1−β₂ᵗ)) and
   so follows a different trajectory from ``torch.optim.Adam``; :class:`DifferentiableAdam`
   below is a faithful replacement (also of ``AdamW``, which higher lacks), used directly and never
   registered globally, so a user's own ``higher`` code is left as it was; :class:`DifferentiableSgd`

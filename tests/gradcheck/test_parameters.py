@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from gradcheck.parameters import Functional, copies, flat, resolve_adapt, trainable, unflat
+from gradcheck.state import preserved
 from tests.helpers import F64, assert_same_state, conv_bn, model_state, stats_net
 
 
@@ -148,3 +149,34 @@ def test_sequential_with_ten_and_more_layers():
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])
     assert resolve_adapt(model, ["1"]) == ("1.weight", "1.bias")
     assert resolve_adapt(model, "head") == ("10.weight", "10.bias")
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(1, 1, bias=False).double()
+        self.b = self.a  # one submodule, registered under two names
+
+    def forward(self, x):
+        return self.a(x) + 10 * self.b(x)
+
+
+def test_torch_functional_call_on_a_module_registered_twice_leaves_the_passed_tensor_behind():
+    """A torch 2.13 defect, pinned: ``torch.func.functional_call`` on a submodule registered under
+    two names does not put the module's own parameter back afterwards — the model keeps the
+    tensor it was called with. (If a torch upgrade fixes it, this test fails: the pin is then
+    obsolete.) Every entry point here runs under ``gradcheck.state.preserved``, which restores
+    registrations: the model-kind table's "submodule registered twice" row checks that."""
+    model = _Twice()
+    with torch.no_grad():
+        model.a.weight.fill_(1.0)
+    original = model.a.weight
+    x = torch.ones(1, 1, dtype=torch.float64)
+    out = torch.func.functional_call(model, {"a.weight": torch.full((1, 1), 2.0, dtype=torch.float64)}, (x,))
+    assert out.item() == 22.0
+    assert model.a.weight is not original and model.a.weight.item() == 2.0  # the defect
+    model = _Twice()
+    before = model_state(model)
+    with preserved(model):
+        Functional(model, {"a.weight": torch.full((1, 1), 3.0, dtype=torch.float64)})(x)
+    assert_same_state(before, model_state(model))
