@@ -1424,8 +1424,8 @@ MUTANTS = [
     Mutant(
         "guard-values",
         "gradcheck/state.py",
-        "or not all(torch.equal(self._flat(m), self.values[key]) for key, m in self.groups.items())",
-        "or False",
+        "return all(torch.equal(self._flat(m), flat) for m, flat in self.groups) and all(",
+        "return True and all(",
         "an in-place write to a parameter or buffer left in the model",
         (
             f"{GC}/test_state.py",
