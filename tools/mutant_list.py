@@ -750,6 +750,22 @@ MUTANTS = [
     ),
     # gradcheck/memory.py
     Mutant(
+        "snapshot-copies-misplaced",
+        "gradcheck/state.py",
+        "                offset += tensors[i].numel()\n",
+        "                offset += 0\n",
+        "every copy a view of its group's first tensor: restore writes the wrong values",
+        (f"{GC}/test_state.py",),
+    ),
+    Mutant(
+        "preserved-never-restores",
+        "gradcheck/state.py",
+        "        if snapshot.changed():\n",
+        "        if False:\n",
+        "preserved trusts that nothing changed",
+        (f"{GC}/test_state.py",),
+    ),
+    Mutant(
         "meter-never-releases",
         "gradcheck/memory.py",
         "        self.meter.live -= self.nbytes",
