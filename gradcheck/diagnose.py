@@ -383,14 +383,14 @@ def _eta_hint(found: float, loop: InnerLoop) -> str:
     )
 
 
-def _scale_hint(scale: float, tasks: int, inner_lr: float) -> str:
+def _scale_hint(scale: float, tasks: int, inner_lr: float | None) -> str:
     if tasks > 1 and _near(scale, tasks):
         return f"the sum over the {tasks} tasks instead of their mean"
     if tasks > 1 and _near(scale, 1 / tasks):
         return f"divided by the number of tasks ({tasks}) once too often"
     if _near(scale, -1.0):
         return "the sign is flipped (the loss negated, or a step up the meta-gradient)"
-    if _near(scale, inner_lr) or _near(scale, 1 / inner_lr):
+    if inner_lr is not None and (_near(scale, inner_lr) or _near(scale, 1 / inner_lr)):
         return "a stray factor of the inner learning rate"
     return ""
 
@@ -595,7 +595,7 @@ def _hypotheses(
             "scaled",
             f"{s:.6g} × {name}",
             f"the candidate is {s:.6f} × {name} (cosine {report.overall.cosine:.7f})",
-            _scale_hint(s, len(reference.tasks), loop.inner_lr),
+            _scale_hint(s, len(reference.tasks), None if loop.learned else loop.lr("the scale hint")),
             scale=s,
         )
     lazy = "jacobian_step" in reference.varies
@@ -628,8 +628,8 @@ def _hypotheses(
             if steps == 1 and lazy:
                 hint = _ONE_STEP_HINT
             yield _Hypothesis("steps", f"K = {steps}", detail, hint, {"steps": steps})
-    if lazy and loop.steps > 0 and loop.leap * loop.inner_lr <= 1:
-        fraction = loop.leap * loop.inner_lr
+    if lazy and not loop.learned and loop.steps > 0 and loop.leap * loop.lr("the leap hypothesis") <= 1:
+        fraction = loop.leap * loop.lr("the leap hypothesis")
         yield _Hypothesis(
             "leap",
             f"γ′ = γα = {fraction!r} at η = {loop.eta!r}",
@@ -656,10 +656,10 @@ def _hypotheses(
             )
 
     # α in log space (α′ > 0), probing α's float32 rounding first
-    lr = loop.inner_lr
+    lr = 1.0 if loop.learned else loop.lr("the step-size hypothesis")
     at_lr = lambda x: vector(reference(loop.replace(inner_lr=lr * math.exp(x))))  # noqa: E731
     probe, bounds = math.log(_float32(lr) / lr) or 1e-3, (-math.log(1e3), math.log(1e3))
-    for x in _secant(at_lr, c, (0.0, g), probe, bounds, 1.0):
+    for x in () if loop.learned else _secant(at_lr, c, (0.0, g), probe, bounds, 1.0):
         value = lr * math.exp(x)
         detail = (
             f"the candidate's inner step size is α′ = {value!r}, not {lr!r} (relative {value / lr - 1:+.2e})"

@@ -78,17 +78,18 @@ confused with the machine epsilon ε above.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .models import common_random_numbers, conventions, refuse_unsupported
-from .parameters import Adapt, flat, trainable, unflat
+from .parameters import Adapt, flat, unflat
+from .rates import coordinates
 from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
-from .student import QUERY_LOSS, Student, checked_loss, converted
+from .student import Student, converted
 from .task import Tasks, as_tasks
 from .tolerances import default_rtol
 
@@ -104,56 +105,85 @@ def meta_objective(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
+    per_step_lr: bool = False,
+    query_weights: Sequence[float] | None = None,
+    step_kwarg: str | None = None,
 ) -> tuple[Callable[[Tensor], float], Tensor]:
-    """F as a function of the flat float64 vector of trainable parameters, and θ as that vector.
+    """F as a function of the flat float64 vector of its coordinates — the trainable parameters,
+    then the learned rates that are not parameters (:mod:`gradcheck.rates`) — and their values.
 
-    F(θ) is the mean over tasks of L_Q(φ_T(θ)). The model's tensors are copied in float64, and
-    so is the data of a model that is not float64 already; a closure task cannot be converted,
-    so it is accepted only with a float64 model (build its data in float64).
+    F is the mean over tasks of L_Q(φ_T), or of Σ_k w_k L_Q(φ_{k+1}) for ``query_weights``. The
+    model's tensors are copied in float64, and so is the data of a model that is not float64
+    already; a closure task cannot be converted, so it is accepted only with a float64 model
+    (build its data in float64).
     """
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt)
+    loop = _loop(steps, inner_lr, leap, inner_optimizer, adapt, per_step_lr, query_weights, step_kwarg)
     return _objective(model, task_or_tasks, loop)
+
+
+def _loop(
+    steps: int,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
+    leap: float,
+    inner_optimizer: InnerOptimizer,
+    adapt: Adapt,
+    per_step_lr: bool,
+    query_weights: Sequence[float] | None,
+    step_kwarg: str | None,
+) -> InnerLoop:
+    weights = None if query_weights is None else tuple(query_weights)
+    return InnerLoop(
+        steps,
+        inner_lr,  # type: ignore[arg-type]  # InnerLoop normalises a tensor or mapping to Rates
+        leap,
+        inner_optimizer,
+        adapt=adapt,
+        per_step_lr=per_step_lr,
+        query_weights=weights,
+        step_kwarg=step_kwarg,
+    )
 
 
 def _objective(
     model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop
 ) -> tuple[Callable[[Tensor], float], Tensor]:
-    """:func:`meta_objective` under the settings ``loop`` (steps, inner_lr, leap, inner_optimizer,
-    adapt; F has no first-order variant)."""
+    """:func:`meta_objective` under the settings ``loop`` (every field but first_order: F has
+    no first-order variant)."""
     tasks = as_tasks(task_or_tasks)
     refuse_unsupported(model, tasks, by="finite differences")
-    student = Student.read(model, loop.adapt, torch.float64)
+    student = Student.read(model, dtype=torch.float64, loop=loop)
     tasks = converted(tasks, model, torch.float64, "finite differences")
-    theta = student.theta
+    coordinates = student.coordinates
 
     def objective(x: Tensor) -> float:
-        start = unflat(x, theta)
+        start = unflat(x, coordinates)
         with preserved(model):
             total = 0.0
             for task in tasks:  # every task from the same seeded generator state: fixed Dropout masks
                 with common_random_numbers(model):
-                    phi_t, untrained = student.teacher(task, loop, start=start)
-                    loss = task.query_loss(student.at(phi_t, untrained))
-                total += checked_loss(loss, QUERY_LOSS).item()
+                    total += student.objective(task, loop, start=start)
         return total / len(tasks)
 
-    return objective, flat(theta)
+    return objective, flat(coordinates)
 
 
 def meta_gradient(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
+    per_step_lr: bool = False,
+    query_weights: Sequence[float] | None = None,
+    step_kwarg: str | None = None,
     step: float = 1e-6,
     max_parameters: int = 20_000,
 ) -> dict[str, Tensor]:
@@ -162,11 +192,12 @@ def meta_gradient(
     :data:`gradcheck.tolerances.COORDINATEWISE`.
 
     Costs 2n evaluations of F (each K + 1 forward/backward passes per task): meant for small
-    models; above ``max_parameters`` use :func:`check`.
+    models; above ``max_parameters`` use :func:`check`. Learned rates are coordinates too
+    (keyed as the oracle keys them).
     """
     refuse_unsupported(model, as_tasks(task_or_tasks), by="finite differences")
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt)
-    theta = trainable(model)
+    loop = _loop(steps, inner_lr, leap, inner_optimizer, adapt, per_step_lr, query_weights, step_kwarg)
+    theta = _coordinates(model, loop)
     n = sum(p.numel() for p in theta.values())
     if n > max_parameters:
         raise ValueError(
@@ -375,13 +406,19 @@ class DirectionalReport:
         )
 
 
+def _coordinates(model: nn.Module, loop: InnerLoop) -> dict[str, Tensor]:
+    """F's coordinates on the model: θ, then the learned rates that are not parameters."""
+    return coordinates(model, loop.adapt, loop.inner_lr, loop.steps)[0]
+
+
 def _as_vector(gradient: Mapping[str, Tensor], theta: Mapping[str, Tensor]) -> Tensor:
     missing = [n for n in theta if n not in gradient]
     unexpected = [n for n in gradient if n not in theta]
     wrong = [n for n in theta if n in gradient and gradient[n].shape != theta[n].shape]
     if missing or unexpected or wrong:
         raise ValueError(
-            "gradient does not match the model's trainable parameters: "
+            "gradient does not match the meta-objective's coordinates (the trainable parameters "
+            "and any learned rates): "
             f"missing {missing}, unexpected {unexpected}, wrong shape {wrong}"
         )
     return flat(gradient[n].detach().to("cpu", torch.float64) for n in theta)
@@ -392,11 +429,14 @@ def check(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
+    per_step_lr: bool = False,
+    query_weights: Sequence[float] | None = None,
+    step_kwarg: str | None = None,
     directions: int = 8,
     seed: int = 0,
     step: float = 1e-6,
@@ -412,9 +452,8 @@ def check(
     if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
         raise ValueError(f"directions must be a positive integer, got {directions!r}")
     refuse_unsupported(model, as_tasks(task_or_tasks), by="finite differences")
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt)
-    theta = trainable(model)
-    g = _as_vector(gradient, theta)
+    loop = _loop(steps, inner_lr, leap, inner_optimizer, adapt, per_step_lr, query_weights, step_kwarg)
+    g = _as_vector(gradient, _coordinates(model, loop))
     rtol = default_rtol(gradient) if rtol is None else rtol
     objective, x0 = _objective(model, task_or_tasks, loop)
     generator = torch.Generator().manual_seed(seed)

@@ -30,7 +30,7 @@ left as it was.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,10 +38,11 @@ from torch import Tensor, nn
 from ._higher import DIFFERENTIABLE, higher
 from .models import common_random_numbers, hooks, refuse_unsupported
 from .optim import InnerUpdate
-from .parameters import Adapt, dense, resolve_adapt, task_mean, trainable
+from .parameters import Adapt, dense, task_mean, trainable
+from .rates import Schedule, coordinates
 from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
-from .student import QUERY_LOSS, checked_loss, support_loss_at
+from .student import QUERY_LOSS, checked_loss, query_loss_at, support_loss_at
 from .task import TaskLike, Tasks, as_tasks
 
 __all__ = ["meta_gradient"]
@@ -82,7 +83,7 @@ def _task_gradient(
     fmodel = higher.monkeypatch(root, copy_initial_weights=False, track_higher_grads=True)
     start = fmodel.fast_params
     optimizer = differentiable_class(
-        optimizer_class([theta[n] for n in adapted], lr=loop.inner_lr, **spec.options()),
+        optimizer_class([theta[n] for n in adapted], lr=loop.lr("the oracle"), **spec.options()),
         list(root.parameters()),
         fmodel=fmodel,
         track_higher_grads=True,
@@ -102,44 +103,68 @@ def _unrolled(
     loop: InnerLoop,
     theta: Mapping[str, Tensor],
     adapted: tuple[str, ...],
+    schedule: Schedule | None = None,
 ) -> list[Tensor | None]:
     """:func:`_task_gradient` without ``higher``: the inner loop over ``functional_call``, which
     runs the model's hooks, stepped by the pure update of the inner optimizer's spec (the same
     :mod:`gradcheck.optim` functions higher's differentiable optimizers call, with the same
-    options); first-order treats every inner gradient as a constant."""
-    update: InnerUpdate = loop.spec().update(loop.inner_lr)  # pure: differentiable
+    options) or by learned rates (:mod:`gradcheck.rates`); first-order treats every inner
+    gradient as a constant. The objective is L_Q(φ_T), or Σ_k w_k L_Q(φ_{k+1}) for
+    ``query_weights``; a ``step_kwarg`` tells the model the step. Differentiated with respect to
+    θ and to the learned rates that are not parameters (in that order)."""
+    update: InnerUpdate | None = None if schedule else loop.spec().update(loop.lr("the oracle"))
+    rates = schedule.coordinates(theta) if schedule else {}
     phi = dict(theta)
 
     def f(*args: object, **kwargs: object) -> object:
         return torch.func.functional_call(model, phi, args, kwargs)
 
-    state = update.init({n: phi[n] for n in adapted})
+    scored = loop.scored()
+    objective: Tensor | None = None
+
+    def score(k: int) -> None:
+        nonlocal objective
+        loss = checked_loss(task.query_loss(loop.indexed(f, max(k - 1, 0))), query_loss_at(k, loop))
+        objective = scored[k] * loss if objective is None else objective + scored[k] * loss
+
+    state = update.init({n: phi[n] for n in adapted}) if update else None
     for k in range(loop.steps):
-        loss = checked_loss(task.support_loss(f), support_loss_at(k, loop.steps))
+        loss = checked_loss(task.support_loss(loop.indexed(f, k)), support_loss_at(k, loop.steps))
         leaves = [phi[n] for n in adapted]
         grads = torch.autograd.grad(loss, leaves, create_graph=not loop.first_order, allow_unused=True)
         given = {n: g.detach() if loop.first_order else g for n, g in zip(adapted, grads) if g is not None}
-        phi, state = update.step(phi, given, state)
+        if schedule is None:
+            assert update is not None
+            phi, state = update.step(phi, given, state)
+        else:
+            phi = schedule.step(phi, given, k, {**theta, **rates})
+        if k + 1 in scored and loop.steps != k + 1:
+            score(k + 1)
     if loop.leap != 1:
         phi = {n: t + loop.leap * (phi[n] - t) for n, t in theta.items()}
-    loss = checked_loss(task.query_loss(f), QUERY_LOSS)
-    return list(torch.autograd.grad(loss, list(theta.values()), allow_unused=True))
+    score(loop.steps)
+    assert objective is not None
+    return list(torch.autograd.grad(objective, [*theta.values(), *rates.values()], allow_unused=True))
 
 
 @torch.enable_grad()  # also when the caller is inside torch.no_grad()
 def gradient(model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop) -> dict[str, Tensor]:
     """:func:`meta_gradient` under the settings ``loop`` (every field the oracle reads: steps,
-    inner_lr, leap, inner_optimizer, adapt, first_order)."""
+    inner_lr, per_step_lr, leap, inner_optimizer, adapt, first_order, query_weights, step_kwarg)."""
     tasks = as_tasks(task_or_tasks)
     refuse_unsupported(model, tasks, by="the oracle")
     loop.require(*DIFFERENTIABLE, by="the oracle")
+    every, adapted, schedule = coordinates(model, loop.adapt, loop.inner_lr, loop.steps)
     theta = trainable(model)
-    adapted = resolve_adapt(model, loop.adapt)
-    unroll = _unrolled if hooks(model) else _task_gradient
+    functional = schedule is not None or loop.query_weights is not None or loop.step_kwarg is not None
     out = []
     for task in tasks:  # every task from the model as it is: buffers restored between tasks
         with preserved(model), common_random_numbers(model):
-            out.append(dense(theta, unroll(model, task, loop, theta, adapted)))
+            if functional or hooks(model):
+                grads = _unrolled(model, task, loop, theta, adapted, schedule)
+            else:
+                grads = _task_gradient(model, task, loop, theta, adapted)
+            out.append(dense(every, grads))
     return task_mean(out)
 
 
@@ -153,14 +178,30 @@ def meta_gradient(
     leap: float = 1.0,
     first_order: bool = False,
     inner_optimizer: InnerOptimizer = "sgd",
+    per_step_lr: bool = False,
+    query_weights: Sequence[float] | None = None,
+    step_kwarg: str | None = None,
 ) -> dict[str, Tensor]:
     """The exact K-step MAML meta-gradient, keyed like ``model.named_parameters()``.
 
     Every trainable parameter is present (zeros where the objective does not depend on it);
     parameters outside ``adapt`` get their direct term and the cross terms through the inner
-    loop. ``inner_optimizer`` is ``"sgd"`` or ``"adam"`` (identical trajectory to
-    ``torch.optim.Adam``). For several tasks, the mean. The model is left exactly as it was,
-    also when this raises.
+    loop. ``inner_optimizer`` is ``"sgd"``, ``"adam"``, a spec of :mod:`gradcheck.optim` or a
+    factory of one of those ``torch.optim`` classes. ``inner_lr`` may hold learned rates
+    (:mod:`gradcheck.rates`; ``per_step_lr`` for a step dimension): each learned rate gets its
+    meta-gradient, under its parameter name or ``"inner_lr[.<name>]"``. ``query_weights`` makes
+    the objective Σ_k w_k L_Q(φ_{k+1}); ``step_kwarg`` passes the step index to the model. For
+    several tasks, the mean. The model is left exactly as it was, also when this raises.
     """
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, first_order=first_order)
+    loop = InnerLoop(
+        steps,
+        inner_lr,
+        leap,
+        inner_optimizer,
+        adapt=adapt,
+        first_order=first_order,
+        per_step_lr=per_step_lr,
+        query_weights=None if query_weights is None else tuple(query_weights),
+        step_kwarg=step_kwarg,
+    )
     return gradient(model, task_or_tasks, loop)

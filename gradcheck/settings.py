@@ -9,7 +9,13 @@ diagnosis's hypotheses, an estimator's variant) is ``loop.replace(steps=K + 1)``
 field              symbol   meaning
 =================  =======  ==================================================================
 ``steps``          K        inner steps (≥ 0)
-``inner_lr``       α        the inner step size (> 0)
+``inner_lr``       α        the inner step size: a float > 0, or learned rates
+                            (:mod:`gradcheck.rates`: a tensor or {name: tensor}, plain SGD)
+``per_step_lr``             learned rates have a leading step dimension (MAML++'s LSLR)
+``query_weights``  w        the multi-step loss F = Σ_k w_k L_Q(φ_{k+1}) (length K; None: L_Q(φ_T))
+``step_kwarg``              the keyword that passes the step index k to the model (MAML++'s
+                            ``forward(x, num_step=k)``): the support loss of step k and the
+                            query loss right after step k see k
 ``leap``           γ        the teacher's fraction: φ_T = θ + γ(φ_K − θ), in (0, 1]
 ``inner_optimizer``         ``"sgd"``, ``"adam"``, a spec (:mod:`gradcheck.optim`: ``SGD(momentum=…,
                             …)``, ``Adam(…)``, ``AdamW(…)``) or a factory
@@ -38,6 +44,7 @@ from torch import Tensor
 
 from .optim import SGD, SPECS, Adam, AdamW, InnerUpdate, Spec, TorchOptimizer, spec_of
 from .parameters import Adapt
+from .rates import Rates
 
 __all__ = ["OPTIMIZERS", "InnerLoop", "InnerOptimizer", "JacobianStep"]
 
@@ -101,7 +108,7 @@ class InnerLoop:
     """The inner loop's settings (see the module's table), validated on construction."""
 
     steps: int
-    inner_lr: float
+    inner_lr: float | Rates
     leap: float = 1.0
     inner_optimizer: InnerOptimizer = "sgd"
     adapt: Adapt = None
@@ -111,14 +118,31 @@ class InnerLoop:
     lam: float = 1.0
     cg_iterations: int = 20
     cg_tol: float = 1e-10
+    per_step_lr: bool = False
+    query_weights: tuple[float, ...] | None = None
+    step_kwarg: str | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("steps", _integer("steps", self.steps, 0))
-        for name in ("inner_lr", "leap"):
-            set_(name, _real(name, getattr(self, name)))
-        if self.inner_lr <= 0:
-            raise ValueError(f"inner_lr must be > 0, got {self.inner_lr}")
+        set_("leap", _real("leap", self.leap))
+        if not isinstance(self.per_step_lr, bool):
+            raise TypeError(f"per_step_lr must be True or False, got {self.per_step_lr!r}")
+        if isinstance(self.inner_lr, Real) and not isinstance(self.inner_lr, bool):
+            if self.per_step_lr:
+                raise ValueError(
+                    "per_step_lr=True needs rates with a leading step dimension, not a float inner_lr"
+                )
+            set_("inner_lr", _real("inner_lr", self.inner_lr))
+            if self.inner_lr <= 0:
+                raise ValueError(f"inner_lr must be > 0, got {self.inner_lr}")
+        else:
+            set_("inner_lr", Rates.of(self.inner_lr, self.per_step_lr))
+        self._check_query_weights()
+        if self.step_kwarg is not None and not (
+            isinstance(self.step_kwarg, str) and self.step_kwarg.isidentifier()
+        ):
+            raise TypeError(f"step_kwarg must be a keyword name (e.g. 'num_step'), got {self.step_kwarg!r}")
         if not 0 < self.leap <= 1:
             raise ValueError(f"leap (the teacher's fraction γ) must be in (0, 1], got {self.leap}")
         set_("lam", _positive("lam (the proximal strength λ)", self.lam))
@@ -150,6 +174,23 @@ class InnerLoop:
         self._check_jacobian_step()
         set_("adapt", _adapt(self.adapt))
 
+    def _check_query_weights(self) -> None:
+        weights = self.query_weights
+        if weights is None:
+            return
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+            raise TypeError(f"query_weights must be a sequence of K floats, got {weights!r}")
+        if isinstance(weights, Tensor):
+            weights = weights.tolist()
+        weights = tuple(_real("query_weights entry", w) for w in weights)
+        if len(weights) != self.steps or self.steps == 0:
+            raise ValueError(
+                f"query_weights must have one weight per inner step (steps={self.steps}), got {len(weights)}"
+            )
+        if self.leap != 1:
+            raise ValueError("query_weights (a multi-step loss) and a leap γ != 1 do not combine: use one")
+        object.__setattr__(self, "query_weights", weights)
+
     def _check_jacobian_step(self) -> None:
         step = self.jacobian_step
         if isinstance(step, str):
@@ -167,11 +208,60 @@ class InnerLoop:
         return dataclasses.replace(self, **changes)
 
     @property
+    def learned(self) -> bool:
+        """Whether ``inner_lr`` holds rates (tensors) rather than one float."""
+        return isinstance(self.inner_lr, Rates)
+
+    @property
+    def given_lr(self) -> Any:
+        """``inner_lr`` as the caller gave it (a float, or the tensor or mapping of the rates)."""
+        return self.inner_lr.given if isinstance(self.inner_lr, Rates) else self.inner_lr
+
+    def lr(self, by: str) -> float:
+        """α as one float; ``ValueError`` naming ``by`` when the rates are tensors, which ``by``
+        does not take."""
+        if isinstance(self.inner_lr, Rates):
+            raise ValueError(
+                f"{by} takes inner_lr as one float; learned inner rates (a tensor or a mapping) are "
+                "taken by the oracle, finite differences, validate, diagnose and the estimators "
+                "maml, first_order and lazy"
+            )
+        return self.inner_lr
+
+    def refuse(self, *fields: str, by: str) -> None:
+        """``ValueError`` if any of ``fields`` (of learned rates, ``query_weights``, ``step_kwarg``)
+        is set: ``by`` does not read it."""
+        given = {
+            "inner_lr": self.learned,
+            "query_weights": self.query_weights is not None,
+            "step_kwarg": self.step_kwarg is not None,
+        }
+        used = [f for f in fields if given[f]]
+        if used:
+            raise ValueError(
+                f"{by} does not take {' or '.join(used)} (learned rates, a multi-step loss, a step index)"
+            )
+
+    def indexed(self, f: Callable[..., Any], k: int) -> Callable[..., Any]:
+        """The model ``f`` told the step index k through ``step_kwarg`` (``f`` itself when unset)."""
+        if self.step_kwarg is None:
+            return f
+        kwarg = self.step_kwarg
+        return lambda *args, **kwargs: f(*args, **{kwarg: k}, **kwargs)
+
+    def scored(self) -> dict[int, float]:
+        """{k: w}: the query loss is scored at φ_k with weight w — {K: 1} by default, {k + 1: w_k}
+        for ``query_weights``."""
+        if self.query_weights is None:
+            return {self.steps: 1.0}
+        return {k + 1: w for k, w in enumerate(self.query_weights)}
+
+    @property
     def eta(self) -> float:
         """η for ``jacobian_step``: "single" → γα, "horizon" → γKα, a float → itself; 0 when K = 0."""
         step = self.jacobian_step
         if isinstance(step, str):
-            step = self.leap * self.inner_lr * (self.steps if step == "horizon" else 1)
+            step = self.leap * self.lr("the lazy step η = γα") * (self.steps if step == "horizon" else 1)
         return float(step) if self.steps > 0 else 0.0
 
     @property
@@ -195,7 +285,7 @@ class InnerLoop:
         if isinstance(given, _SPEC_KINDS):
             return given
         spec, lr = spec_of(self.optimizer([torch.zeros(1, requires_grad=True)]))
-        if lr != self.inner_lr:
+        if lr != self.lr("an inner_optimizer factory"):
             raise ValueError(f"its {spec.torch_class.__name__}'s lr {lr!r} is not inner_lr {self.inner_lr!r}")
         return spec
 
@@ -204,6 +294,10 @@ class InnerLoop:
         it takes and the spec classes (:mod:`gradcheck.optim`) whose every option it follows —
         a spec of such a class, or a factory of its ``torch.optim`` class at ``inner_lr``."""
         given = self.inner_optimizer
+        if self.learned and given != "sgd":
+            raise ValueError(
+                f"learned inner rates step plain SGD (φ − α ⊙ g); {by} cannot take them with {given!r}"
+            )
         if isinstance(given, str) and given in names:
             return
         kinds = tuple(n for n in names if isinstance(n, type))
@@ -229,7 +323,7 @@ class InnerLoop:
         if isinstance(spec, str):
             spec = SPECS[spec]
         if isinstance(spec, _SPEC_KINDS):
-            return spec.torch_class(params, lr=self.inner_lr, **spec.options())
+            return spec.torch_class(params, lr=self.lr("a torch.optim inner optimizer"), **spec.options())
         optimizer = spec(params)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -243,5 +337,5 @@ class InnerLoop:
         wrapper of the factory's ``torch.optim`` optimizer (``pure`` False: never differentiated)."""
         given = self.inner_optimizer
         if isinstance(given, (str, *_SPEC_KINDS)):
-            return self.spec().update(self.inner_lr)
+            return self.spec().update(self.lr("the inner optimizer's update"))
         return TorchOptimizer(self.optimizer)

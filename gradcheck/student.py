@@ -21,13 +21,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .parameters import Adapt, Functional, copies, resolve_adapt, trainable
+from .parameters import Adapt, Functional, copies
+from .rates import Schedule, coordinates
 from .settings import InnerLoop
 from .task import TaskLike
 
-__all__ = ["QUERY_LOSS", "Student", "apply_leap", "checked_loss", "converted", "support_loss_at"]
+__all__ = [
+    "QUERY_LOSS",
+    "Student",
+    "apply_leap",
+    "checked_loss",
+    "converted",
+    "query_loss_at",
+    "support_loss_at",
+]
 
 QUERY_LOSS = "query loss L_Q(φ_T)"
+
+
+def query_loss_at(k: int, loop: InnerLoop) -> str:
+    """How the query loss scored at φ_k is named in error messages."""
+    if loop.query_weights is None:
+        return QUERY_LOSS
+    return f"query loss L_Q(φ_{k}) after inner step {k} of {loop.steps} (weight {loop.scored()[k]:g})"
 
 
 def support_loss_at(k: int, steps: int) -> str:
@@ -76,22 +92,38 @@ class Student:
     """A model read once: θ, copies of its other tensors, and the adapted set A ⊆ θ.
 
     ``theta`` holds the trainable parameters (names of ``model.named_parameters()``), ``untrained``
-    every other parameter and every buffer; ``adapted`` names A.
+    every other parameter and every buffer; ``adapted`` names A; ``schedule`` the learned inner
+    rates (copies; None for one float α), which the student steps with instead of ``torch.optim``.
     """
 
     model: nn.Module
     theta: dict[str, Tensor]
     untrained: dict[str, Tensor]
     adapted: tuple[str, ...]
+    schedule: Schedule | None = None
 
     @classmethod
-    def read(cls, model: nn.Module, adapt: Adapt = None, dtype: torch.dtype | None = None) -> Student:
-        """Copy ``model``'s tensors (cast to ``dtype`` if given) and resolve ``adapt``."""
-        names = trainable(model)
-        adapted = resolve_adapt(model, adapt)
+    def read(
+        cls,
+        model: nn.Module,
+        adapt: Adapt = None,
+        dtype: torch.dtype | None = None,
+        loop: InnerLoop | None = None,
+    ) -> Student:
+        """Copy ``model``'s tensors (cast to ``dtype`` if given) and resolve ``adapt`` — and, where
+        ``loop`` is given, its ``adapt`` and learned rates (:func:`gradcheck.rates.coordinates`)."""
+        inner_lr, steps = (loop.inner_lr, loop.steps) if loop is not None else (1.0, 0)
+        every, adapted, schedule = coordinates(
+            model, loop.adapt if loop is not None else adapt, inner_lr, steps
+        )
         params, buffers = copies(model, dtype)
-        theta = {n: params.pop(n) for n in names}
-        return cls(model, theta, {**params, **buffers}, adapted)
+        theta = {n: params.pop(n) for n in every if n in params}
+        return cls(model, theta, {**params, **buffers}, adapted, schedule and schedule.cast(dtype))
+
+    @property
+    def coordinates(self) -> dict[str, Tensor]:
+        """θ followed by the learned rates that are not parameters: what F is a function of."""
+        return {**self.theta, **(self.schedule.coordinates(self.theta) if self.schedule else {})}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -124,28 +156,52 @@ class Student:
     ) -> Iterator[dict[str, Tensor]]:
         """Yield the student's parameters φ_0, φ_1, …, φ_K on ``task``, computed without a graph.
 
-        φ_0 is θ, or ``start`` where given. The adapted tensors are copied before the optimizer
-        writes them; ``untrained`` is updated in place, as BatchNorm running statistics are.
-        ``proximal`` = λ > 0 minimises L_S(φ) + (λ/2)‖φ_A − φ_0,A‖² instead (iMAML). The yielded
-        dict is live: it holds φ_k until the next step.
+        φ_0 is θ, or ``start`` where given (it may also give learned rates, by their keys). The
+        adapted tensors are copied before the optimizer writes them; ``untrained`` is updated in
+        place, as BatchNorm running statistics are. ``proximal`` = λ > 0 minimises
+        L_S(φ) + (λ/2)‖φ_A − φ_0,A‖² instead (iMAML). The yielded dict is live: it holds φ_k until
+        the next step.
         """
-        phi = {n: t.detach() for n, t in {**self.theta, **(start or {})}.items()}
+        values = {**self.coordinates, **(start or {})}
+        phi = {n: values[n].detach() for n in self.theta}
         anchors = [phi[n] for n in self.adapted]
         leaves = [phi[n].clone().requires_grad_(True) for n in self.adapted]
         phi.update(zip(self.adapted, leaves))
-        optimizer = loop.optimizer(leaves)
+        optimizer = None if self.schedule else loop.optimizer(leaves)
         f = self.at(phi, untrained)
         yield phi
         for k in range(loop.steps):
-            loss = checked_loss(task.support_loss(f), support_loss_at(k, loop.steps))
+            loss = checked_loss(task.support_loss(loop.indexed(f, k)), support_loss_at(k, loop.steps))
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            for leaf, grad, anchor in zip(leaves, grads, anchors):
+            for name, leaf, grad, anchor in zip(self.adapted, leaves, grads, anchors):
                 if proximal:
                     pull = proximal * (leaf.detach() - anchor)
                     grad = pull if grad is None else grad + pull
-                leaf.grad = grad
-            optimizer.step()
+                if optimizer is None:
+                    if grad is not None:
+                        assert self.schedule is not None
+                        with torch.no_grad():
+                            leaf.sub_(self.schedule.rate(name, k, values) * grad)
+                else:
+                    leaf.grad = grad
+            if optimizer is not None:
+                optimizer.step()
             yield phi
+
+    @torch.no_grad()
+    def objective(self, task: TaskLike, loop: InnerLoop, start: Mapping[str, Tensor] | None = None) -> float:
+        """F on ``task`` without a graph: L_Q(φ_T), or Σ_k w_k L_Q(φ_{k+1}) for ``query_weights``,
+        each query loss told the step index of the step before it (``step_kwarg``)."""
+        untrained = self.fresh()
+        scored = loop.scored()
+        origin = {n: (start or {}).get(n, t) for n, t in self.theta.items()}
+        total = 0.0
+        for k, phi in enumerate(self.trajectory(task, loop, untrained, start)):
+            if k in scored:
+                point = apply_leap(origin, phi, loop.leap) if k == loop.steps else phi
+                loss = task.query_loss(loop.indexed(self.at(point, untrained), max(k - 1, 0)))
+                total += scored[k] * checked_loss(loss, query_loss_at(k, loop)).item()
+        return total
 
     def run(
         self,
@@ -164,4 +220,5 @@ class Student:
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """φ_T = θ + γ(φ_K − θ) (exactly φ_K when γ = 1), and the tensors as the student left them."""
         phi, untrained = self.run(task, loop, start)
-        return apply_leap({**self.theta, **(start or {})}, phi, loop.leap), untrained
+        origin = {n: (start or {}).get(n, t) for n, t in self.theta.items()}
+        return apply_leap(origin, phi, loop.leap), untrained

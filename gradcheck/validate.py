@@ -239,7 +239,7 @@ def _call(
     snapshot = Snapshot(model)
     try:
         with common_random_numbers(model):  # the reference's random numbers (module docstring)
-            returned = candidate_fn(model, arg, loop.steps, loop.inner_lr)
+            returned = candidate_fn(model, arg, loop.steps, loop.given_lr)
         out: Mapping[str, Tensor] = (
             returned
             if returned is not None
@@ -302,10 +302,13 @@ def _check_reference(
             source.model,
             source.task_or_tasks,
             loop.steps,
-            loop.inner_lr,
+            loop.given_lr,
             adapt=loop.adapt,
             leap=loop.leap,
             inner_optimizer=loop.inner_optimizer,
+            per_step_lr=loop.per_step_lr,
+            query_weights=loop.query_weights,
+            step_kwarg=loop.step_kwarg,
             directions=REFERENCE_DIRECTIONS,
         )
     except (TypeError, ValueError) as error:  # e.g. closure tasks on a float32 model

@@ -70,7 +70,7 @@ class BoundTerms:
         eta = self.loop.replace(jacobian_step=jacobian_step).eta
         if not self.hessian_norms:  # K = 0: no step, lazy is exact
             return 0.0
-        alpha, gamma = self.loop.inner_lr, self.loop.leap
+        alpha, gamma = self.loop.lr("the bound"), self.loop.leap
         growth = math.prod(1 + alpha * h for h in self.hessian_norms[1:]) - 1
         first = abs(eta - gamma * alpha) * self.hessian_norms[0]
         return (gamma * self.t0_norm * growth + first) * self.v_norm
@@ -157,7 +157,7 @@ def _terms(
             norms.append(torch.linalg.matrix_norm(projected, ord=2).item())
             if k == 0:
                 eye = torch.eye(n, dtype=projected.dtype, device=projected.device)
-                t0 = torch.linalg.matrix_norm(eye - loop.inner_lr * projected, ord=2).item()
+                t0 = torch.linalg.matrix_norm(eye - loop.lr("the bound") * projected, ord=2).item()
             if on_hessian is not None:
                 on_hessian(n)
     return {

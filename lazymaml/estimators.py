@@ -185,7 +185,7 @@ def _reptile_task(f: Objective, theta: Params, untrained: Params) -> Result:
     """(θ − φ_K)/(Kα), zero at K = 0; L_Q(φ_T) is reported, never used."""
     assert f.loop is not None
     phi, losses = f.descend(theta, untrained, f.loop.steps)
-    scale = 1 / (f.loop.steps * f.loop.inner_lr) if f.loop.steps else 0.0
+    scale = 1 / (f.loop.steps * f.loop.lr("reptile")) if f.loop.steps else 0.0
     loss = f.query(apply_leap(theta, phi, f.loop.leap), untrained)
     return {n: (t - phi[n]) * scale for n, t in theta.items()}, loss, losses
 
@@ -380,7 +380,7 @@ def _reverse_task(f: Objective, theta: Params, untrained: Params, every: Every, 
         points = _segment(f, kept[start], start, min(start + m, steps) - start)[begin - start :]
         for point, state in reversed(points):
             h = f.hvp(point, state, w)
-            w = {n: w[n] - loop.inner_lr * h[n] for n in w}
+            w = {n: w[n] - loop.lr("the stored-point HVP product") * h[n] for n in w}
     if loop.leap == 1:
         return w, loss, losses
     return {n: (1 - loop.leap) * v[n] + w[n] for n in v}, loss, losses
