@@ -12,12 +12,15 @@ Batching (``batched=``):
 * ``"auto"`` (default) — batched when it applies and is faster, decided once, on the first
   meta-batch of B ≥ 2 tasks that could be batched (its result is the sequential path's):
 
-  1. the batched path runs on a sub-batch of its first 2 tasks, untimed: this absorbs the
-     one-time warm-up (the first ``vmap`` trace, kernel and allocator set-up: seconds in a fresh
-     process, against milliseconds afterwards), and a failure here means sequential for good;
+  1. the batched path runs on sub-batches of its first 2 tasks and of its first task, untimed:
+     this absorbs the one-time warm-up of each shape (the first ``vmap`` trace, kernel and
+     allocator set-up: seconds in a fresh process, against milliseconds afterwards — warming up
+     only the 2-task shape left the first 1-task call carrying it, which made the fixed cost look
+     like the whole meta-batch's and chose the 8× slower sequential path on a loaded machine), and
+     a failure here means sequential for good;
   2. the whole meta-batch runs sequentially, timed: t_seq, and these are the returned results;
   3. the batched path runs on 1 and on 2 tasks, alternately, timed, keeping the fastest of
-     each (t_1, t_2): at least one round, more (at most 5) while the rounds together have cost
+     each (t_1, t_2): at least two rounds, more (at most 5) while the rounds together have cost
      less than t_seq, so that short, noise-prone measurements are repeated and long ones not;
   4. batched from then on if t_1 + (B − 1)·max(t_2 − t_1, 0) — the batched time of B tasks as
      a fixed cost plus a cost per task, the two read off the sub-batches — is below t_seq;
@@ -226,9 +229,10 @@ class MetaLearner:
         """``batched="auto"``'s one decision (the class docstring's steps 1–4); the results are the
         sequential path's on the whole meta-batch."""
         one, two = _head(batch, 1), _head(batch, 2)
-        warm = self._batched(student, two, statistics)  # 1: the warm-up, untimed
-        if isinstance(warm, str):
-            return self._rerun(student, batch, warm)
+        for sub in (two, one):  # 1: the warm-up of both sub-batch shapes, untimed
+            warm = self._batched(student, sub, statistics)
+            if isinstance(warm, str):
+                return self._rerun(student, batch, warm)
         sequential, result = self._timed(student, lambda: self._sequential(student, list(batch)))  # 2
         self.decided = True
 
@@ -238,7 +242,7 @@ class MetaLearner:
         t1 = t2 = math.inf  # 3
         spent, rounds = 0.0, 0
         try:
-            while rounds < PROBE_ROUNDS and (rounds == 0 or spent < sequential):
+            while rounds < PROBE_ROUNDS and (rounds < 2 or spent < sequential):
                 (a, _), (b, _) = self._timed(student, run(one)), self._timed(student, run(two))
                 t1, t2, spent, rounds = min(t1, a), min(t2, b), spent + a + b, rounds + 1
         except Exception as error:  # 2 tasks batched, but not 1: sequential, for good

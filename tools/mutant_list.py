@@ -1424,7 +1424,7 @@ MUTANTS = [
     Mutant(
         "auto-rounds",
         "lazymaml/learner.py",
-        "while rounds < PROBE_ROUNDS and (rounds == 0 or spent < sequential):",
+        "while rounds < PROBE_ROUNDS and (rounds < 2 or spent < sequential):",
         "while rounds < PROBE_ROUNDS:",
         "always 5 rounds: the probe costs 5 rounds however slow the batched path",
         (f"{LM}/test_batched.py",),
@@ -1432,9 +1432,25 @@ MUTANTS = [
     Mutant(
         "auto-no-warm-up",
         "lazymaml/learner.py",
-        "warm = self._batched(student, two, statistics)",
+        "warm = self._batched(student, sub, statistics)",
         "warm = ()",
         "the warm-up timed again: the fresh-process mistake",
+        (f"{LM}/test_batched.py",),
+    ),
+    Mutant(
+        "auto-warm-up-one-shape",
+        "lazymaml/learner.py",
+        "for sub in (two, one):  # 1: the warm-up of both sub-batch shapes, untimed",
+        "for sub in (two,):",
+        "the 1-task shape's warm-up timed as its cost: the fresh-process choice of the slow path",
+        (f"{LM}/test_batched.py",),
+    ),
+    Mutant(
+        "auto-one-round",
+        "lazymaml/learner.py",
+        "(rounds < 2 or spent < sequential)",
+        "(rounds == 0 or spent < sequential)",
+        "a single, spike-prone round decides where the sub-batches are slower than the sequential run",
         (f"{LM}/test_batched.py",),
     ),
     Mutant(

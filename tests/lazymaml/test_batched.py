@@ -544,8 +544,9 @@ PROBES = {
     # 3 tasks: 0.6 s sequentially; the rounds cost 0.15, 0.26, 0.38, 0.5, 0.62 s: five, the most;
     # the fastest of each (0.05, 0.06) predicts 0.05 + 2 × 0.01 for 3 tasks
     "batched": (3, (0.6, 0.08, 0.07, 0.05, 0.06, 0.05, 0.07, 0.06, 0.06, 0.09, 0.08), (0.07 / 3, 0.2), True),
-    # one round costs more than the sequential meta-batch: 0.2 + 2 × 0.2 s for 3 tasks, batched
-    "sequential": (3, (0.3, 0.2, 0.4), (0.2, 0.1), False),
+    # one round costs more than the sequential meta-batch, and two are the least: 0.2 + 2 × 0.2 s
+    # for 3 tasks, batched
+    "sequential": (3, (0.3, 0.2, 0.4, 0.25, 0.45), (0.2, 0.1), False),
     # 2 tasks batched cost more per task (0.155 s) than sequentially (0.1 s), but the fixed cost
     # is shared by all 8: 0.3 + 7 × 0.01 s < 0.8 s (two rounds: 0.61 s, then 1.22 s)
     "batched, a fixed cost amortised over B": (8, (0.8, 0.3, 0.31, 0.3, 0.31), (0.37 / 8, 0.1), True),
@@ -558,7 +559,8 @@ PROBES = {
 def test_auto_decides_once_from_sub_batches_of_one_and_two_tasks(case, monkeypatch):
     """The decision of the learner's docstring, under a fake clock: what is timed, how many rounds,
     the estimate for B tasks, the path kept, what is said — and that the probe runs no more than 2
-    tasks batched (its memory), its warm-up untimed (the first batched call reads no clock)."""
+    tasks batched (its memory), its warm-up of both shapes untimed (the first two batched calls,
+    2 tasks then 1, read no clock)."""
     size, seconds, estimates, batched = PROBES[case]
     model = _regression_model()
     tasks = [regression_task(s) for s in range(size)]
@@ -573,8 +575,8 @@ def test_auto_decides_once_from_sub_batches_of_one_and_two_tasks(case, monkeypat
             learner.meta_backward(tasks)
             assert_close({n: p.grad for n, p in model.named_parameters()}, want)
             if call == 0:
-                assert max(sizes) == 2 and len(sizes) == 1 + len(seconds) - 1
-    assert sizes[len(seconds) :] == ([size, size] if batched else [])
+                assert max(sizes) == 2 and sizes[:2] == [2, 1] and len(sizes) == 2 + len(seconds) - 1
+    assert sizes[len(seconds) + 1 :] == ([size, size] if batched else [])
     assert learner.seconds == pytest.approx(dict(zip(("batched", "sequential"), estimates)))
     if batched:
         assert not said and learner.cannot_batch is None
@@ -592,7 +594,7 @@ def test_auto_probes_again_when_its_sequential_run_raises():
     model = _regression_model()
     bad = [Task(t.support, t.query, squared_errors) for t in TASKS]
     learner = lazymaml.MetaLearner(model, 3, 0.1)
-    learner.clock = fake_clock(0.015, 0.01, 0.011)  # one round: 0.021 s ≥ 0.015 s
+    learner.clock = fake_clock(0.015, 0.01, 0.011, 0.01, 0.011)  # the least, two rounds
     with pytest.raises(ValueError, match="must be a scalar"):
         learner.meta_backward(bad)
     assert not learner.decided and not learner.seconds
