@@ -14,10 +14,18 @@ label                  hypothesis [reference calls]                     typical 
                                                                         copy_initial_weights);
                                                                         lazy: d built with θ's
                                                                         graph
+``rates_detached``     learned rates: θ's part of g, the rates'         ``.detach()``/``.item()``
+                       gradients 0 (or missing) [0]                     on α; an optimizer that
+                                                                        does not see the rates
 ``scaled``             c = s g, s = ⟨c, g⟩/⟨g, g⟩ (least squares) [0]    sum over B tasks, not
                                                                         the mean (s = B)
 ``first_order``        first-order MAML [1] (the oracle; a lazy         ``create_graph=False``;
-                       reference: η = 0)                                a hook returning d
+                       reference: η = 0); with rates, their             a hook returning d
+                       first-order gradients too
+``last_step_only``     ``query_weights``: L_Q(φ_K) alone, weight 1      the multi-step loss
+                       or w_{K−1} [1]                                   never switched on
+``per_step_rates_      per-step rates collapsed to α′_k = α_0, the      ``lr[0]`` at every step;
+shared``               rate gradient summed into index 0 [1]            the step index not used
 ``adapt``              the presets (all, head, body), all but the       BatchNorm's affine
                        modules of one type [1 each]                     parameters not adapted;
                                                                         ANIL vs MAML
@@ -31,6 +39,14 @@ label                  hypothesis [reference calls]                     typical 
 ``leap``               γ′ ∈ (0, 1] by the same fit [≤ 8]                 the teacher's fraction
 ``unexplained``        none of these                                    —
 =====================  ===============================================  ======================
+
+**Learned rates, a multi-step loss, a step index** (:mod:`gradcheck.rates`): a hypothesis that
+cannot be run under them is skipped and named in ``Diagnosis.skipped`` (and in an unexplained
+detail) — K + 1 with a step index (the model may have no step K) or a multi-step loss (no
+weight for it), K′ steps with fewer than K′ per-step rates, the α′ fit for learned rates, the γ′
+fit with a multi-step loss, and, with rates per parameter, the adapted sets that add a parameter
+without a rate. K′ steps with more than K′ + 1 per-step rates run on the first K′ + 1 (the
+others then get no gradient); K − 1 with a multi-step loss keeps the first K − 1 weights.
 
 Every hypothesis but ``scaled`` changes one setting of the reference (``loop.replace(...)`` on
 its :class:`gradcheck.settings.InnerLoop`), so one that explains c to rtol = 1e-9 pins the cause:
