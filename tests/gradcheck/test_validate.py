@@ -472,13 +472,15 @@ def rated_maml(
     last_only=False,
     extra_steps=0,
     write_grad=False,
+    frozen=(),
 ):
     """MAML with learned inner rates: ``inner_lr`` a tensor for every parameter or {name: tensor}
     (shape (), the parameter's, or a leading step dimension with ``per_step_lr``). Returns θ's and
     the rates' meta-gradients under the oracle's keys ("inner_lr" / "inner_lr.<name>"), or writes
     them into ``.grad`` (``write_grad``) and returns None. Mistakes: ``detach`` (rates as
     constants), ``create_graph=False`` (first order), ``first_step_rate`` (rate index 0 at every
-    step), ``last_only`` (L_Q(φ_K) although ``query_weights``), ``extra_steps``."""
+    step), ``last_only`` (L_Q(φ_K) although ``query_weights``), ``extra_steps``, ``frozen``
+    (parameters left out of the inner loop)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     theta = {n: model.get_parameter(n) for n in names}
     rates = {"inner_lr": inner_lr} if isinstance(inner_lr, torch.Tensor) else dict(inner_lr)
@@ -498,7 +500,7 @@ def rated_maml(
     for k in range(steps + extra_steps):
         loss = task.support_loss(f(phi, k))
         grads = torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph)
-        phi = {n: p - rate(n, k) * g for (n, p), g in zip(phi.items(), grads)}
+        phi = {n: p if n in frozen else p - rate(n, k) * g for (n, p), g in zip(phi.items(), grads)}
         if query_weights is not None and not last_only and k < steps + extra_steps - 1:
             objective = objective + query_weights[k] * task.query_loss(f(phi, k))
     last = query_weights[steps + extra_steps - 1] if query_weights is not None and not last_only else 1.0
@@ -601,15 +603,17 @@ class MetaSGDModule(nn.Module):
         return self.module(x)
 
 
-def l2l_maml(model, task, steps, inner_lr):
+def l2l_maml(model, task, steps, inner_lr, *, create_graph=True, detach=False):
     """Meta-SGD the learn2learn way: the learner's parameters stepped by the model's own ``lrs``
-    (``inner_lr`` is ignored: the rates are the model's), ``backward()`` into every ``.grad``."""
+    (``inner_lr`` is ignored: the rates are the model's), ``backward()`` into every ``.grad``.
+    Mistakes: ``create_graph=False`` (first order), ``detach`` (the rates as constants)."""
     names = [f"module.{n}" for n, _ in model.module.named_parameters()]
     phi = {n: model.get_parameter(n) for n in names}
+    lrs = [lr.detach() if detach else lr for lr in model.lrs]
     for _ in range(steps):
         loss = task.support_loss(at(model, phi))
-        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
-        phi = {n: p - lr * g for (n, p), g, lr in zip(phi.items(), grads, model.lrs)}
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph)
+        phi = {n: p - lr * g for (n, p), g, lr in zip(phi.items(), grads, lrs)}
     task.query_loss(at(model, phi)).backward()
 
 
@@ -623,6 +627,53 @@ def test_a_learn2learn_layout_candidate_passes_with_rates_under_their_parameter_
     rows = {r.name: r for r in result.overall.rows}
     assert rows["lrs.0"].reference_norm > 0 and "inner_lr.module.0.weight" not in rows
     assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize(
+    ("mistake", "label"),
+    [({"create_graph": False}, "first_order"), ({"detach": True}, "rates_detached"), ({}, "unexplained")],
+)
+def test_a_learn2learn_layout_mistake_is_named_and_its_rates_are_never_adapted(mistake, label):
+    """The diagnosis runs every hypothesis on the layout (the unexplained case: a θ entry
+    negated) without adapting the model's own rates ``lrs.*``, which the oracle would refuse."""
+    learner, tasks = rate_problem()
+    model = MetaSGDModule(learner)
+    rates = {f"module.{n}": lr for (n, _), lr in zip(learner.named_parameters(), model.lrs)}
+    before = model_state(with_gradients(model))
+    if mistake:
+        found = validate(functools.partial(l2l_maml, **mistake), model, tasks, RATE_STEPS, rates).diagnosis
+    else:
+        exact = oracle.meta_gradient(model, tasks, RATE_STEPS, rates)
+        found = diagnose({**exact, "module.0.bias": -exact["module.0.bias"]}, model, tasks, RATE_STEPS, rates)
+        assert "adapt = " in found.detail or found.oracle_calls > 3  # the adapted sets were tried
+    assert found.label == label, str(found)
+    assert_same_state(before, model_state(model))
+
+
+def test_a_reference_function_gets_the_rates_as_given_and_the_rate_settings():
+    model, tasks = rate_problem()
+    rates = meta_sgd_rates(model, steps=RATE_STEPS + 1)
+    seen = []
+
+    def mine(model, task_or_tasks, steps, inner_lr, **settings):
+        seen.append((inner_lr, settings))
+        return oracle.meta_gradient(model, task_or_tasks, steps, inner_lr, **settings)
+
+    candidate = functools.partial(rated_maml, per_step_lr=True)
+    assert validate(candidate, model, tasks, RATE_STEPS, rates, per_step_lr=True, reference=mine).ok()
+    assert all(lr is rates and settings["per_step_lr"] is True for lr, settings in seen)
+
+
+def test_a_subset_of_the_parameters_adapted_with_their_rates_is_found():
+    """Rates per parameter: an adapted set without 2.* keeps the others' rates; 2.*'s rates then
+    get no gradient (the candidate does not step them)."""
+    model, tasks = rate_problem()
+    rates = meta_sgd_rates(model)
+    found = validate(
+        functools.partial(rated_maml, frozen=("2.weight", "2.bias")), model, tasks, RATE_STEPS, rates
+    )
+    assert found.diagnosis.label == "adapt", str(found.diagnosis)
+    assert found.diagnosis.settings["adapt"] == ("0.weight", "0.bias")
 
 
 def test_rate_gradients_read_from_dot_grad_and_the_users_rates_left_as_they_were():
@@ -709,3 +760,36 @@ def test_bad_rates_raise_clearly_and_leave_model_and_rates_untouched(rates, opti
             )
     assert_same_state(before, model_state(model))
     assert_same_rates(kept, given)
+
+
+class LearnedAlpha(nn.Module):
+    """One learned α held by the model (a 0-dim parameter, given alone as ``inner_lr``)."""
+
+    def __init__(self, learner):
+        super().__init__()
+        self.learner = learner
+        self.alpha = nn.Parameter(torch.tensor(0.25, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.learner(x)
+
+
+def alpha_maml(model, task, steps, inner_lr, **mistake):
+    """MAML of the learner with the model's own α: the learner's keys prefixed, α's under "alpha"."""
+    grads = rated_maml(model.learner, task, steps, inner_lr, **mistake)
+    return {"alpha" if n == "inner_lr" else f"learner.{n}": g for n, g in grads.items()}
+
+
+def test_a_model_held_alpha_is_keyed_by_its_name_and_never_in_an_adapted_set():
+    learner, tasks = rate_problem()
+    model = LearnedAlpha(learner)
+    names = [n for n, _ in model.named_parameters() if n != "alpha"]
+    assert validate(alpha_maml, model, tasks, RATE_STEPS, model.alpha).ok()
+    exact = oracle.meta_gradient(model, tasks, RATE_STEPS, model.alpha)
+    assert exact["alpha"].ne(0).all() and set(exact) == {*names, "alpha"}
+    frozen = functools.partial(alpha_maml, frozen=("2.weight", "2.bias"))
+    found = validate(frozen, model, tasks, RATE_STEPS, model.alpha).diagnosis
+    assert found.label == "adapt" and "alpha" not in found.settings["adapt"], str(found)
+    wrong = {**exact, "learner.0.bias": -exact["learner.0.bias"]}
+    found = diagnose(wrong, model, tasks, RATE_STEPS, model.alpha)
+    assert found.label == "unexplained", str(found)
