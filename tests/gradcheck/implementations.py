@@ -453,6 +453,7 @@ def maml_plus_plus(
     create_graph=True,
     detach_rates=False,
     shared_steps=False,
+    share_buffers=False,
 ):
     """MAML++ as its reference code runs it, with ``functional_call`` over a weights dict: step k
     calls ``net(x, num_step=k)`` and updates each adapted tensor by w ← w − α[w][k] ⊙ g (LSLR:
@@ -462,9 +463,10 @@ def maml_plus_plus(
     running statistics stay as they were). Returns the meta-gradient of θ and of each rate
     (``"inner_lr.<name>"``). Mistakes: ``create_graph=False`` (first-order by mistake),
     ``detach_rates`` (``α.detach()``), ``shared_steps`` (α[w][0] at every step: the rates are
-    not per step)."""
+    not per step), ``share_buffers`` (the model's own running statistics, written in place: a
+    side effect, the gradient unchanged)."""
     params = dict(model.named_parameters())
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    buffers = {n: b if share_buffers else b.clone() for n, b in model.named_buffers()}
     rates = {n: r.detach() if detach_rates else r for n, r in inner_lr.items()}
 
     def net(tensors, k):

@@ -204,6 +204,20 @@ def test_validate_fails_the_broken_port_and_names_the_mistake(name, label):
     assert result.diagnosis is not None and result.diagnosis.label == label, str(result)
 
 
+def test_a_maml_plus_plus_port_writing_the_models_per_step_statistics_is_a_side_effect_not_a_gradient_error():
+    """Per-step BatchNorm updates row k of its running statistics in place at every forward; a
+    port that runs on the model's own buffers computes the right gradient (training-mode
+    normalisation reads the batch's statistics) but changes the model: reported, and undone."""
+    port = maml_plus_plus()
+    before = model_state(port.model)
+    writes = functools.partial(port.correct, share_buffers=True)
+    result = validate(writes, port.model, port.tasks, port.steps, port.inner_lr, **port.settings)
+    assert_same_state(before, model_state(port.model))
+    assert result.gradient_ok() and not result.ok(), str(result)
+    assert {e.name for e in result.side_effects} == {"norm.running_mean", "norm.running_var"}, str(result)
+    assert all(e.calls == len(port.tasks) for e in result.side_effects), str(result)
+
+
 def test_the_ports_are_the_definitions_they_claim():
     """The pieces of MAML++ the ports are built from, against their definitions written out:
     the multi-step weights (uniform at epoch 0, annealed toward the last step, floors and cap),
