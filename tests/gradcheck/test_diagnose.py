@@ -357,3 +357,15 @@ def test_per_step_rates_of_k_entries_skip_k_plus_one():
     found = diagnose(wrong, model, tasks, RATE_K, rates, per_step_lr=True)
     assert found.label == "unexplained"
     assert f"K = {RATE_K + 1} (the per-step rates have {RATE_K} entries" in found.detail
+
+
+def test_rates_per_parameter_skip_the_adapted_sets_with_a_parameter_without_a_rate():
+    model = mlp([2, 5, 1], "tanh")
+    tasks = [regression_task(seed) for seed in range(2)]
+    rates = {n: t for n, t in meta_sgd(model).items() if n.startswith("2.")}  # ANIL: the head's rates
+    exact = oracle.meta_gradient(model, tasks, RATE_K, rates, adapt="head")
+    wrong = {**exact, "0.bias": -exact["0.bias"]}
+    found = diagnose(wrong, model, tasks, RATE_K, rates, adapt="head")
+    assert found.label == "unexplained", str(found)
+    assert any("adapted sets with parameters that have no inner rate" in s for s in found.skipped)
+    assert "adapted sets with parameters that have no inner rate" in found.detail
