@@ -1439,6 +1439,14 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "rates-vd-missing-zero-rate-passes",
+        "gradcheck/diagnose.py",
+        '    if absent and found.label == "exact":',
+        "    if False:",
+        "a candidate without a rate's gradient called exact because that gradient is zero",
+        (f"{GC}/test_diagnose.py::test_a_missing_rate_gradient_whose_truth_is_zero_is_named_not_passed",),
+    ),
+    Mutant(
         "rates-vd-detached-zeroes-theta",
         "gradcheck/diagnose.py",
         "transform=lambda g: {n: torch.zeros_like(t) if n in keys else t for n, t in g.items()},",

@@ -369,3 +369,18 @@ def test_rates_per_parameter_skip_the_adapted_sets_with_a_parameter_without_a_ra
     assert found.label == "unexplained", str(found)
     assert any("adapted sets with parameters that have no inner rate" in s for s in found.skipped)
     assert "adapted sets with parameters that have no inner rate" in found.detail
+
+
+def test_a_missing_rate_gradient_whose_truth_is_zero_is_named_not_passed():
+    """A rate of a parameter the loss never reads has a zero meta-gradient: a candidate that
+    leaves that key out is not 'exact' — the key is named."""
+    from tests.helpers import Spare
+
+    model, task = Spare(), regression_task(0)
+    rates = {n: torch.full_like(p, 0.1).requires_grad_() for n, p in model.named_parameters()}
+    exact = oracle.meta_gradient(model, task, RATE_K, rates)
+    assert not exact["inner_lr.spare"].any() and exact["inner_lr.linear.weight"].any()
+    left_out = {k: g for k, g in exact.items() if k != "inner_lr.spare"}
+    found = diagnose(left_out, model, task, RATE_K, rates)
+    assert found.label == "unexplained", str(found)
+    assert "returns no meta-gradient for the learned inner rates ['inner_lr.spare']" in found.detail
