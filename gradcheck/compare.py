@@ -109,7 +109,7 @@ class Report:
 
     ``eps`` is the machine epsilon of the coarser of the two dtypes (it defines ≈0 references);
     ``rtol`` is the candidate's precision (:func:`gradcheck.tolerances.default_rtol`), the
-    default of every verdict below.
+    default of every verdict below; ``rates`` are the keys that are learned inner rates.
     """
 
     rows: list[Row]
@@ -119,6 +119,7 @@ class Report:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     eps: float = torch.finfo(torch.float64).eps
     rtol: float = PRECISIONS[torch.float64]
+    rates: tuple[str, ...] = ()
 
     @property
     def keys_match(self) -> bool:
@@ -178,8 +179,17 @@ class Report:
                 f"≈0 reference: |r| ≤ √ε·|r overall| = {threshold:.1e} (ε = {self.eps:.1e}), a ratio of "
                 "rounding noises;\n  judged by |c-r| ≤ atol + rtol·|r overall|·√(n/N) instead"
             )
-        if self.missing:
-            lines.append(f"missing from candidate: {', '.join(self.missing)}")
+        missing = [k for k in self.missing if k not in self.rates]
+        if missing:
+            lines.append(f"missing from candidate: {', '.join(missing)}")
+        rates = [k for k in self.missing if k in self.rates]
+        if rates:
+            several = len(rates) > 1
+            lines.append(
+                f"missing from candidate: the meta-gradient of the learned inner rate{'s' * several} "
+                f"{', '.join(rates)} — return it under {'these keys' if several else 'this key'} "
+                "(or return None and leave it in the rate's .grad)"
+            )
         if self.unexpected:
             lines.append(f"not in reference: {', '.join(self.unexpected)}")
         for name, c_shape, r_shape in self.mismatched:
@@ -202,8 +212,14 @@ class Report:
             )
 
 
-def compare(candidate: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> Report:
-    """Compare two ``{name: tensor}`` meta-gradients (e.g. a candidate with the oracle's)."""
+def compare(
+    candidate: Mapping[str, Tensor], reference: Mapping[str, Tensor], *, rates: Iterable[str] = ()
+) -> Report:
+    """Compare two ``{name: tensor}`` meta-gradients (e.g. a candidate with the oracle's).
+
+    ``rates`` names the reference's keys that are meta-gradients of learned inner rates
+    (:mod:`gradcheck.rates`): they are compared like parameters, and one the candidate lacks is
+    reported as such."""
     for which, grads in (("candidate", candidate), ("reference", reference)):
         if not isinstance(grads, Mapping):
             raise TypeError(f"{which} must be a mapping name -> tensor, got {type(grads).__name__}")
@@ -231,4 +247,5 @@ def compare(candidate: Mapping[str, Tensor], reference: Mapping[str, Tensor]) ->
         mismatched=mismatched,
         eps=_eps([*candidate.values(), *reference.values()]),
         rtol=default_rtol(candidate),
+        rates=tuple(k for k in rates if k in reference),
     )

@@ -14,10 +14,18 @@ label                  hypothesis [reference calls]                     typical 
                                                                         copy_initial_weights);
                                                                         lazy: d built with θ's
                                                                         graph
+``rates_detached``     learned rates: θ's part of g, the rates'         ``.detach()``/``.item()``
+                       gradients 0 (or missing) [0]                     on α; an optimizer that
+                                                                        does not see the rates
 ``scaled``             c = s g, s = ⟨c, g⟩/⟨g, g⟩ (least squares) [0]    sum over B tasks, not
                                                                         the mean (s = B)
 ``first_order``        first-order MAML [1] (the oracle; a lazy         ``create_graph=False``;
-                       reference: η = 0)                                a hook returning d
+                       reference: η = 0); with rates, their             a hook returning d
+                       first-order gradients too
+``last_step_only``     ``query_weights``: L_Q(φ_K) alone, weight 1      the multi-step loss
+                       or w_{K−1} [1]                                   never switched on
+``per_step_rates_      per-step rates collapsed to α′_k = α_0, the      ``lr[0]`` at every step;
+shared``               rate gradient summed into index 0 [1]            the step index not used
 ``adapt``              the presets (all, head, body), all but the       BatchNorm's affine
                        modules of one type [1 each]                     parameters not adapted;
                                                                         ANIL vs MAML
@@ -31,6 +39,14 @@ label                  hypothesis [reference calls]                     typical 
 ``leap``               γ′ ∈ (0, 1] by the same fit [≤ 8]                 the teacher's fraction
 ``unexplained``        none of these                                    —
 =====================  ===============================================  ======================
+
+**Learned rates, a multi-step loss, a step index** (:mod:`gradcheck.rates`): a hypothesis that
+cannot be run under them is skipped and named in ``Diagnosis.skipped`` (and in an unexplained
+detail) — K + 1 with a step index (the model may have no step K) or a multi-step loss (no
+weight for it), K′ steps with fewer than K′ per-step rates, the α′ fit for learned rates, the γ′
+fit with a multi-step loss, and, with rates per parameter, the adapted sets that add a parameter
+without a rate. K′ steps with more than K′ + 1 per-step rates run on the first K′ + 1 (the
+others then get no gradient); K − 1 with a multi-step loss keeps the first K − 1 weights.
 
 Every hypothesis but ``scaled`` changes one setting of the reference (``loop.replace(...)`` on
 its :class:`gradcheck.settings.InnerLoop`), so one that explains c to rtol = 1e-9 pins the cause:
@@ -78,9 +94,9 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +105,7 @@ from . import oracle
 from ._higher import DIFFERENTIABLE
 from .compare import Report, compare
 from .parameters import Adapt, flat, resolve_adapt, trainable
+from .rates import Rates, coordinates
 from .settings import InnerLoop, InnerOptimizer
 from .state import preserved
 from .task import Tasks, as_tasks
@@ -101,6 +118,9 @@ LABELS = (
     "scaled",
     "no_meta_gradient",
     "first_order",
+    "rates_detached",
+    "per_step_rates_shared",
+    "last_step_only",
     "adapt",
     "steps",
     "inner_lr",
@@ -133,7 +153,9 @@ class Diagnosis:
     ‖c − g_h‖/‖g‖ for the explaining hypothesis h (for ``"unexplained"``, the closest one, named
     by ``hypothesis``); ``disagree`` names the parameters with the largest share of ‖c − g‖²;
     ``reference`` names what the candidate was compared with ("the oracle" or "the reference
-    'lazy'"); ``oracle_calls`` (the reference's calls) and ``seconds`` are the cost.
+    'lazy'"); ``oracle_calls`` (the reference's calls) and ``seconds`` are the cost;
+    ``skipped`` says which hypotheses could not be run under these settings, and why (an
+    unexplained diagnosis says so in its detail).
     """
 
     label: str
@@ -146,6 +168,7 @@ class Diagnosis:
     oracle_calls: int = 0
     seconds: float = 0.0
     reference: str = "the oracle"
+    skipped: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"diagnosis: {self.label} — {self.detail}"
@@ -174,7 +197,15 @@ class Reference:
             )
         self.function, self.model, self.task_or_tasks = function, model, task_or_tasks
         self.tasks = as_tasks(task_or_tasks)
-        self.adapted = resolve_adapt(model, loop.adapt)
+        every, self.adapted, self.schedule = coordinates(model, loop.adapt, loop.inner_lr, loop.steps)
+        theta = trainable(model)
+        self.external = {k: t for k, t in every.items() if k not in theta}
+        """The learned rates that are not parameters of the model, by their meta-gradient keys."""
+        self.rate_keys = tuple(dict.fromkeys(self.schedule.keys.values())) if self.schedule else ()
+        """The meta-gradient keys of every learned rate (a model's own rate: its parameter name)."""
+        owned = set(self.schedule.keys.values()) & set(theta) if self.schedule else set()
+        self.adaptable = tuple(n for n in theta if n not in owned)
+        """The trainable parameters other than the model's own rates (which are never adapted)."""
         self.loop = loop.replace(adapt=self.adapted)
         self.name = _name(function)
         self.varies = _declared(function)
@@ -207,7 +238,7 @@ class Reference:
             if name not in _NOT_FOR_REFERENCES and getattr(loop, name) != _DEFAULTS[name]
         }
         with preserved(self.model):
-            out = self.function(self.model, self.task_or_tasks, loop.steps, loop.inner_lr, **settings)
+            out = self.function(self.model, self.task_or_tasks, loop.steps, loop.given_lr, **settings)
         if not isinstance(out, Mapping) or not all(isinstance(t, Tensor) for t in out.values()):
             raise TypeError(f"{self.name} must return {{name: tensor}}, got {type(out).__name__}")
         return {n: t.detach() for n, t in out.items()}
@@ -247,9 +278,15 @@ class _Hypothesis:
     hint: str = ""
     change: Mapping[str, Any] = field(default_factory=dict)
     scale: float = 1.0
+    transform: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None
+    """What the candidate's gradient is made of the reference's (rates zeroed, summed, padded)."""
 
     def gradient(self, reference: Reference, truth: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         base = reference(reference.loop.replace(**self.change)) if self.change else truth
+        if self.transform is not None:
+            base = self.transform(base)
+        # a learned rate the varied setting leaves out (not adapted) gets no gradient: zero
+        base = {**{n: torch.zeros_like(t) for n, t in truth.items() if n not in base}, **base}
         return base if self.scale == 1 else {n: self.scale * t.double() for n, t in base.items()}
 
     def what(self, reference: str) -> str:
@@ -267,11 +304,11 @@ def _names(chosen: tuple[str, ...], limit: int = 6) -> str:
 
 
 def _adapted_sets(
-    model: nn.Module, requested: tuple[str, ...]
+    model: nn.Module, requested: tuple[str, ...], names: tuple[str, ...]
 ) -> tuple[list[_Hypothesis], list[_Hypothesis]]:
     """Adapted sets near the requested one A, in two tiers — the presets and the modules of one
-    type (few, likely), then one module at a time (three per module) — no set twice, never A."""
-    names = tuple(trainable(model))
+    type (few, likely), then one module at a time (three per module) — no set twice, never A.
+    ``names`` are the parameters that may be adapted (the trainable ones but a model's rates)."""
     owners: dict[str, tuple[str, ...]] = {}  # module prefix -> its trainable parameters
     kinds: dict[str, str] = {}  # module prefix -> its class name
     for prefix, module in model.named_modules():
@@ -290,7 +327,8 @@ def _adapted_sets(
         ("body", "all but the head (BOIL)", "BOIL's inner loop"),
     ):
         with contextlib.suppress(ValueError):  # a single parametrised module has no body
-            likely.append((what, resolve_adapt(model, preset), why))
+            chosen = tuple(n for n in resolve_adapt(model, preset) if n in names)
+            likely.append((what, chosen, why))
     for kind in dict.fromkeys(kinds.values()):
         members = [n for prefix, mine in owners.items() if kinds[prefix] == kind for n in mine]
         why = f"the {kind} modules' parameters kept out of the inner loop"
@@ -431,12 +469,15 @@ def diagnose(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     first_order: bool = False,
     inner_optimizer: InnerOptimizer = "sgd",
+    per_step_lr: bool = False,
+    query_weights: Sequence[float] | None = None,
+    step_kwarg: str | None = None,
     rtol: float | None = None,
     atol: float = ATOL,
     reference: ReferenceFunction | None = None,
@@ -448,9 +489,22 @@ def diagnose(
     docstring). ``rtol`` defaults to the candidate's precision and ``atol`` to 0
     (:mod:`gradcheck.tolerances`). ``reference_gradient``, the reference's meta-gradient under
     the requested settings where already known, saves one reference call. The model is left
-    exactly as it was.
+    exactly as it was. ``inner_lr`` may hold learned rates, ``per_step_lr``, ``query_weights`` and
+    ``step_kwarg`` are the settings of :class:`gradcheck.settings.InnerLoop`; a learned rate's
+    meta-gradient is expected under its key (its parameter name for a model's own rate, else
+    ``"inner_lr"`` / ``"inner_lr.<name>"``).
     """
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, first_order=first_order)
+    loop = InnerLoop(
+        steps,
+        cast("float | Rates", inner_lr),  # InnerLoop reads a tensor or a mapping as Rates
+        leap,
+        inner_optimizer,
+        adapt=adapt,
+        first_order=first_order,
+        per_step_lr=per_step_lr,
+        query_weights=None if query_weights is None else tuple(query_weights),
+        step_kwarg=step_kwarg,
+    )
     source = Reference(reference, model, task_or_tasks, loop)
     return run(candidate_gradient, source, rtol=rtol, atol=atol, truth=reference_gradient)
 
@@ -468,8 +522,19 @@ def run(
     started = time.perf_counter()
     rtol = default_rtol(candidate) if rtol is None else rtol
     truth = dict(truth) if truth is not None else reference()
-    report = compare(candidate, truth)
+    report = compare(candidate, truth, rates=reference.rate_keys)
+    absent = [k for k in report.missing if k in reference.rate_keys]
+    if absent and absent == report.missing and not (report.unexpected or report.mismatched):
+        # no gradient for a learned rate is a zero one: the hypotheses say what the rest is
+        candidate = {**candidate, **{k: torch.zeros_like(truth[k]) for k in absent}}
+        report = compare(candidate, truth, rates=reference.rate_keys)
     found = _screen(report, rtol, atol, reference) or _search(candidate, truth, report, reference, rtol, atol)
+    if absent and found.label == "exact":  # θ agrees, the rates' gradient is ≈0 and was left out
+        found = Diagnosis(
+            "unexplained",
+            f"the candidate agrees with {reference.name} on θ but returns no meta-gradient for the "
+            f"learned inner rates {absent} (return them under these keys)",
+        )
     return _finish(found, report, reference, started)
 
 
@@ -521,7 +586,8 @@ def _search(
     """The first hypothesis that explains the candidate to (rtol, atol), or the closest one."""
     norm = report.overall.reference_norm or 1.0
     closest, settings_tried = (math.inf, ""), 0
-    for hypothesis in _hypotheses(candidate, truth, report, reference):
+    skipped: list[str] = []
+    for hypothesis in _hypotheses(candidate, truth, report, reference, skipped):
         fit = compare(candidate, hypothesis.gradient(reference, truth))
         residual = fit.overall.abs_error / norm
         closest = min(closest, (residual, hypothesis.what(reference.name)))
@@ -534,6 +600,7 @@ def _search(
                 settings=dict(hypothesis.change),
                 scale=hypothesis.scale if hypothesis.label == "scaled" else None,
                 residual=residual,
+                skipped=tuple(skipped),
             )
     residual, what = closest
     lazy = "jacobian_step" in reference.varies
@@ -548,10 +615,15 @@ def _search(
         f"no nearby setting of {reference.name} explains the candidate (tried the scale, zero and "
         f"{settings_tried} settings — {kinds}); closest: {what} (|c − g_h|/|g| = {residual:.1e}, against "
         f"{report.overall.rel_error:.1e} for the requested settings){_zero_rows(report, rtol, atol)}"
-        f"{_HOOKS_HINT if lazy else ''}",
+        f"{_HOOKS_HINT if lazy else ''}{_not_tried(skipped)}",
         hypothesis=what,
         residual=residual,
+        skipped=tuple(skipped),
     )
+
+
+def _not_tried(skipped: list[str]) -> str:
+    return f"; not tried: {'; '.join(skipped)}" if skipped else ""
 
 
 _HOOKS_HINT = (
@@ -579,16 +651,23 @@ def _finish(found: Diagnosis, report: Report, reference: Reference, started: flo
 
 
 def _hypotheses(
-    candidate: Mapping[str, Tensor], truth: Mapping[str, Tensor], report: Report, reference: Reference
+    candidate: Mapping[str, Tensor],
+    truth: Mapping[str, Tensor],
+    report: Report,
+    reference: Reference,
+    skipped: list[str],
 ) -> Iterator[_Hypothesis]:
-    """Every hypothesis, cheapest and likeliest first: the scale, first order (the oracle only),
-    the likely adapted sets, K ± 1, the fit of α, one module at a time, the fit of γ."""
+    """Every hypothesis, cheapest and likeliest first: the rates detached, the scale, first order
+    (the oracle only), the last step only, per-step rates shared, the likely adapted sets, K ± 1,
+    the fit of α, one module at a time, the fit of γ. What cannot be run here is appended to
+    ``skipped``, with the reason."""
     loop, name = reference.loop, reference.name
 
     def vector(g: Mapping[str, Tensor]) -> Tensor:
         return flat(g[n] for n in truth).detach().double()
 
     c, g = vector(candidate), vector(truth)
+    yield from _zero_rates(reference, truth)
     if report.overall.reference_norm:
         s = torch.dot(c, g).item() / torch.dot(g, g).item()
         yield _Hypothesis(
@@ -618,17 +697,30 @@ def _hypotheses(
         yield _Hypothesis(
             "first_order", order, f"the candidate equals {order}", why, {"first_order": not loop.first_order}
         )
-    likely, per_module = _adapted_sets(reference.model, reference.adapted)
-    yield from likely
+    yield from _multi_step(loop)
+    yield from _per_step_shared(reference)
+    likely, per_module = _adapted_sets(reference.model, reference.adapted, reference.adaptable)
+    yield from _with_rates(likely, reference, skipped)
     one = (1,) if not reference.is_oracle and loop.steps > 2 else ()  # one step where K were asked
     for steps in (loop.steps - 1, loop.steps + 1, *one):
-        if steps >= 0:
-            detail = f"the candidate takes K = {steps} inner step{'s' * (steps != 1)}, not {loop.steps}"
-            hint = "an off-by-one in the inner loop" if abs(steps - loop.steps) == 1 else "one step only"
-            if steps == 1 and lazy:
-                hint = _ONE_STEP_HINT
-            yield _Hypothesis("steps", f"K = {steps}", detail, hint, {"steps": steps})
-    if lazy and not loop.learned and loop.steps > 0 and loop.leap * loop.lr("the leap hypothesis") <= 1:
+        if steps < 0:
+            continue
+        change, transform, why = _steps_change(reference, steps)
+        if why:
+            skipped.append(f"K = {steps} ({why})")
+            continue
+        detail = f"the candidate takes K = {steps} inner step{'s' * (steps != 1)}, not {loop.steps}"
+        hint = "an off-by-one in the inner loop" if abs(steps - loop.steps) == 1 else "one step only"
+        if steps == 1 and lazy:
+            hint = _ONE_STEP_HINT
+        yield _Hypothesis("steps", f"K = {steps}", detail, hint, change, transform=transform)
+    if (
+        lazy
+        and not loop.learned
+        and loop.query_weights is None
+        and loop.steps > 0
+        and loop.leap * loop.lr("the leap hypothesis") <= 1
+    ):
         fraction = loop.leap * loop.lr("the leap hypothesis")
         yield _Hypothesis(
             "leap",
@@ -654,21 +746,185 @@ def _hypotheses(
             yield _Hypothesis(
                 "jacobian_step", f"η′ = {value!r}", detail, _eta_hint(value, loop), {"jacobian_step": value}
             )
-
-    # α in log space (α′ > 0), probing α's float32 rounding first
-    lr = 1.0 if loop.learned else loop.lr("the step-size hypothesis")
-    at_lr = lambda x: vector(reference(loop.replace(inner_lr=lr * math.exp(x))))  # noqa: E731
-    probe, bounds = math.log(_float32(lr) / lr) or 1e-3, (-math.log(1e3), math.log(1e3))
-    for x in () if loop.learned else _secant(at_lr, c, (0.0, g), probe, bounds, 1.0):
-        value = lr * math.exp(x)
-        detail = (
-            f"the candidate's inner step size is α′ = {value!r}, not {lr!r} (relative {value / lr - 1:+.2e})"
-        )
-        yield _Hypothesis("inner_lr", f"α′ = {value!r}", detail, _lr_hint(value, lr), {"inner_lr": value})
-    yield from per_module
+    if loop.learned:  # no one α to fit: the rates are tensors (their own hypotheses are above)
+        skipped.append("a fitted α′ (the inner rates are learned tensors)")
+    else:  # α in log space (α′ > 0), probing α's float32 rounding first
+        lr = loop.lr("the step-size hypothesis")
+        at_lr = lambda x: vector(reference(loop.replace(inner_lr=lr * math.exp(x))))  # noqa: E731
+        probe, bounds = math.log(_float32(lr) / lr) or 1e-3, (-math.log(1e3), math.log(1e3))
+        for x in _secant(at_lr, c, (0.0, g), probe, bounds, 1.0):
+            value = lr * math.exp(x)
+            detail = (
+                f"the candidate's inner step size is α′ = {value!r}, not {lr!r} "
+                f"(relative {value / lr - 1:+.2e})"
+            )
+            yield _Hypothesis("inner_lr", f"α′ = {value!r}", detail, _lr_hint(value, lr), {"inner_lr": value})
+    yield from _with_rates(per_module, reference, skipped)
+    if loop.query_weights is not None:  # a multi-step loss scores φ_1 … φ_K themselves: no teacher
+        skipped.append("a fitted γ′ (a multi-step loss has no teacher's fraction)")
+        return
     leap = loop.leap
     at_leap = lambda x: vector(reference(loop.replace(leap=x)))  # noqa: E731
     probe = leap - 1e-3 if _float32(leap) == leap else _float32(leap)
     for x in _secant(at_leap, c, (leap, g), probe, (1e-6, 1.0), 1.0):
         detail = f"the candidate scores the teacher θ + γ′(φ_K − θ) at γ′ = {x:.9g}, not γ = {leap:g}"
         yield _Hypothesis("leap", f"γ′ = {x!r}", detail, change={"leap": x})
+
+
+# --- learned rates and the multi-step loss ------------------------------------------------------
+
+
+def _zero_rates(reference: Reference, truth: Mapping[str, Tensor]) -> Iterator[_Hypothesis]:
+    """``rates_detached``: θ's part of the reference, zero for every learned rate — the rates were
+    used as constants (their values are right, so θ's meta-gradient is unchanged)."""
+    keys = [k for k in reference.rate_keys if k in truth]
+    if not keys or not any(bool(truth[k].any()) for k in keys):
+        return
+    yield _Hypothesis(
+        "rates_detached",
+        f"{reference.name} with the learned rates' gradients zero",
+        f"the candidate's meta-gradient of θ agrees with {reference.name}, but it has none for the "
+        f"learned inner rates ({_names(tuple(keys))})",
+        "the rates were used as constants, e.g. .detach() or .item() on the learning rate, or an "
+        "optimizer that does not see them",
+        transform=lambda g: {n: torch.zeros_like(t) if n in keys else t for n, t in g.items()},
+    )
+
+
+def _multi_step(loop: InnerLoop) -> Iterator[_Hypothesis]:
+    """``last_step_only``: with ``query_weights`` w, the candidate scores L_Q(φ_K) alone (weight 1,
+    or w_{K−1}, the last step's weight)."""
+    if loop.query_weights is None:
+        return
+    last = loop.query_weights[-1]
+    for weight in dict.fromkeys((1.0, last)):
+        scale = f"{weight:g} × " if weight != 1 else ""
+        yield _Hypothesis(
+            "last_step_only",
+            f"the last step's query loss only ({scale}L_Q(φ_K))",
+            f"the candidate scores only {scale}L_Q(φ_K), not the multi-step loss Σ_k w_k L_Q(φ_(k+1)) "
+            f"with w = {list(loop.query_weights)}",
+            "the multi-step loss not applied (e.g. it is on only for the first epochs, or never switched on)",
+            {"query_weights": None},
+            scale=weight,
+        )
+
+
+def _variant(
+    reference: Reference,
+    steps: int,
+    make: Callable[[Tensor], Tensor],
+    back: Callable[[Tensor, Tensor], Tensor],
+) -> tuple[Any, Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]]:
+    """New rate tensors ``make(α)`` (detached copies, as learned as α), as ``inner_lr`` is given,
+    and the transform that takes the reference's gradient under them back to the requested
+    rates: ``back(gradient, α)`` under α's own key (a model's rate parameter keeps its name)."""
+    rates, schedule = reference.loop.inner_lr, reference.schedule
+    assert isinstance(rates, Rates) and schedule is not None
+    made: dict[int, Tensor] = {}
+
+    def new(t: Tensor) -> Tensor:
+        if id(t) not in made:
+            made[id(t)] = make(t.detach()).clone().requires_grad_(t.requires_grad)
+        return made[id(t)]
+
+    given = rates.given
+    changed = new(given) if isinstance(given, Tensor) else {n: new(t) for n, t in rates.tensors.items()}
+    keys = Rates.of(changed, rates.per_step).resolve(reference.model, reference.adapted, steps).keys
+
+    def transform(g: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        out = dict(g)
+        for n in schedule.keys:
+            out.pop(keys[n], None)
+        for n, old in schedule.keys.items():
+            out[old] = back(g[keys[n]], schedule.rates[n])
+        return out
+
+    return changed, transform
+
+
+def _per_step_shared(reference: Reference) -> Iterator[_Hypothesis]:
+    """``per_step_rates_shared``: per-step rates α_0 … α_(S−1), but the candidate steps with α_0 at
+    every step. Its gradient is the reference's at the collapsed rates α′_k = α_0 (every k), with
+    each rate's gradient summed over the steps into index 0 (the only entry the candidate reads)
+    and zero at the others — by the chain rule, ∂F/∂α_0 = Σ_k ∂F/∂α′_k there."""
+    loop = reference.loop
+    if not (loop.learned and loop.per_step_lr and loop.steps > 1 and reference.rate_keys):
+        return
+
+    def back(grad: Tensor, rate: Tensor) -> Tensor:
+        out = torch.zeros_like(grad)
+        out[0] = grad.sum(0)
+        return out
+
+    changed, transform = _variant(reference, loop.steps, lambda t: t[:1].expand_as(t), back)
+    yield _Hypothesis(
+        "per_step_rates_shared",
+        "one rate for every step (each per-step rate's index 0)",
+        f"the candidate steps with the per-step rates' first entry α_0 at all {loop.steps} steps, "
+        "its rate gradient summed into index 0",
+        "the step index not passed to the rates (e.g. lr[0] in the loop, or num_step fixed at 0)",
+        {"inner_lr": changed},
+        transform=transform,
+    )
+
+
+def _steps_change(
+    reference: Reference, steps: int
+) -> tuple[dict[str, Any], Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None, str]:
+    """The change for the hypothesis K′ = ``steps``, the transform of its gradient, or why it
+    cannot be run. Per-step rates of S entries: a candidate with more than S steps has no rate
+    for them; with S > K′ + 1 the reference runs with the first K′ + 1 (the candidate's gradient
+    of the others is zero). ``query_weights``: K′ < K scores the first K′ weights; K′ > K has no
+    weight for the extra step. A step index (``step_kwarg``): K′ > K would index a step the model
+    need not have."""
+    loop = reference.loop
+    change: dict[str, Any] = {"steps": steps}
+    if steps > loop.steps and loop.step_kwarg is not None:
+        return (
+            change,
+            None,
+            f"the model is told the step index by {loop.step_kwarg!r}: it may have no step {loop.steps}",
+        )
+    if loop.query_weights is not None:
+        if steps > loop.steps:
+            return change, None, "query_weights has no weight for an extra step"
+        change["query_weights"] = loop.query_weights[:steps] or None
+    if not (loop.learned and loop.per_step_lr and reference.schedule is not None):
+        return change, None, ""
+    entries = {int(t.shape[0]) for t in reference.schedule.rates.values()}
+    if max(entries) < steps:
+        return change, None, f"the per-step rates have {max(entries)} entries, too few for {steps} steps"
+    if max(entries) <= steps + 1:
+        return change, None, ""
+
+    def back(grad: Tensor, rate: Tensor) -> Tensor:
+        out = grad.new_zeros(rate.shape)
+        out[: grad.shape[0]] = grad
+        return out
+
+    changed, transform = _variant(reference, steps, lambda t: t[: steps + 1], back)
+    change["inner_lr"] = changed
+    return change, transform, ""
+
+
+def _with_rates(
+    hypotheses: Sequence[_Hypothesis], reference: Reference, skipped: list[str]
+) -> Iterator[_Hypothesis]:
+    """The adapted-set hypotheses under rates given per parameter: a subset of the requested set
+    keeps the rates of its members (the others are not stepped: their rates get no gradient); a
+    set with a parameter that has no rate cannot be run."""
+    rates = reference.loop.inner_lr
+    if not isinstance(rates, Rates) or "" in rates.tensors:  # one α or one rate for all: any set
+        yield from hypotheses
+        return
+    requested, left_out = set(reference.adapted), 0
+    for h in hypotheses:
+        chosen = h.change["adapt"]
+        if not set(chosen) <= requested:
+            left_out += 1
+            continue
+        given = {n: rates.tensors[n] for n in chosen}
+        yield dataclasses.replace(h, change={**h.change, "inner_lr": given})
+    if left_out:
+        skipped.append(f"{left_out} adapted sets with parameters that have no inner rate")

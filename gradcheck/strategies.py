@@ -16,7 +16,10 @@ Every part has its own strategy (:func:`mlps`, :func:`conv_nets`, :func:`regress
 :func:`classification_tasks`, :func:`inner_steps`, :func:`inner_lrs`, :func:`leaps`,
 :func:`adapts`), and every argument of :func:`problems` narrows or widens one; an ``int`` may be
 given wherever a strategy of ints is taken. By default problems are plain MAML (``adapt=None``,
-``leap=1.0``); pass ``adapt=adapts()`` or ``leap=leaps()`` to draw those too.
+``leap=1.0``, one float α); pass ``adapt=adapts()`` or ``leap=leaps()`` to draw those too, and
+``rates=rate_kinds()`` for learned inner rates (:data:`RATES`: a 0-dim tensor α, Meta-SGD's
+per-entry rates, MAML++'s per-step rates with K + 1 entries) — each a tensor that requires grad,
+whose meta-gradient the candidate returns under ``"inner_lr"`` / ``"inner_lr.<name>"``.
 
 Models and data are generated from a drawn integer seed through a private ``torch.Generator``:
 a draw is deterministic and never reads or advances torch's global random state.
@@ -47,7 +50,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "gradcheck.testing.assert_meta_gradient works without it"
     ) from error
 
-from .parameters import Adapt
+from .parameters import Adapt, resolve_adapt
 from .task import Task
 from .testing import Problem
 
@@ -55,6 +58,7 @@ __all__ = [
     "ACTIVATIONS",
     "KINDS",
     "PROFILE",
+    "RATES",
     "Problem",
     "adapts",
     "classification_tasks",
@@ -64,6 +68,7 @@ __all__ = [
     "leaps",
     "mlps",
     "problems",
+    "rate_kinds",
     "regression_tasks",
     "seeds",
 ]
@@ -115,6 +120,38 @@ def leaps(min_value: float = 0.05, max_value: float = 1.0) -> st.SearchStrategy[
 def adapts(choices: Sequence[Adapt] = (None, "head", "body")) -> st.SearchStrategy[Adapt]:
     """What the inner loop adapts: all (MAML), the head (ANIL) or the body (BOIL)."""
     return st.sampled_from(list(choices))
+
+
+RATES = ("none", "scalar", "per_entry", "per_step")
+"""How the inner rates are drawn: one float α (``"none"``: nothing learned), a learned 0-dim
+tensor α, a learned rate per entry of every adapted parameter (Meta-SGD), or per entry and per
+step with K + 1 steps (MAML++'s LSLR, ``per_step_lr=True``)."""
+
+
+def rate_kinds(choices: Sequence[str] = RATES) -> st.SearchStrategy[str]:
+    """Which kind of inner rates a problem has (:data:`RATES`)."""
+    unknown = sorted(set(choices) - set(RATES))
+    if unknown or not choices:
+        raise ValueError(f"rate kinds must be a non-empty selection of {RATES}, got {tuple(choices)!r}")
+    return st.sampled_from(list(choices))
+
+
+def _rates(
+    kind: str, model: nn.Module, adapt: Adapt, steps: int, alpha: float, seed: int
+) -> Tensor | dict[str, Tensor]:
+    """Learned rates of ``kind`` around α: each entry α·(0.5 + U(0, 1)), from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    if kind == "scalar":
+        return torch.tensor(alpha, dtype=dtype).requires_grad_()
+    lead = (steps + 1,) if kind == "per_step" else ()
+    params = dict(model.named_parameters())
+    return {
+        n: (alpha * (0.5 + torch.rand(lead + params[n].shape, generator=g, dtype=torch.float64)))
+        .to(dtype)
+        .requires_grad_()
+        for n in resolve_adapt(model, adapt)
+    }
 
 
 # --- models: built without touching the global RNG, initialised from a generator --------------
@@ -330,15 +367,20 @@ def problems(
     shots: IntLike | None = None,
     queries: IntLike | None = None,
     dtype: torch.dtype = torch.float64,
+    rates: str | st.SearchStrategy[str] = "none",
 ) -> Problem:
     """A :class:`gradcheck.testing.Problem` of one of ``kinds`` (:data:`KINDS`) with
     ``meta_batch`` tasks of equal shapes (1–3; ``Task.stack`` accepts them), K from ``steps``
-    (1–3), α from ``inner_lr`` (0.01–0.5), ``adapt`` (None) and ``leap`` (1.0) — constants or
+    (1–3), α from ``inner_lr`` (0.01–0.5), ``adapt`` (None), ``leap`` (1.0) and ``rates``
+    (``"none"``: one float α; :func:`rate_kinds` to draw learned ones around α) — constants or
     strategies. ``shots`` and ``queries`` count support and query points per task for regression
     (2–6, 2–7), per class for classification (1–2 each). The tasks are a tuple."""
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty selection of {KINDS}, got {tuple(kinds)!r}")
+    rate = draw(_strategy(rates))
+    if rate not in RATES:
+        raise ValueError(f"rates must be one of {RATES}, got {rate!r}")
     kind = draw(st.sampled_from(list(kinds)))
     n = draw(st.integers(1, 3) if meta_batch is None else _strategy(meta_batch))
     if kind == "mlp":
@@ -360,4 +402,9 @@ def problems(
         "adapt": draw(_strategy(adapt)),
         "leap": draw(_strategy(leap)),
     }
+    if rate != "none":
+        settings_["inner_lr"] = _rates(
+            rate, model, settings_["adapt"], settings_["steps"], settings_["inner_lr"], draw(seeds())
+        )
+        settings_["per_step_lr"] = rate == "per_step"
     return Problem(model, tasks, label=f"{kind}: {_describe(model)}", **settings_)

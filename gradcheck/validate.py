@@ -9,7 +9,14 @@ oracle", or "the reference 'lazy'" after the callable's ``__name__``.
 
 **The candidate** is ``candidate_fn(model, task_or_tasks, steps, inner_lr)`` returning
 ``{name: gradient}``, or ``None`` to have the gradient read from ``p.grad`` (cleared before each
-call). It is called once per task, with that task. With ``meta_batch=True`` it takes a meta-batch
+call). ``inner_lr`` is passed exactly as given to ``validate``: a float, or learned rates (a
+tensor or a mapping, :mod:`gradcheck.rates`); a candidate that needs ``per_step_lr``,
+``query_weights`` or ``step_kwarg`` knows them itself (bind them with ``functools.partial``), as
+the reference is told them. A learned rate's meta-gradient is expected under the oracle's key —
+its parameter name for a rate the model holds (learn2learn's ``lrs.*``), else ``"inner_lr"`` or
+``"inner_lr.<name>"``; a candidate returning ``None`` leaves it in the rate tensor's ``.grad``,
+which is cleared before each call and restored, with the rate's value, afterwards. It is called
+once per task, with that task. With ``meta_batch=True`` it takes a meta-batch
 and must return the *mean* over its tasks: it is called once per task with a one-task meta-batch
 (``[task]``, or ``Task.stack([task])`` when given a ``TaskBatch``) for the per-task rows, and once
 with the whole meta-batch as given, for the overall verdict — B + 1 calls for B tasks.
@@ -52,7 +59,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +70,7 @@ from .diagnose import Diagnosis, Reference, ReferenceFunction
 from .diagnose import run as _diagnose
 from .models import common_random_numbers, conventions, hooks, random_modules, refuse_unsupported
 from .parameters import Adapt, trainable
+from .rates import Rates
 from .settings import InnerLoop, InnerOptimizer
 from .state import Change, Snapshot
 from .task import Task, TaskBatch, TaskLike, Tasks, as_tasks
@@ -73,7 +81,9 @@ __all__ = ["REFERENCE_DIRECTIONS", "Candidate", "SideEffect", "Validation", "val
 REFERENCE_DIRECTIONS = 2
 """Directions of the reference's self-check (docs/verification.md, "The reference checks itself")."""
 
-Candidate = Callable[[nn.Module, Any, int, float], "Mapping[str, Tensor] | None"]
+Candidate = Callable[[nn.Module, Any, int, Any], "Mapping[str, Tensor] | None"]
+"""``candidate_fn(model, task_or_tasks, steps, inner_lr) -> {name: gradient} | None``; ``inner_lr``
+as the caller gave it (a float, or the learned rates' tensor or mapping)."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +205,7 @@ def _mean(grads: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     return {
         k: torch.stack([g[k] for g in grads]).mean(0)
         for k in first
-        if all(k in g and g[k].shape == first[k].shape for g in grads)
+        if all(isinstance(g.get(k), Tensor) and g[k].shape == first[k].shape for g in grads)
     }
 
 
@@ -229,28 +239,85 @@ def _side_effects(model: nn.Module, calls: list[list[Change]]) -> list[SideEffec
     return out
 
 
+class _Rates:
+    """The learned rates that are not parameters of the model (key → tensor), held for one
+    candidate call: ``.grad`` cleared before it, the value, ``.grad`` and ``requires_grad``
+    restored after it, and what the call changed reported like a parameter's change."""
+
+    def __init__(self, rates: Mapping[str, Tensor]) -> None:
+        unique = {id(t): (k, t) for k, t in reversed(list(rates.items()))}  # each tensor once
+        self.rates = rates
+        self.held = [
+            (k, t, t.detach().clone(), t.grad, t.requires_grad) for k, t in unique.values() if t.is_leaf
+        ]
+        for _, t, _, _, _ in self.held:
+            t.grad = None
+
+    def gradients(self) -> dict[str, Tensor]:
+        """The rates' ``.grad`` as the call left it (zero where it wrote none)."""
+        return {
+            k: torch.zeros_like(t) if t.grad is None else t.grad.detach().clone()
+            for k, t in self.rates.items()
+        }
+
+    def changes(self) -> list[Change]:
+        out = []
+        for k, t, value, _, requires_grad in self.held:
+            if not torch.equal(t.detach(), value):
+                out.append(Change("parameter", k, "modified", (t.detach() - value).abs().max().item()))
+            if t.grad is not None:
+                out.append(Change("gradient", k, "changed"))
+            if t.requires_grad != requires_grad:
+                out.append(Change("requires_grad", k, "changed"))
+        return out
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for _, t, value, grad, requires_grad in self.held:
+                if not torch.equal(t.detach(), value):
+                    t.copy_(value)
+                t.requires_grad_(requires_grad)
+                t.grad = grad
+
+
 def _call(
-    candidate_fn: Candidate, model: nn.Module, arg: Any, loop: InnerLoop
+    candidate_fn: Candidate,
+    model: nn.Module,
+    arg: Any,
+    loop: InnerLoop,
+    rates: Mapping[str, Tensor],
+    rate_keys: tuple[str, ...] = (),
 ) -> tuple[Mapping[str, Tensor], list[Change]]:
-    """One candidate call on a model with cleared gradients: its gradient and its changes (undone)."""
+    """One candidate call on a model with cleared gradients: its gradient and its changes (undone).
+    ``rates``: the learned rates outside the model, whose ``.grad`` is read like ``p.grad``;
+    ``rate_keys``: every learned rate's key (a None there is a missing gradient)."""
     theta = trainable(model)
     for p in model.parameters():
         p.grad = None
     snapshot = Snapshot(model)
+    held = _Rates(rates)
     try:
         with common_random_numbers(model):  # the reference's random numbers (module docstring)
             returned = candidate_fn(model, arg, loop.steps, loop.given_lr)
+        if isinstance(returned, Mapping):  # None for a learned rate (autograd's unused): no gradient
+            returned = {k: g for k, g in returned.items() if g is not None or k not in rate_keys}
         out: Mapping[str, Tensor] = (
             returned
             if returned is not None
             else {
-                n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                for n, p in theta.items()
+                **{
+                    n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                    for n, p in theta.items()
+                },
+                **held.gradients(),
             }
         )
-        changes = snapshot.changes()
+        changes = snapshot.changes() + held.changes()
     finally:
-        snapshot.restore()
+        try:
+            snapshot.restore()
+        finally:
+            held.restore()
     if returned is None:  # writing p.grad is how such a candidate answers
         changes = [c for c in changes if c.kind != "gradient"]
     return out, changes
@@ -352,20 +419,19 @@ def _notes(model: nn.Module, meta_batch: bool) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _candidate_calls(
-    candidate_fn: Candidate, model: nn.Module, task_or_tasks: Tasks, loop: InnerLoop, meta_batch: bool
-) -> _Run:
+def _candidate_calls(candidate_fn: Candidate, source: Reference, meta_batch: bool) -> _Run:
     """The candidate on every task (as a one-task meta-batch with ``meta_batch``) and, with
     ``meta_batch``, once on the whole meta-batch; the model restored after every call."""
+    model, task_or_tasks, loop = source.model, source.task_or_tasks, source.loop
     tasks = as_tasks(task_or_tasks)
     outer = Snapshot(model)
     try:
         arguments: list[Any] = _one_task_batches(task_or_tasks, tasks) if meta_batch else list(tasks)
-        results = [_call(candidate_fn, model, a, loop) for a in arguments]
+        results = [_call(candidate_fn, model, a, loop, source.external, source.rate_keys) for a in arguments]
         per_task = [g for g, _ in results]
         if meta_batch:
             whole = task_or_tasks if isinstance(task_or_tasks, (TaskBatch, Sequence)) else tasks
-            results.append(_call(candidate_fn, model, whole, loop))
+            results.append(_call(candidate_fn, model, whole, loop, source.external, source.rate_keys))
             mean = results[-1][0]
         else:
             mean = _mean(per_task)
@@ -399,12 +465,15 @@ def validate(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     first_order: bool = False,
     inner_optimizer: InnerOptimizer = "sgd",
+    per_step_lr: bool = False,
+    query_weights: Sequence[float] | None = None,
+    step_kwarg: str | None = None,
     meta_batch: bool = False,
     rtol: float | None = None,
     atol: float = ATOL,
@@ -418,17 +487,31 @@ def validate(
     ``rtol`` defaults to the candidate's precision (1e-9 for float64) and ``atol`` to 0
     (:mod:`gradcheck.tolerances`); ``diagnosis=False`` skips the diagnosis (the reference calls
     it makes when the gradient fails). ``check_reference`` (module docstring): None checks the
-    oracle against finite differences first, True any reference, False none. The model is left
-    exactly as it was, whatever the candidate does.
+    oracle against finite differences first, True any reference, False none. ``inner_lr`` may
+    hold learned rates (a tensor or a mapping; ``per_step_lr`` for a step dimension),
+    ``query_weights`` makes the objective the multi-step loss and ``step_kwarg`` passes the step
+    index to the model (:class:`gradcheck.settings.InnerLoop`); the candidate is called with
+    ``inner_lr`` as given (module docstring). The model, and the rate tensors, are left exactly
+    as they were, whatever the candidate does.
     """
     refuse_unsupported(model, as_tasks(task_or_tasks), by="validate")
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, first_order=first_order)
+    loop = InnerLoop(
+        steps,
+        cast("float | Rates", inner_lr),  # InnerLoop reads a tensor or a mapping as Rates
+        leap,
+        inner_optimizer,
+        adapt=adapt,
+        first_order=first_order,
+        per_step_lr=per_step_lr,
+        query_weights=None if query_weights is None else tuple(query_weights),
+        step_kwarg=step_kwarg,
+    )
     source = Reference(reference, model, task_or_tasks, loop)
     truths = _references(source)
     checked, note = _check_reference(source, truths[1], check_reference)
-    run = _candidate_calls(candidate_fn, model, task_or_tasks, source.loop, meta_batch)
-    reports = [compare(c, r) for c, r in zip(run.per_task, truths[0])]
-    overall = compare(run.mean, truths[1])
+    run = _candidate_calls(candidate_fn, source, meta_batch)
+    reports = [compare(c, r, rates=source.rate_keys) for c, r in zip(run.per_task, truths[0])]
+    overall = compare(run.mean, truths[1], rates=source.rate_keys)
     rtol = default_rtol(run.mean) if rtol is None else rtol
     wrong_reference = checked is not None and bool(checked.failed)
     diagnose_now = diagnosis and not wrong_reference

@@ -250,12 +250,22 @@ def summed_hook_lazy(model, tasks, steps, inner_lr):
 
 
 def functional_maml_momentum_adamw(
-    model, task, steps, inner_lr, *, optimizer="momentum", momentum=0.9, nesterov=False, weight_decay=0.0
+    model,
+    task,
+    steps,
+    inner_lr,
+    *,
+    optimizer="momentum",
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=0.0,
+    create_graph=True,
 ):
     """Second-order MAML with ``torch.func`` and an inner optimizer written out from
     ``torch.optim``'s documented update (not gradcheck.optim's): ``"momentum"`` is SGD with
     momentum μ (buffer b₁ = g₁, b ← μb + g; Nesterov g + μb) and L2 weight decay; ``"adamw"`` is
-    AdamW (β = (0.9, 0.999), ε = 1e-8, decoupled decay p ← p(1 − αλ))."""
+    AdamW (β = (0.9, 0.999), ε = 1e-8, decoupled decay p ← p(1 − αλ)). ``create_graph=False``
+    is first-order by mistake."""
     params = dict(model.named_parameters())
     buffers = {n: b.clone() for n, b in model.named_buffers()}
 
@@ -264,9 +274,8 @@ def functional_maml_momentum_adamw(
 
     phi, state = params, {}
     for t in range(1, steps + 1):
-        grads = dict(
-            zip(phi, torch.autograd.grad(task.support_loss(at(phi)), list(phi.values()), create_graph=True))
-        )
+        loss = task.support_loss(at(phi))
+        grads = dict(zip(phi, torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph)))
         new = {}
         for n, p in phi.items():
             g = grads[n]
@@ -284,3 +293,194 @@ def functional_maml_momentum_adamw(
                 new[n] = p * (1 - inner_lr * weight_decay) - inner_lr * m_hat / (root + 1e-8)
         phi = new
     return dict(zip(params, torch.autograd.grad(task.query_loss(at(phi)), list(params.values()))))
+
+
+# Learned inner rates: ports of Meta-SGD, MAML++ and a learned scalar α, written as a user would,
+# each with its rate gradients in the returned dict, and the classic mistakes on purpose.
+
+
+class MetaSGD(torch.nn.Module):
+    """learn2learn's Meta-SGD layout: the learner under ``module`` and one rate tensor per
+    parameter, of the parameter's shape, under ``lrs`` (parameters of this module, so the
+    meta-gradient of ``lrs.i`` sits beside that of ``module.<name>``). The inner step is
+    p − lr ⊙ g."""
+
+    def __init__(self, model, lr):
+        super().__init__()
+        self.module = model
+        self.lrs = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.full_like(p.detach(), lr)) for p in model.parameters()]
+        )
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def inner_lr(self):
+        """The rates as gradcheck takes them: {adapted parameter's name: its rate tensor}."""
+        return {f"module.{n}": lr for (n, _), lr in zip(self.module.named_parameters(), self.lrs)}
+
+
+def _materialized(names, tensors, grads):
+    """{name: gradient}, zeros where autograd found no path (as ``p.grad`` left None reads)."""
+    return {n: torch.zeros_like(t) if g is None else g for n, t, g in zip(names, tensors, grads)}
+
+
+def meta_sgd_maml(model, task, steps, inner_lr, *, create_graph=True, detach_rates=False):
+    """Meta-SGD on a :class:`MetaSGD` the learn2learn way, in plain torch: ``clone`` the learner
+    (differentiable clones of its parameters), ``adapt`` it K times by p ← p − lr ⊙ g with
+    ``create_graph=True``, then differentiate the query loss with respect to every parameter of
+    the wrapper — the learner's θ and the rates. ``inner_lr`` (the same rates, as a mapping) is
+    not read: the rates live in the model. ``create_graph=False`` is first-order by mistake;
+    ``detach_rates`` steps with ``lr.detach()`` (the rates get no meta-gradient)."""
+    learner = _clone(model.module)
+    rates = [lr.detach() if detach_rates else lr for lr in model.lrs]
+    for _ in range(steps):
+        params = list(learner.parameters())
+        grads = torch.autograd.grad(task.support_loss(learner), params, create_graph=create_graph)
+        fast = iter(p - lr * g for p, lr, g in zip(params, rates, grads))
+        for m in learner.modules():
+            for key, p in m._parameters.items():
+                if p is not None:
+                    m._parameters[key] = next(fast)
+    names, every = zip(*model.named_parameters())
+    grads = torch.autograd.grad(task.query_loss(learner), every, allow_unused=True)
+    return _materialized(names, every, grads)
+
+
+def learned_alpha_maml(model, task, steps, inner_lr, *, create_graph=True, detach_rates=False):
+    """MAML with one learned scalar α (``inner_lr``, a 0-dim tensor that requires grad) shared
+    by every entry, with ``torch.func.functional_call``: φ ← φ − α g, and the meta-gradient with
+    respect to θ and to α (key ``"inner_lr"``). ``create_graph=False`` is first-order by mistake;
+    ``detach_rates`` steps with ``α.detach()``."""
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    alpha = inner_lr.detach() if detach_rates else inner_lr
+
+    def at(tensors):
+        return lambda x: functional_call(model, {**tensors, **buffers}, (x,))
+
+    phi = params
+    for _ in range(steps):
+        grads = torch.autograd.grad(task.support_loss(at(phi)), list(phi.values()), create_graph=create_graph)
+        phi = {n: p - alpha * g for (n, p), g in zip(phi.items(), grads)}
+    wrt = [*params.values(), inner_lr]
+    grads = torch.autograd.grad(task.query_loss(at(phi)), wrt, allow_unused=True)
+    return _materialized([*params, "inner_lr"], wrt, grads)
+
+
+class PerStepBatchNorm2d(torch.nn.Module):
+    """MAML++'s per-step batch normalisation: weight, bias and running statistics of shape
+    (K, C), row k used at inner step k (``forward(x, num_step=k)``); normalised with the batch's
+    statistics (training mode), the running ones updated in place in row k."""
+
+    def __init__(self, channels, steps, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(steps, channels))
+        self.bias = torch.nn.Parameter(torch.zeros(steps, channels))
+        self.register_buffer("running_mean", torch.zeros(steps, channels))
+        self.register_buffer("running_var", torch.ones(steps, channels))
+        self.momentum, self.eps = momentum, eps
+
+    def forward(self, x, num_step):
+        return torch.nn.functional.batch_norm(
+            x,
+            self.running_mean[num_step],
+            self.running_var[num_step],
+            self.weight[num_step],
+            self.bias[num_step],
+            training=True,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+
+
+class MAMLPlusPlusNet(torch.nn.Module):
+    """A small MAML++ network: conv (no bias: BatchNorm follows) → per-step BatchNorm → tanh →
+    linear head, called ``net(x, num_step=k)``. As in MAML++, the inner loop adapts the conv and
+    linear tensors (:data:`MAMLPP_ADAPTED`), not the normalisation's."""
+
+    def __init__(self, steps, classes=3, seed=0, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(1, 3, 3, bias=False)
+        self.norm = PerStepBatchNorm2d(3, steps)
+        self.head = torch.nn.Linear(3 * 4 * 4, classes)
+        self.to(dtype)
+        with torch.no_grad():  # non-trivial normalisation parameters and statistics, per step
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+            self.norm.running_mean.uniform_(-0.3, 0.3)
+            self.norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x, num_step):
+        return self.head(torch.tanh(self.norm(self.conv(x), num_step)).flatten(1))
+
+
+MAMLPP_ADAPTED = ("conv.weight", "head.weight", "head.bias")
+
+
+def lslr_rates(model, steps, lr, spread=0.0, seed=0):
+    """MAML++'s LSLR: for every adapted tensor one learned rate per step, K + 1 of them (the
+    last is never used), initialised to ``lr`` (+ a seeded ±``spread`` so that steps differ)."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    out = {}
+    for name in MAMLPP_ADAPTED:
+        jitter = spread * (2 * torch.rand(steps + 1, generator=g, dtype=torch.float64) - 1)
+        out[name] = (lr + jitter).to(params[name].dtype).requires_grad_(True)
+    return out
+
+
+def multi_step_weights(steps, epoch, anneal_epochs):
+    """MAML++'s per-step loss importance at ``epoch``: uniform 1/K at epoch 0; every epoch each
+    non-final weight loses 1/(K·E) (E = ``anneal_epochs``, floor 0.03/K) and the final one gains
+    what they lose (cap 1 − (K − 1)·0.03/K)."""
+    weights = [1.0 / steps] * steps
+    decay, floor = 1.0 / steps / anneal_epochs, 0.03 / steps
+    for i in range(steps - 1):
+        weights[i] = max(weights[i] - epoch * decay, floor)
+    weights[-1] = min(weights[-1] + epoch * (steps - 1) * decay, 1 - (steps - 1) * floor)
+    return weights
+
+
+def maml_plus_plus(
+    model,
+    task,
+    steps,
+    inner_lr,
+    *,
+    query_weights=None,
+    create_graph=True,
+    detach_rates=False,
+    shared_steps=False,
+    share_buffers=False,
+):
+    """MAML++ as its reference code runs it, with ``functional_call`` over a weights dict: step k
+    calls ``net(x, num_step=k)`` and updates each adapted tensor by w ← w − α[w][k] ⊙ g (LSLR:
+    ``inner_lr`` maps each adapted name to its K + 1 rates); the multi-step loss adds
+    w_k L_Q(φ_{k+1}), the query scored right after step k with ``num_step=k`` (only the final
+    one, at K − 1, when ``query_weights`` is None). Buffers are cloned per task (the model's
+    running statistics stay as they were). Returns the meta-gradient of θ and of each rate
+    (``"inner_lr.<name>"``). Mistakes: ``create_graph=False`` (first-order by mistake),
+    ``detach_rates`` (``α.detach()``), ``shared_steps`` (α[w][0] at every step: the rates are
+    not per step), ``share_buffers`` (the model's own running statistics, written in place: a
+    side effect, the gradient unchanged)."""
+    params = dict(model.named_parameters())
+    buffers = {n: b if share_buffers else b.clone() for n, b in model.named_buffers()}
+    rates = {n: r.detach() if detach_rates else r for n, r in inner_lr.items()}
+
+    def net(tensors, k):
+        return lambda x: functional_call(model, {**tensors, **buffers}, (x,), {"num_step": k})
+
+    weights = [0.0] * (steps - 1) + [1.0] if query_weights is None else list(query_weights)
+    phi, objective = dict(params), 0.0
+    for k in range(steps):
+        adapted = [phi[n] for n in inner_lr]
+        grads = torch.autograd.grad(task.support_loss(net(phi, k)), adapted, create_graph=create_graph)
+        for (n, p), g in zip(zip(inner_lr, adapted), grads):
+            phi[n] = p - rates[n][0 if shared_steps else k] * g
+        if weights[k]:
+            objective = objective + weights[k] * task.query_loss(net(phi, k))
+    wrt = [*params.values(), *inner_lr.values()]
+    grads = torch.autograd.grad(objective, wrt, allow_unused=True)
+    return _materialized([*params, *(f"inner_lr.{n}" for n in inner_lr)], wrt, grads)

@@ -13,15 +13,18 @@ from torch import nn
 from gradcheck import Task, finite_differences, oracle
 from gradcheck.strategies import (
     PROFILE,
+    RATES,
     adapts,
     classification_tasks,
     conv_nets,
     leaps,
     mlps,
     problems,
+    rate_kinds,
     regression_tasks,
 )
 from gradcheck.testing import Problem
+from tests.helpers import adapted_names
 
 
 def _tensors(problem):
@@ -130,3 +133,49 @@ def test_the_profile_is_registered():
 def test_import_gradcheck_does_not_import_hypothesis():
     code = "import sys, gradcheck, gradcheck.testing; assert 'hypothesis' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@given(problem=problems(rates=rate_kinds(), adapt=adapts()))
+def test_learned_rates_are_drawn_on_request_with_the_shapes_the_oracle_takes(problem):
+    lr, adapted = problem.inner_lr, adapted_names(problem.model, problem.adapt)
+    if isinstance(lr, float):
+        assert not problem.per_step_lr
+        return
+    tensors = [lr] if isinstance(lr, torch.Tensor) else list(lr.values())
+    assert all(t.requires_grad and t.dtype == torch.float64 and bool((t > 0).all()) for t in tensors)
+    if isinstance(lr, torch.Tensor):
+        assert lr.shape == () and not problem.per_step_lr
+    else:
+        assert sorted(lr) == sorted(adapted)
+        params = dict(problem.model.named_parameters())
+        lead = (problem.steps + 1,) if problem.per_step_lr else ()
+        assert all(t.shape == lead + params[n].shape for n, t in lr.items())
+
+
+def test_every_rate_kind_is_drawn_and_none_is_the_default():
+    assert all(isinstance(p.inner_lr, float) for p in _draws(problems(), 4))
+    kinds = set()
+    for p in _draws(problems(rates=rate_kinds()), 30):
+        lr = p.inner_lr
+        kinds.add(
+            "none"
+            if isinstance(lr, float)
+            else "scalar"
+            if isinstance(lr, torch.Tensor)
+            else "per_step"
+            if p.per_step_lr
+            else "per_entry"
+        )
+    assert kinds == set(RATES)
+    with pytest.raises(ValueError, match="rate kinds must be"):
+        rate_kinds(("none", "adam"))
+
+
+@settings(max_examples=4)
+@given(problem=problems(rates=rate_kinds(RATES[1:]), adapt=adapts()))
+def test_the_oracle_agrees_with_finite_differences_on_drawn_learned_rates(problem):
+    options = dict(adapt=problem.adapt, per_step_lr=problem.per_step_lr)
+    exact = oracle.meta_gradient(problem.model, problem.tasks, problem.steps, problem.inner_lr, **options)
+    finite_differences.check(
+        exact, problem.model, problem.tasks, problem.steps, problem.inner_lr, directions=4, **options
+    ).assert_close()

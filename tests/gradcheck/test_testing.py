@@ -1,17 +1,19 @@
 """gradcheck.testing.assert_meta_gradient: the user's example MAML passes, its broken variant fails
 with the diagnosis in the message, side effects are reported unless allowed."""
 
+import functools
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
+from torch.func import functional_call
 
 from gradcheck import Validation
-from gradcheck.strategies import problems
+from gradcheck.strategies import RATES, adapts, leaps, problems, rate_kinds
 from gradcheck.testing import Problem, assert_meta_gradient
-from tests.helpers import conv_bn, image_task, mlp, regression_task
+from tests.helpers import adapted_names, conv_bn, image_task, mlp, regression_task
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "test_my_maml.py"
 
@@ -102,3 +104,68 @@ def test_arguments_are_checked():
     assert repr(Problem(model, [task, task], 2, 0.1, label="mlp")) == (
         "Problem(mlp, 2 tasks, steps=2, inner_lr=0.1, adapt=None, leap=1.0)"
     )
+
+
+# --- learned inner rates ---------------------------------------------------------------------------
+
+
+def rated_user_maml(model, task, steps, inner_lr, *, adapt=None, leap=1.0, per_step_lr=False, detach=False):
+    """A user's Meta-SGD / LSLR / learned-α MAML (plain autograd): ``inner_lr`` a tensor for every
+    adapted parameter or {name: tensor}; returns θ's and the rates' meta-gradients under the
+    oracle's keys. ``detach``: the rates used as constants (the bug)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rates = {"inner_lr": inner_lr} if isinstance(inner_lr, torch.Tensor) else dict(inner_lr)
+    adapted = adapted_names(model, adapt)
+
+    def rate(n, k):
+        r = rates.get("inner_lr", rates.get(n))
+        r = r.detach() if detach else r
+        return r[k] if per_step_lr else r
+
+    def loss(tensors, batch):
+        return task.loss(functional_call(model, {**tensors, **buffers}, (batch[0],)), batch[1])
+
+    phi = dict(params)
+    for k in range(steps):
+        grads = torch.autograd.grad(loss(phi, task.support), [phi[n] for n in adapted], create_graph=True)
+        phi.update({n: phi[n] - rate(n, k) * g for n, g in zip(adapted, grads)})
+    teacher = {n: p + leap * (phi[n] - p) for n, p in params.items()}
+    keys = {k if k == "inner_lr" else f"inner_lr.{k}": t for k, t in rates.items()}
+    wrt = {**params, **keys}
+    grads = torch.autograd.grad(loss(teacher, task.query), list(wrt.values()), allow_unused=True)
+    return {n: torch.zeros_like(wrt[n]) if g is None else g for n, g in zip(wrt, grads)}
+
+
+@settings(max_examples=8)
+@given(problem=problems(kinds=("mlp", "conv_bn"), rates=rate_kinds(RATES[1:]), adapt=adapts(), leap=leaps()))
+def test_a_correct_rated_implementation_passes_on_drawn_learned_rates(problem):
+    result = assert_meta_gradient(rated_user_maml, problem)
+    assert any(r.name.startswith("inner_lr") and r.reference_norm > 0 for r in result.overall.rows)
+
+
+@settings(max_examples=4)
+@given(problem=problems(kinds=("mlp",), rates=rate_kinds(RATES[1:])))
+def test_rates_used_as_constants_fail_with_rates_detached(problem):
+    detached = functools.partial(rated_user_maml, detach=True)
+    with pytest.raises(AssertionError, match="diagnosis: rates_detached"):
+        assert_meta_gradient(detached, problem)
+
+
+def test_a_problem_passes_its_rate_settings_to_the_candidate_and_to_validate():
+    model = mlp([2, 4, 1])
+    rates = {
+        n: torch.full((3, *p.shape), 0.1, dtype=p.dtype, requires_grad=True)
+        for n, p in model.named_parameters()
+    }
+    problem = Problem(model, [regression_task(0)], 2, rates, per_step_lr=True)
+    assert problem.options == {"per_step_lr": True}
+    assert "learned rates {0.weight: (3, 4, 2)" in repr(problem) and "per_step_lr=True" in repr(problem)
+    seen = {}
+
+    def spy(model, task, steps, inner_lr, **options):
+        seen.update(options, inner_lr=inner_lr)
+        return rated_user_maml(model, task, steps, inner_lr, **options)
+
+    assert_meta_gradient(spy, problem)
+    assert seen["per_step_lr"] is True and seen["inner_lr"] is rates

@@ -6,6 +6,8 @@ A reference other than the oracle — ``lazy`` below, an independent ``torch.fun
 meta-gradient written here — is held to the same defaults.
 """
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -436,3 +438,358 @@ def test_a_reference_that_disagrees_with_finite_differences_cannot_verify():
         result.assert_close(allow_side_effects=True)
     with pytest.raises(ValueError, match="first-order"):
         validate(_scaled_oracle, model, tasks, STEPS, LR, first_order=True, check_reference=True)
+
+
+# --- learned inner rates, the multi-step loss, the step index -------------------------------------
+#
+# The candidates below are written here in plain autograd over functional_call, as a user would
+# port Meta-SGD, MAML++ (per-step rates, multi-step loss, step index) or a learned scalar α; each
+# mistake is a keyword. Exactness: the oracle the candidates are compared with is itself checked
+# against finite differences by validate (the reference check, on by default), and
+# test_rate_gradients_are_the_derivative_of_the_objective holds a rate gradient to central
+# differences written here. Tolerances as above: validate's float64 default rtol 1e-9.
+
+RATE_STEPS = 3
+
+
+def at(model, phi):
+    """The model as a function of its input at the parameters ``phi``."""
+    return lambda x: functional_call(model, phi, (x,))
+
+
+def rated_maml(
+    model,
+    task,
+    steps,
+    inner_lr,
+    *,
+    per_step_lr=False,
+    query_weights=None,
+    step_kwarg=None,
+    detach=False,
+    create_graph=True,
+    first_step_rate=False,
+    last_only=False,
+    extra_steps=0,
+    write_grad=False,
+    frozen=(),
+):
+    """MAML with learned inner rates: ``inner_lr`` a tensor for every parameter or {name: tensor}
+    (shape (), the parameter's, or a leading step dimension with ``per_step_lr``). Returns θ's and
+    the rates' meta-gradients under the oracle's keys ("inner_lr" / "inner_lr.<name>"), or writes
+    them into ``.grad`` (``write_grad``) and returns None. Mistakes: ``detach`` (rates as
+    constants), ``create_graph=False`` (first order), ``first_step_rate`` (rate index 0 at every
+    step), ``last_only`` (L_Q(φ_K) although ``query_weights``), ``extra_steps``, ``frozen``
+    (parameters left out of the inner loop)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    theta = {n: model.get_parameter(n) for n in names}
+    rates = {"inner_lr": inner_lr} if isinstance(inner_lr, torch.Tensor) else dict(inner_lr)
+    keys = {k if k == "inner_lr" else f"inner_lr.{k}": t for k, t in rates.items()}
+
+    def rate(n, k):
+        r = rates["inner_lr"] if "inner_lr" in rates else rates[n]
+        r = r.detach() if detach else r
+        return r[0 if first_step_rate else k] if per_step_lr else r
+
+    def f(phi, k):
+        if step_kwarg is None:
+            return at(model, phi)
+        return lambda x: functional_call(model, phi, (x,), {step_kwarg: k})
+
+    phi, objective = dict(theta), 0.0
+    for k in range(steps + extra_steps):
+        loss = task.support_loss(f(phi, k))
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph)
+        phi = {n: p if n in frozen else p - rate(n, k) * g for (n, p), g in zip(phi.items(), grads)}
+        if query_weights is not None and not last_only and k < steps + extra_steps - 1:
+            objective = objective + query_weights[k] * task.query_loss(f(phi, k))
+    last = query_weights[steps + extra_steps - 1] if query_weights is not None and not last_only else 1.0
+    objective = objective + last * task.query_loss(f(phi, max(steps + extra_steps - 1, 0)))
+    wrt = {**theta, **{k: t for k, t in keys.items() if t.requires_grad}}
+    if write_grad:
+        objective.backward()
+        return None
+    return dict(zip(wrt, torch.autograd.grad(objective, list(wrt.values()), allow_unused=True)))
+
+
+def meta_sgd_rates(model, scale=0.1, seed=3, steps=None):
+    """Meta-SGD's rates, one per entry (a leading step dimension of ``steps`` entries if given),
+    positive and distinct, as leaf tensors that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    lead = () if steps is None else (steps,)
+    return {
+        n: (scale * (0.5 + torch.rand(lead + p.shape, generator=g, dtype=p.dtype))).requires_grad_()
+        for n, p in model.named_parameters()
+    }
+
+
+def rate_problem():
+    return mlp([2, 5, 1], "tanh"), [regression_task(seed) for seed in range(2)]
+
+
+def rate_state(rates):
+    """Value, .grad and requires_grad of every rate tensor, copied."""
+    tensors = rates.values() if isinstance(rates, dict) else [rates]
+    return [
+        (t.detach().clone(), None if t.grad is None else t.grad.clone(), t.requires_grad) for t in tensors
+    ]
+
+
+def assert_same_rates(before, rates):
+    for (value, old, requires_grad), (v, g, r) in zip(before, rate_state(rates), strict=True):
+        assert torch.equal(value, v) and requires_grad == r, "a rate's value or requires_grad changed"
+        assert (old is None) == (g is None) and (old is None or torch.equal(old, g)), "a rate's .grad changed"
+
+
+@pytest.mark.parametrize(
+    ("case", "per_step_lr", "query_weights"),
+    [("Meta-SGD", False, None), ("LSLR K+1, multi-step loss", True, (0.2, 0.3, 0.5))],
+)
+def test_a_correct_meta_sgd_candidate_passes_rate_gradients_included(case, per_step_lr, query_weights):
+    model, tasks = rate_problem()
+    rates = meta_sgd_rates(model, steps=RATE_STEPS + 1 if per_step_lr else None)
+    options = dict(per_step_lr=per_step_lr, query_weights=query_weights)
+    before, kept = model_state(with_gradients(model)), rate_state(rates)
+    candidate = functools.partial(rated_maml, **options)
+    result = validate(candidate, model, tasks, RATE_STEPS, rates, **options)
+    assert result.ok(), str(result)
+    assert "agrees with finite differences" in result.reference_note
+    names = {r.name for r in result.overall.rows}
+    assert {f"inner_lr.{n}" for n in rates} <= names  # the rates were compared, not only θ
+    assert_same_state(before, model_state(model))
+    assert_same_rates(kept, rates)
+
+
+def test_rate_gradients_are_the_derivative_of_the_objective():
+    """One learned scalar α: the candidate's ∂F/∂α against central differences of F written here."""
+    model, tasks = rate_problem()
+    alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    result = validate(rated_maml, model, tasks, RATE_STEPS, alpha)
+    assert result.ok(), str(result)
+
+    def objective(a):
+        total = 0.0
+        for task in tasks:
+            phi = {n: p.detach() for n, p in model.named_parameters()}
+            for _ in range(RATE_STEPS):
+                phi = {n: t.requires_grad_() for n, t in phi.items()}
+                loss = task.support_loss(at(model, phi))
+                grads = torch.autograd.grad(loss, list(phi.values()))
+                phi = {n: (t - a * g).detach() for (n, t), g in zip(phi.items(), grads)}
+            total += task.query_loss(at(model, phi)).item()
+        return total / len(tasks)
+
+    h = 1e-6  # central differences: error ~ ε|F|/h + h²|F'''|/6 ≈ 1e-10 (docs/verification.md)
+    numeric = (objective(0.3 + h) - objective(0.3 - h)) / (2 * h)
+    row = next(r for r in result.overall.rows if r.name == "inner_lr")
+    assert row.candidate_norm == pytest.approx(abs(numeric), rel=1e-6)  # COORDINATEWISE rtol
+
+
+class MetaSGDModule(nn.Module):
+    """learn2learn's Meta-SGD layout: the learner under ``module``, one rate per parameter of the
+    learner's shape in ``lrs`` (parameters of the model, never adapted)."""
+
+    def __init__(self, learner, lr=0.1):
+        super().__init__()
+        self.module = learner
+        self.lrs = nn.ParameterList(
+            [
+                nn.Parameter(lr * (1 + 0.1 * torch.arange(p.numel(), dtype=p.dtype)).view(p.shape))
+                for p in learner.parameters()
+            ]
+        )
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def l2l_maml(model, task, steps, inner_lr, *, create_graph=True, detach=False):
+    """Meta-SGD the learn2learn way: the learner's parameters stepped by the model's own ``lrs``
+    (``inner_lr`` is ignored: the rates are the model's), ``backward()`` into every ``.grad``.
+    Mistakes: ``create_graph=False`` (first order), ``detach`` (the rates as constants)."""
+    names = [f"module.{n}" for n, _ in model.module.named_parameters()]
+    phi = {n: model.get_parameter(n) for n in names}
+    lrs = [lr.detach() if detach else lr for lr in model.lrs]
+    for _ in range(steps):
+        loss = task.support_loss(at(model, phi))
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph)
+        phi = {n: p - lr * g for (n, p), g, lr in zip(phi.items(), grads, lrs)}
+    task.query_loss(at(model, phi)).backward()
+
+
+def test_a_learn2learn_layout_candidate_passes_with_rates_under_their_parameter_names():
+    learner, tasks = rate_problem()
+    model = MetaSGDModule(learner)
+    rates = {f"module.{n}": lr for (n, _), lr in zip(learner.named_parameters(), model.lrs)}
+    before = model_state(with_gradients(model))
+    result = validate(l2l_maml, model, tasks, RATE_STEPS, rates)
+    assert result.ok(), str(result)
+    rows = {r.name: r for r in result.overall.rows}
+    assert rows["lrs.0"].reference_norm > 0 and "inner_lr.module.0.weight" not in rows
+    assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize(
+    ("mistake", "label"),
+    [({"create_graph": False}, "first_order"), ({"detach": True}, "rates_detached"), ({}, "unexplained")],
+)
+def test_a_learn2learn_layout_mistake_is_named_and_its_rates_are_never_adapted(mistake, label):
+    """The diagnosis runs every hypothesis on the layout (the unexplained case: a θ entry
+    negated) without adapting the model's own rates ``lrs.*``, which the oracle would refuse."""
+    learner, tasks = rate_problem()
+    model = MetaSGDModule(learner)
+    rates = {f"module.{n}": lr for (n, _), lr in zip(learner.named_parameters(), model.lrs)}
+    before = model_state(with_gradients(model))
+    if mistake:
+        found = validate(functools.partial(l2l_maml, **mistake), model, tasks, RATE_STEPS, rates).diagnosis
+    else:
+        exact = oracle.meta_gradient(model, tasks, RATE_STEPS, rates)
+        found = diagnose({**exact, "module.0.bias": -exact["module.0.bias"]}, model, tasks, RATE_STEPS, rates)
+        assert "adapt = " in found.detail or found.oracle_calls > 3  # the adapted sets were tried
+    assert found.label == label, str(found)
+    assert_same_state(before, model_state(model))
+
+
+def test_a_reference_function_gets_the_rates_as_given_and_the_rate_settings():
+    model, tasks = rate_problem()
+    rates = meta_sgd_rates(model, steps=RATE_STEPS + 1)
+    seen = []
+
+    def mine(model, task_or_tasks, steps, inner_lr, **settings):
+        seen.append((inner_lr, settings))
+        return oracle.meta_gradient(model, task_or_tasks, steps, inner_lr, **settings)
+
+    candidate = functools.partial(rated_maml, per_step_lr=True)
+    assert validate(candidate, model, tasks, RATE_STEPS, rates, per_step_lr=True, reference=mine).ok()
+    assert all(lr is rates and settings["per_step_lr"] is True for lr, settings in seen)
+
+
+def test_a_subset_of_the_parameters_adapted_with_their_rates_is_found():
+    """Rates per parameter: an adapted set without 2.* keeps the others' rates; 2.*'s rates then
+    get no gradient (the candidate does not step them)."""
+    model, tasks = rate_problem()
+    rates = meta_sgd_rates(model)
+    found = validate(
+        functools.partial(rated_maml, frozen=("2.weight", "2.bias")), model, tasks, RATE_STEPS, rates
+    )
+    assert found.diagnosis.label == "adapt", str(found.diagnosis)
+    assert found.diagnosis.settings["adapt"] == ("0.weight", "0.bias")
+
+
+def test_rate_gradients_read_from_dot_grad_and_the_users_rates_left_as_they_were():
+    model, tasks = rate_problem()
+    rates = meta_sgd_rates(model)
+    for t in rates.values():  # a user mid-training: the rates hold a .grad of their own
+        t.grad = torch.full_like(t, 7.0)
+    kept = rate_state(rates)
+    result = validate(functools.partial(rated_maml, write_grad=True), model, tasks, RATE_STEPS, rates)
+    assert result.ok(), str(result)
+    assert_same_rates(kept, rates)
+    # the same candidate returning nothing for the rates: each missing rate is named as a rate
+    theta_only = lambda *a: {n: g for n, g in rated_maml(*a).items() if not n.startswith("inner_lr")}  # noqa: E731
+    result = validate(theta_only, model, tasks, RATE_STEPS, rates)
+    assert not result.ok() and result.diagnosis.label == "rates_detached", str(result)
+    assert "the meta-gradient of the learned inner rates inner_lr.0.weight" in str(result)
+    assert_same_rates(kept, rates)
+
+
+def test_a_candidate_that_steps_the_rates_is_reported_and_undone_also_when_it_raises():
+    model, tasks = rate_problem()
+    rates = meta_sgd_rates(model)
+    kept, before = rate_state(rates), model_state(model)
+
+    def stepping(model, task, steps, inner_lr):
+        out = rated_maml(model, task, steps, inner_lr)
+        with torch.no_grad():
+            inner_lr["0.weight"].sub_(0.01)  # an outer step on the user's rate
+        inner_lr["0.bias"].grad = torch.ones_like(inner_lr["0.bias"])
+        return out
+
+    result = validate(stepping, model, tasks, RATE_STEPS, rates)
+    assert result.gradient_ok() and not result.ok()
+    effects = {str(s.change) for s in result.side_effects}
+    assert any(e.startswith("parameter inner_lr.0.weight modified") for e in effects), effects
+    assert "gradient inner_lr.0.bias.grad changed" in effects
+    assert_same_rates(kept, rates)
+
+    def failing(model, task, steps, inner_lr):
+        stepping(model, task, steps, inner_lr)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        validate(failing, model, tasks, RATE_STEPS, rates)
+    assert_same_rates(kept, rates)
+    assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize(
+    ("rates", "options", "message"),
+    [
+        (lambda m: {n: torch.full((3,), 0.1, dtype=p.dtype) for n, p in m.named_parameters()}, {}, "shape"),
+        (lambda m: torch.tensor(-0.1, dtype=torch.float64), {}, "negative"),
+        (
+            lambda m: torch.tensor(0.1, dtype=torch.float64),
+            {"query_weights": (0.5, 0.5)},
+            "one weight per inner step",
+        ),
+        (
+            lambda m: meta_sgd_rates(m, steps=RATE_STEPS - 1),
+            {"per_step_lr": True},
+            "steps in its leading dimension",
+        ),
+        (lambda m: {"0.weight": torch.tensor(0.1, dtype=torch.float64)}, {}, "no rate for adapted"),
+    ],
+    ids=["wrong shape", "negative", "query_weights length", "too few steps", "a rate missing"],
+)
+@pytest.mark.parametrize("entry", ["validate", "diagnose"])
+def test_bad_rates_raise_clearly_and_leave_model_and_rates_untouched(rates, options, message, entry):
+    model, tasks = rate_problem()
+    given = rates(model)
+    before, kept = model_state(with_gradients(model)), rate_state(given)
+    with pytest.raises(ValueError, match=message):
+        if entry == "validate":
+            validate(rated_maml, model, tasks, RATE_STEPS, given, **options)
+        else:
+            diagnose(
+                {n: torch.zeros_like(p) for n, p in model.named_parameters()},
+                model,
+                tasks,
+                RATE_STEPS,
+                given,
+                **options,
+            )
+    assert_same_state(before, model_state(model))
+    assert_same_rates(kept, given)
+
+
+class LearnedAlpha(nn.Module):
+    """One learned α held by the model (a 0-dim parameter, given alone as ``inner_lr``)."""
+
+    def __init__(self, learner):
+        super().__init__()
+        self.learner = learner
+        self.alpha = nn.Parameter(torch.tensor(0.25, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.learner(x)
+
+
+def alpha_maml(model, task, steps, inner_lr, **mistake):
+    """MAML of the learner with the model's own α: the learner's keys prefixed, α's under "alpha"."""
+    grads = rated_maml(model.learner, task, steps, inner_lr, **mistake)
+    return {"alpha" if n == "inner_lr" else f"learner.{n}": g for n, g in grads.items()}
+
+
+def test_a_model_held_alpha_is_keyed_by_its_name_and_never_in_an_adapted_set():
+    learner, tasks = rate_problem()
+    model = LearnedAlpha(learner)
+    names = [n for n, _ in model.named_parameters() if n != "alpha"]
+    assert validate(alpha_maml, model, tasks, RATE_STEPS, model.alpha).ok()
+    exact = oracle.meta_gradient(model, tasks, RATE_STEPS, model.alpha)
+    assert exact["alpha"].ne(0).all() and set(exact) == {*names, "alpha"}
+    frozen = functools.partial(alpha_maml, frozen=("2.weight", "2.bias"))
+    found = validate(frozen, model, tasks, RATE_STEPS, model.alpha).diagnosis
+    assert found.label == "adapt" and "alpha" not in found.settings["adapt"], str(found)
+    wrong = {**exact, "learner.0.bias": -exact["learner.0.bias"]}
+    found = diagnose(wrong, model, tasks, RATE_STEPS, model.alpha)
+    assert found.label == "unexplained", str(found)
