@@ -26,6 +26,11 @@ name              g                                                           re
 ``truncated_hvp`` ``truncated``'s gradient by the same HVPs (last T steps)     ``horizon``
 ================  =========================================================  =================
 
+"maml", "first_order", "lazy" and "lazy_horizon" also read learned inner rates, ``query_weights``
+and ``step_kwarg`` (:data:`LEARNED`; the others refuse them by name): ``theta`` then holds the
+learned rates that are not parameters too, and each gets its meta-gradient (exact for "maml";
+−Λ_{k+1} ⊙ g_k with the inner gradients held constant for "first_order" and "lazy").
+
 Each also has a function with the project's calling convention (the lazy one is
 :func:`lazymaml.meta_gradient`) — ``(model, task_or_tasks,
 steps, inner_lr, *, adapt, leap, inner_optimizer, …)`` — that returns ``{name: gradient}`` for

@@ -38,7 +38,8 @@ It applies to the estimators "maml", "truncated", "first_order", "lazy", "lazy_h
 "reptile" (not "imaml": its conjugate gradient stops per task), with an inner optimizer that has a pure
 update (``"sgd"``, ``"adam"`` or a spec of :mod:`gradcheck.optim`), to data tasks
 (:class:`~gradcheck.task.Task`, the same loss, equal shapes, or ``Task.stack``), on models that
-:func:`lazymaml.batched.refusal` accepts. When the batched result is not finite, or the batched
+:func:`lazymaml.batched.refusal` accepts — and not with learned inner rates, ``query_weights`` or
+``step_kwarg``, which run task by task. When the batched result is not finite, or the batched
 computation raises, the tasks rerun sequentially: a user's error then surfaces with the
 sequential path's message; if the sequential run succeeds, the learner says so and stays
 sequential.
@@ -89,6 +90,12 @@ class MetaLearner:
     "imaml" (``lam``, ``cg_iterations``, ``cg_tol``). ANIL and BOIL are ``adapt="head"`` and
     ``adapt="body"``. Settings are checked here, once; an option the estimator does not read is
     refused.
+
+    "maml", "first_order", "lazy" and "lazy_horizon" also take learned inner rates (``inner_lr``
+    a tensor or {name: tensor}, :mod:`gradcheck.rates`; ``per_step_lr`` for a step dimension),
+    ``query_weights`` (F = Σ_k w_k L_Q(φ_{k+1})) and ``step_kwarg`` (the step index passed to the
+    model). :meth:`meta_backward` writes a learned rate's meta-gradient into its ``.grad``: the
+    parameter's for a rate the model owns, the rate tensor's (a leaf) otherwise.
 
     The model's buffers are never written by the inner loop: BatchNorm running statistics stay
     as they were (like ``higher`` and learn2learn clones, the inner loop runs on copies), so
