@@ -133,25 +133,30 @@ def reference(model, task, steps, inner_lr, per_step, keys, weights=None, kwarg=
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(coordinates.items(), gs)}
 
 
-def lazy_definition(model, task, steps, inner_lr, per_step, keys, eta="single", weights=None, leap=1.0):
+def lazy_definition(
+    model, task, steps, inner_lr, per_step, keys, eta="single", weights=None, leap=1.0, kwarg=None
+):
     """The lazy estimator from its definition, by torch.func: the student's trajectory
     φ_{k+1} = φ_k − α_k ⊙ g_k (g_k = ∇_A L_S(φ_k)); v_j = ∇L_Q(φ_j) at the scored points; θ gets
     Σ_j w_j v_j − ∇_θ⟨∇_A L_S(θ), Σ_j w_j η_j ⊙ v_j⟩ with η_j = γα_0 ("single"), γ(α_0 + … +
     α_{j−1}) ("horizon") or a float; a rate α_k gets −Λ_{k+1} ⊙ g_k, Λ_{k+1} = Σ_{j>k} w_j v_j
-    (γv at φ_T), summed over what it is shared by."""
+    (γv at φ_T), summed over what it is shared by. ``kwarg``: step k's support loss (and the HVP's,
+    at θ: step 0's) sees k, the query at φ_j sees j − 1."""
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     values = {**params, **{k: t.detach() for k, t in _rate_tensors(model, inner_lr, keys).items()}}
     adapted = [n for n in params if not n.startswith("lrs.")]
 
-    def support(point):
-        return task.support_loss(lambda x: functional_call(model, point, (x,)))
+    def told(index):
+        return {} if kwarg is None else {kwarg: index}
 
-    def query(point):
-        return task.query_loss(lambda x: functional_call(model, point, (x,)))
+    def support(point, index):
+        return task.support_loss(lambda x: functional_call(model, point, (x,), told(index)))
 
-    def grad_adapted(point):
-        full = grad(lambda a: support({**point, **a}))({n: point[n] for n in adapted})
-        return full
+    def query(point, index):
+        return task.query_loss(lambda x: functional_call(model, point, (x,), told(index)))
+
+    def grad_adapted(point, index):
+        return grad(lambda a: support({**point, **a}, index))({n: point[n] for n in adapted})
 
     def alpha(n, k):
         return _rate(values, keys, inner_lr, n, k, per_step)
@@ -159,12 +164,12 @@ def lazy_definition(model, task, steps, inner_lr, per_step, keys, eta="single", 
     scored = {steps: 1.0} if weights is None else {k + 1: w for k, w in enumerate(weights)}
     phi, gs, vs = dict(params), [], {}
     for k in range(steps):
-        g = grad_adapted(phi)
+        g = grad_adapted(phi, k)
         gs.append(g)
         phi = {**phi, **{n: phi[n] - alpha(n, k) * g[n] for n in adapted}}
         if k + 1 in scored and k + 1 != steps:
-            vs[k + 1] = grad(query)(phi)
-    vs[steps] = grad(query)({n: p + leap * (phi[n] - p) for n, p in params.items()})
+            vs[k + 1] = grad(query)(phi, k)
+    vs[steps] = grad(query)({n: p + leap * (phi[n] - p) for n, p in params.items()}, max(steps - 1, 0))
 
     def step_size(n, j):
         if not isinstance(eta, str):
@@ -174,7 +179,7 @@ def lazy_definition(model, task, steps, inner_lr, per_step, keys, eta="single", 
 
     total_v = {n: sum(w * vs[j][n] for j, w in scored.items()) for n in params}
     along = {n: sum(w * step_size(n, j) * vs[j][n] for j, w in scored.items()) for n in adapted}
-    hvp = grad(lambda p: sum((grad_adapted(p)[n] * along[n]).sum() for n in adapted))(params)
+    hvp = grad(lambda p: sum((grad_adapted(p, 0)[n] * along[n]).sum() for n in adapted))(params)
     out = {n: total_v[n] - hvp[n] for n in params}
     for n, key in keys.items():
         shape = values[key].shape
@@ -277,9 +282,12 @@ def test_lazy_at_one_step_is_exact_maml_weights_and_rates(kind, adapt, leap, wei
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("eta", ["single", "horizon", 0.03])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_lazy_equals_its_definition_at_several_steps(kind, eta, weighted):
+@pytest.mark.parametrize("indexed", [False, True])
+def test_lazy_equals_its_definition_at_several_steps(kind, eta, weighted, indexed):
     steps = 4
-    model, task = _problem(kind, steps)
+    indexed = indexed and kind != "owned"
+    kwarg = "num_step" if indexed else None
+    model, task = _problem(kind, steps, indexed)
     inner_lr, per_step, keys = rates_for(model, kind, steps)
     weights = (0.1, 0.2, 0.3, 1.0) if weighted else None
     leap = 1.0 if weighted else 0.7
@@ -292,13 +300,14 @@ def test_lazy_equals_its_definition_at_several_steps(kind, eta, weighted):
         query_weights=weights,
         jacobian_step=eta,
         leap=leap,
+        step_kwarg=kwarg,
     )
     assert_same_gradient(
-        got, lazy_definition(model, task, steps, inner_lr, per_step, keys, eta, weights, leap)
+        got, lazy_definition(model, task, steps, inner_lr, per_step, keys, eta, weights, leap, kwarg)
     )
     if eta == "horizon":
         same = estimators.run(
-            "lazy_horizon", model, task, _loop(steps, inner_lr, per_step, weights, leap=leap)
+            "lazy_horizon", model, task, _loop(steps, inner_lr, per_step, weights, kwarg, leap=leap)
         )
         assert_same_gradient(same, got)
 
