@@ -63,7 +63,7 @@ def meta_gradient(
         adapt=adapt,
         jacobian_step=jacobian_step,
         per_step_lr=per_step_lr,
-        query_weights=None if query_weights is None else tuple(query_weights),
+        query_weights=query_weights,  # type: ignore[arg-type]  # InnerLoop checks, makes a tuple
         step_kwarg=step_kwarg,
     )
     return estimators.run("lazy", model, task_or_tasks, loop)

@@ -132,7 +132,7 @@ class MetaLearner:
             cg_iterations=cg_iterations,
             cg_tol=cg_tol,
             per_step_lr=per_step_lr,
-            query_weights=None if query_weights is None else tuple(query_weights),
+            query_weights=query_weights,  # InnerLoop checks it and makes it a tuple
             step_kwarg=step_kwarg,
         )
         defaults = {"jacobian_step": "single", "per_step_lr": False}

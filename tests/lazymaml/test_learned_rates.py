@@ -487,6 +487,14 @@ BAD = {
         lambda m: dict(inner_lr=0.1, query_weights=(1.0, 2.0, 3.0)),
         "one weight per inner step \\(steps=2\\), got 3",
     ),
+    "query_weights that are not a sequence": (
+        lambda m: dict(inner_lr=0.1, query_weights=5),
+        "query_weights must be a sequence",
+    ),
+    "a query weight that is not finite": (
+        lambda m: dict(inner_lr=0.1, query_weights=(1.0, float("nan"))),
+        "query_weights entry must be a finite real number",
+    ),
     "per-step rates with too few steps": (
         lambda m: dict(inner_lr=torch.full((1,), 0.1, dtype=F64), per_step_lr=True),
         "has 1 steps in its leading dimension",
