@@ -46,7 +46,7 @@ from torch.func import grad, grad_and_value, vjp
 
 from gradcheck.parameters import dense
 from gradcheck.settings import InnerLoop
-from gradcheck.student import QUERY_LOSS, Student, checked_loss, support_loss_at
+from gradcheck.student import QUERY_LOSS, Student, checked_loss, query_loss_at, support_loss_at
 from gradcheck.task import TaskLike
 
 __all__ = [
@@ -63,6 +63,9 @@ __all__ = [
 Params = dict[str, Tensor]
 Differentiable = Callable[[Params, Params], tuple[Tensor, Any]]
 """``fn(theta, untrained) -> (scalar, aux)``: what :meth:`Objective.differentiate` differentiates."""
+Visit = Callable[[int, Params, Params], None]
+"""``visit(k, φ_{k+1}, g_k)``: called by :meth:`Objective.descend` after inner step k with the new
+point and the gradient the step took."""
 Products = Callable[..., Params]
 """``product(w, last=False)``: one Hessian-vector product (see :meth:`Objective.hvps`)."""
 SUPPORT_AT_THETA = "support loss L_S(θ) of the Hessian-vector product"
@@ -84,14 +87,24 @@ class Objective:
     def _check(self, loss: Tensor, what: str) -> Tensor:
         return checked_loss(loss, what) if self.checked else loss
 
-    def support(self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None) -> Tensor:
-        """L_S(point); ``k`` numbers the inner step in errors (None: the support loss at θ)."""
-        what = SUPPORT_AT_THETA if k is None else support_loss_at(k, self.loop.steps if self.loop else k + 1)
-        return self._check(self.task.support_loss(self.student.at(point, untrained)), what)
+    def _model(self, point: Mapping[str, Tensor], untrained: Params, index: int) -> Callable[..., Any]:
+        """The model at ``point``, told the step ``index`` where ``loop.step_kwarg`` asks for it."""
+        f = self.student.at(point, untrained)
+        return self.loop.indexed(f, index) if self.loop is not None else f
 
-    def query(self, point: Mapping[str, Tensor], untrained: Params) -> Tensor:
-        """L_Q(point)."""
-        return self._check(self.task.query_loss(self.student.at(point, untrained)), QUERY_LOSS)
+    def support(self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None) -> Tensor:
+        """L_S(point) of inner step ``k`` (the model sees index k); None: the support loss at θ,
+        which is step 0's (index 0)."""
+        what = SUPPORT_AT_THETA if k is None else support_loss_at(k, self.loop.steps if self.loop else k + 1)
+        model = self._model(point, untrained, 0 if k is None else k)
+        return self._check(self.task.support_loss(model), what)
+
+    def query(self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None) -> Tensor:
+        """L_Q(point) scored at φ_k (None: k = K, the final query); the model sees index
+        max(k − 1, 0): the step that led to φ_k."""
+        k = (self.loop.steps if self.loop is not None else 0) if k is None else k
+        what = query_loss_at(k, self.loop) if self.loop is not None else QUERY_LOSS
+        return self._check(self.task.query_loss(self._model(point, untrained, max(k - 1, 0))), what)
 
     def support_gradient(
         self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None
@@ -99,8 +112,10 @@ class Objective:
         """E_A ∇L_S(point) (the adapted names) and L_S(point)."""
         raise NotImplementedError
 
-    def query_gradient(self, point: Mapping[str, Tensor], untrained: Params) -> tuple[Params, Tensor]:
-        """v = ∇L_Q(point) for every trainable name, and L_Q(point)."""
+    def query_gradient(
+        self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None
+    ) -> tuple[Params, Tensor]:
+        """v = ∇L_Q(point) for every trainable name, and L_Q(point) (scored at φ_k: :meth:`query`)."""
         raise NotImplementedError
 
     def hvps(self, point: Mapping[str, Tensor], untrained: Params) -> Products:
@@ -124,18 +139,32 @@ class Objective:
         steps: int,
         first: int = 0,
         proximal: float = 0.0,
+        rates: Mapping[str, Tensor] | None = None,
+        visit: Visit | None = None,
     ) -> tuple[Params, list[Tensor]]:
-        """``steps`` inner steps from ``point`` (numbered from ``first``), and their support losses."""
+        """``steps`` inner steps from ``point`` (numbered from ``first``), and their support losses.
+
+        With learned rates (the student's schedule) each step is φ_{k+1} = φ_k − α_k ⊙ g_k, the
+        rates read from ``rates`` (by their meta-gradient keys) or ``point`` (a rate that is a
+        parameter of the model) where given there — so differentiable in them — else the
+        student's copies. ``visit`` is called after every step (:data:`Visit`)."""
         assert self.loop is not None, "descend needs the inner loop's settings"
-        update = self.loop.update()
+        schedule = self.student.schedule
+        update = None if schedule is not None else self.loop.update()
         phi, losses = dict(point), []
-        state = update.init({n: phi[n] for n in self.adapted})
+        state = update.init({n: phi[n] for n in self.adapted}) if update is not None else None
         for k in range(first, first + steps):
             g, loss = self.support_gradient(phi, untrained, k)
             if proximal:
                 g = {n: g[n] + proximal * (phi[n] - point[n]) for n in g}
-            phi, state = update.step(phi, g, state)
+            if schedule is None:
+                assert update is not None
+                phi, state = update.step(phi, g, state)
+            else:
+                phi = schedule.step(phi, g, k, {**phi, **(rates or {})})
             losses.append(loss)
+            if visit is not None:
+                visit(k, phi, g)
         return phi, losses
 
 
@@ -158,10 +187,12 @@ class AutogradObjective(Objective):
             )
         return dense(adapted, grads), loss if differentiated else loss.detach()
 
-    def query_gradient(self, point: Mapping[str, Tensor], untrained: Params) -> tuple[Params, Tensor]:
+    def query_gradient(
+        self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None
+    ) -> tuple[Params, Tensor]:
         leaves = {n: point[n].detach().requires_grad_(True) for n in self.student.theta}
         with torch.enable_grad():
-            loss = self.query(leaves, untrained)
+            loss = self.query(leaves, untrained, k)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         return dense(leaves, grads), loss.detach()
 
@@ -208,8 +239,10 @@ class FuncObjective(Objective):
         adapted = {n: point[n] for n in self.adapted}
         return grad_and_value(self._support_of_adapted)(adapted, point, untrained, k)
 
-    def query_gradient(self, point: Mapping[str, Tensor], untrained: Params) -> tuple[Params, Tensor]:
-        return grad_and_value(self.query)(dict(point), untrained)
+    def query_gradient(
+        self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None
+    ) -> tuple[Params, Tensor]:
+        return grad_and_value(self.query)(dict(point), untrained, k)
 
     def _along(self, point: Params, untrained: Params, w: Mapping[str, Tensor]) -> Tensor:
         g, _ = self.support_gradient(point, _clones(untrained))

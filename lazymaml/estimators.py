@@ -26,6 +26,11 @@ name              g                                                           re
 ``truncated_hvp`` ``truncated``'s gradient by the same HVPs (last T steps)     ``horizon``
 ================  =========================================================  =================
 
+"maml", "first_order", "lazy" and "lazy_horizon" also read learned inner rates, ``query_weights``
+and ``step_kwarg`` (:data:`LEARNED`; the others refuse them by name): ``theta`` then holds the
+learned rates that are not parameters too, and each gets its meta-gradient (exact for "maml";
+−Λ_{k+1} ⊙ g_k with the inner gradients held constant for "first_order" and "lazy").
+
 Each also has a function with the project's calling convention (the lazy one is
 :func:`lazymaml.meta_gradient`) — ``(model, task_or_tasks,
 steps, inner_lr, *, adapt, leap, inner_optimizer, …)`` — that returns ``{name: gradient}`` for
@@ -49,7 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from gradcheck.models import refuse_unsupported
-from gradcheck.parameters import Adapt, flat, task_mean, unflat
+from gradcheck.parameters import Adapt, dense, flat, task_mean, unflat
+from gradcheck.rates import Schedule
 from gradcheck.settings import InnerLoop, InnerOptimizer
 from gradcheck.state import preserved
 from gradcheck.student import Student, apply_leap
@@ -58,6 +64,8 @@ from gradcheck.task import TaskLike, Tasks, as_tasks
 from .derivatives import AutogradObjective, Objective, Params
 
 __all__ = [
+    "LEARNED",
+    "LEARNED_SETTINGS",
     "REGISTRY",
     "ConvergenceWarning",
     "Estimator",
@@ -118,7 +126,22 @@ class Estimator:
     proximal: bool = False  # the student minimises L_S(φ) + (λ/2)‖φ_A − θ_A‖² (iMAML)
 
     def settings(self, loop: InnerLoop) -> InnerLoop:
-        """``loop`` as this estimator runs it, refused where it cannot (an optimizer it does not take)."""
+        """``loop`` as this estimator runs it, refused where it cannot (an optimizer it does not
+        take; learned rates, ``query_weights`` or ``step_kwarg`` where it does not read them)."""
+        given = {
+            "inner_lr": loop.learned,
+            "query_weights": loop.query_weights is not None,
+            "step_kwarg": loop.step_kwarg is not None,
+        }
+        for setting, used in given.items():
+            if used and setting not in self.reads:
+                takers = sorted(e.name for e in REGISTRY.values() if setting in e.reads)
+                what = LEARNED_SETTINGS[setting]
+                raise ValueError(
+                    f"estimator {self.name!r} does not take {what}; the estimators that do: {takers}"
+                )
+        if loop.learned:
+            loop.require("sgd", by=f"estimator {self.name!r}")  # rates step plain SGD
         if self.optimizers is not ANY:
             loop.require(*self.optimizers, by=f"estimator {self.name!r}")
         return self.configure(loop) if self.configure else loop
@@ -126,6 +149,16 @@ class Estimator:
 
 REGISTRY: dict[str, Estimator] = {}
 """Every estimator by name."""
+
+LEARNED_SETTINGS = {
+    "inner_lr": "learned inner rates (inner_lr as a tensor or a mapping, per_step_lr)",
+    "query_weights": "query_weights (the multi-step loss)",
+    "step_kwarg": "step_kwarg (the step index passed to the model)",
+}
+"""The settings an entry reads only if ``reads`` names them (``"inner_lr"`` there means learned
+rates: every entry takes one float α)."""
+LEARNED = frozenset({*LEARNED_SETTINGS, "per_step_lr"})
+"""What an entry that takes learned rates, a multi-step loss and a step index reads."""
 
 
 def register(estimator: Estimator) -> Estimator:
@@ -152,7 +185,7 @@ def run(estimator: str | Estimator, model: nn.Module, task_or_tasks: Tasks, loop
     loop = entry.settings(loop)
     tasks = as_tasks(task_or_tasks)
     refuse_unsupported(model, tasks, by=f"estimator {entry.name!r}")
-    student = Student.read(model, loop.adapt)
+    student = Student.read(model, loop=loop)
     with preserved(model):
         return task_mean([per_task(entry, student, task, loop)[0] for task in tasks])
 
@@ -160,25 +193,117 @@ def run(estimator: str | Estimator, model: nn.Module, task_or_tasks: Tasks, loop
 @torch.no_grad()
 def per_task(entry: Estimator, student: Student, task: TaskLike, loop: InnerLoop) -> Result:
     """``entry`` on one task, losses checked: the sequential path (``loop`` as ``entry.settings``
-    returned it). The model's tensors are never written (``student`` holds copies)."""
+    returned it). The model's tensors are never written (``student`` holds copies). ``theta`` is
+    the student's coordinates: θ, then the learned rates that are not parameters."""
     objective = AutogradObjective(student, task, loop, checked=True)
-    gradient, loss, losses = entry.per_task(objective, student.theta, student.fresh())
+    gradient, loss, losses = entry.per_task(objective, student.coordinates, student.fresh())
     return gradient, loss.detach(), losses
 
 
 # --- the estimators ------------------------------------------------------------------------
 
 
+def _lazy_step(loop: InnerLoop, schedule: Schedule | None, name: str, j: int) -> float | Tensor:
+    """η_j[name], the lazy step of the point φ_j seen as one step from θ: a float η itself;
+    "single" γα_0 (the first step's rate); "horizon" γ(α_0 + … + α_{j−1}) (γjα for one α);
+    0 at j = 0 (no step)."""
+    step = loop.jacobian_step
+    if j == 0:
+        return 0.0
+    if not isinstance(step, str):
+        return step
+    ks = range(j) if step == "horizon" else range(1)
+    if schedule is None:
+        return loop.leap * loop.lr("the lazy step η") * len(ks)
+    total = schedule.rate(name, 0)
+    for k in ks[1:]:
+        total = total + schedule.rate(name, k)
+    return loop.leap * total
+
+
 def _lazy_task(f: Objective, theta: Params, untrained: Params) -> Result:
-    """g = v − η ∇_θ⟨E_A∇L_S(θ), v⟩ (η = 0: first-order MAML, v itself)."""
-    assert f.loop is not None
-    phi, losses = f.descend(theta, untrained, f.loop.steps)
-    v, loss = f.query_gradient(apply_leap(theta, phi, f.loop.leap), untrained)
-    eta = f.loop.eta
-    if eta == 0:
-        return v, loss, losses
-    h = f.hvp(theta, f.student.fresh(), v)
-    return {n: v[n] - eta * h[n] for n in v}, loss, losses
+    """g = V − ∇_θ⟨E_A∇L_S(θ), Σ_j w_j η_j ⊙ v_j⟩ with v_j = ∇L_Q(φ_j) at the scored points
+    (φ_T alone by default: g = v − η H E_A v), V = Σ_j w_j v_j; a learned rate gets
+    ∂F/∂α_k ≈ −Λ_{k+1} ⊙ g_k, Λ_{k+1} = Σ_{j>k} w_j v_j (γv at φ_T), the trajectory's gradients
+    g_k held constant (first-order MAML's rate gradient). η = 0: first-order MAML."""
+    loop = f.loop
+    assert loop is not None
+    steps, scored, schedule = loop.steps, loop.scored(), f.student.schedule
+    start = {n: theta[n] for n in f.student.theta}
+    learned = schedule is not None and bool(schedule.keys)
+    queries: dict[int, tuple[Params, Tensor]] = {}
+    taken: list[Params] = []  # g_k, for the rates' gradient
+
+    def visit(k: int, phi: Params, g: Params) -> None:
+        if learned:
+            taken.append(g)
+        if k + 1 in scored and k + 1 != steps:
+            queries[k + 1] = f.query_gradient(phi, untrained, k + 1)
+
+    phi, losses = f.descend(start, untrained, steps, visit=visit)
+    queries[steps] = f.query_gradient(apply_leap(start, phi, loop.leap), untrained, steps)
+    (first, w0), *rest = sorted(scored.items())
+    v, loss = {n: w0 * t for n, t in queries[first][0].items()}, w0 * queries[first][1]
+    for j, w in rest:
+        v = {n: v[n] + w * queries[j][0][n] for n in v}
+        loss = loss + w * queries[j][1]
+    g = v
+    if not (loop.jacobian_step == 0 or steps == 0):
+        along = {n: _weighted(loop, schedule, n, scored, queries) for n in f.adapted}
+        h = f.hvp(start, f.student.fresh(), along)
+        g = {n: v[n] - h[n] for n in v}
+    if learned:
+        assert schedule is not None
+        rates = _rate_gradient(schedule, loop, scored, {j: q[0] for j, q in queries.items()}, taken)
+        g = {**g, **{key: g[key] + r if key in g else r for key, r in rates.items()}}
+    return {n: g[n] for n in theta}, loss, losses
+
+
+def _weighted(
+    loop: InnerLoop,
+    schedule: Schedule | None,
+    name: str,
+    scored: Mapping[int, float],
+    queries: Mapping[int, tuple[Params, Tensor]],
+) -> Tensor:
+    """Σ_j w_j η_j[name] ⊙ v_j[name]: what one HVP at θ takes for every scored point at once."""
+    total: Tensor | None = None
+    for j, w in scored.items():
+        term = w * _lazy_step(loop, schedule, name, j) * queries[j][0][name]
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+@torch.enable_grad()
+def _rate_gradient(
+    schedule: Schedule,
+    loop: InnerLoop,
+    scored: Mapping[int, float],
+    queries: Mapping[int, Params],
+    taken: list[Params],
+) -> Params:
+    """{key: ∂F/∂rate} with φ_{k+1} = φ_k − α_k ⊙ g_k and the g_k constants: the gradient of
+    −Σ_k Σ_n ⟨Λ_{k+1}[n] ⊙ g_k[n], α_k[n]⟩ with respect to each learned rate tensor (so a rate
+    shared by entries, parameters or steps sums their terms)."""
+    leaves: dict[str, Tensor] = {}
+    for name, key in schedule.keys.items():
+        if key not in leaves:
+            leaves[key] = schedule.rates[name].detach().requires_grad_(True)
+    adjoint = {n: torch.zeros_like(t) for n, t in taken[-1].items()} if taken else {}
+    total: Tensor | None = None
+    for k in reversed(range(len(taken))):
+        if k + 1 in scored:
+            c = scored[k + 1] * (loop.leap if k + 1 == loop.steps else 1.0)
+            adjoint = {n: a + c * queries[k + 1][n] for n, a in adjoint.items()}
+        for n, gk in taken[k].items():
+            if n in schedule.keys:
+                term = -(adjoint[n] * gk * schedule.rate(n, k, leaves)).sum()
+                total = term if total is None else total + term
+    if total is None:
+        return {key: torch.zeros_like(t) for key, t in leaves.items()}
+    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    return dense(leaves, grads)
 
 
 def _reptile_task(f: Objective, theta: Params, untrained: Params) -> Result:
@@ -191,16 +316,30 @@ def _reptile_task(f: Objective, theta: Params, untrained: Params) -> Result:
 
 
 def _truncated_task(f: Objective, theta: Params, untrained: Params) -> Result:
-    """∇_θ L_Q(φ_T) through the last T steps; the first K − T count as the identity."""
+    """∇_θ L_Q(φ_T) through the last T steps; the first K − T count as the identity. With learned
+    rates (``theta`` holds those that are not parameters) also ∇_α, and with ``query_weights``
+    of F = Σ_k w_k L_Q(φ_{k+1}) (T = K then: exact MAML)."""
     loop = f.loop
     assert loop is not None
-    steps, horizon = loop.steps, loop.truncation
-    start, early = f.descend(theta, untrained, steps - horizon)
+    steps, horizon, scored = loop.steps, loop.truncation, loop.scored()
+    names = f.student.theta
+    start, early = f.descend({n: theta[n] for n in names}, untrained, steps - horizon)
 
     def objective(t: Params, untrained: Params) -> tuple[Tensor, list[Tensor]]:
-        phi = {n: t[n] + (start[n] - theta[n]) for n in t}  # value φ_{K−T}, Jacobian I
-        phi, late = f.descend(phi, untrained, horizon, first=steps - horizon)
-        return f.query(apply_leap(t, phi, loop.leap), untrained), late
+        phi = {n: t[n] + (start[n] - theta[n]) for n in names}  # value φ_{K−T}, Jacobian I
+        rates = {key: r for key, r in t.items() if key not in names}
+        terms: list[Tensor] = []
+
+        def visit(k: int, point: Params, g: Params) -> None:
+            if k + 1 in scored and k + 1 != steps:
+                terms.append(scored[k + 1] * f.query(point, untrained, k + 1))
+
+        phi, late = f.descend(phi, untrained, horizon, first=steps - horizon, rates=rates, visit=visit)
+        final = f.query(apply_leap({n: t[n] for n in names}, phi, loop.leap), untrained)
+        value = final if loop.query_weights is None else scored[steps] * final
+        for term in reversed(terms):
+            value = term + value
+        return value, late
 
     g, loss, late = f.differentiate(objective, theta, untrained)
     return g, loss, early + late
@@ -293,6 +432,7 @@ for _entry in (
         _truncated_task,
         "exact second-order MAML: ∇_θ L_Q(φ_T(θ)) through all K steps",
         optimizers=("sgd", "adam"),
+        reads=LEARNED,
         configure=_all_steps,
     ),
     Estimator(
@@ -302,14 +442,22 @@ for _entry in (
         optimizers=("sgd",),
         reads=frozenset({"horizon"}),
     ),
-    Estimator("first_order", _lazy_task, "first-order MAML: v = ∇L_Q(φ_T)", configure=_eta_zero),
+    Estimator(
+        "first_order", _lazy_task, "first-order MAML: v = ∇L_Q(φ_T)", reads=LEARNED, configure=_eta_zero
+    ),
     Estimator(
         "lazy",
         _lazy_task,
         "the lazy meta-gradient: v − η ∇_θ⟨E_A∇L_S(θ), v⟩",
-        reads=frozenset({"jacobian_step"}),
+        reads=frozenset({"jacobian_step"}) | LEARNED,
     ),
-    Estimator("lazy_horizon", _lazy_task, "the lazy meta-gradient with η = γKα", configure=_eta_horizon),
+    Estimator(
+        "lazy_horizon",
+        _lazy_task,
+        "the lazy meta-gradient with η = γKα",
+        reads=LEARNED,
+        configure=_eta_horizon,
+    ),
     Estimator("reptile", _reptile_task, "Reptile's direction (θ − φ_K)/(Kα)"),
     Estimator(
         "imaml",
@@ -509,7 +657,7 @@ def truncated_hvp(
 
 
 def _call(
-    name: str, model: nn.Module, task_or_tasks: Tasks, steps: int, inner_lr: float, **settings: Any
+    name: str, model: nn.Module, task_or_tasks: Tasks, steps: int, inner_lr: Any, **settings: Any
 ) -> Params:
     """The registry entry ``name`` with a public function's arguments (its ``locals()``)."""
     return run(name, model, task_or_tasks, InnerLoop(steps, inner_lr, **settings))
@@ -519,13 +667,17 @@ def maml(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
+    per_step_lr: bool = False,
+    query_weights: tuple[float, ...] | None = None,
+    step_kwarg: str | None = None,
 ) -> Params:
-    """Exact second-order MAML by the project's own unroll (SGD or Adam inner loop)."""
+    """Exact second-order MAML by the project's own unroll (SGD or Adam inner loop); with learned
+    rates (plain SGD) also their meta-gradients, keyed as the oracle keys them."""
     return _call("maml", **locals())
 
 
@@ -549,11 +701,14 @@ def first_order(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
+    per_step_lr: bool = False,
+    query_weights: tuple[float, ...] | None = None,
+    step_kwarg: str | None = None,
 ) -> Params:
     """First-order MAML: g = ∇L_Q(φ_T), the inner loop's Jacobian taken as the identity."""
     return _call("first_order", **locals())
@@ -563,11 +718,14 @@ def lazy_horizon(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
+    per_step_lr: bool = False,
+    query_weights: tuple[float, ...] | None = None,
+    step_kwarg: str | None = None,
 ) -> Params:
     """The lazy meta-gradient with η = γKα (``jacobian_step="horizon"``)."""
     return _call("lazy_horizon", **locals())

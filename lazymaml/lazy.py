@@ -13,6 +13,8 @@ on K.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from torch import Tensor, nn
 
 from gradcheck.parameters import Adapt
@@ -28,12 +30,15 @@ def meta_gradient(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     jacobian_step: JacobianStep = "single",
     inner_optimizer: InnerOptimizer = "sgd",
+    per_step_lr: bool = False,
+    query_weights: Sequence[float] | None = None,
+    step_kwarg: str | None = None,
 ) -> dict[str, Tensor]:
     """The lazy meta-gradient, keyed like ``model.named_parameters()`` (every trainable one):
     the registry's ``"lazy"`` estimator.
@@ -42,6 +47,23 @@ def meta_gradient(
     ``params -> torch.optim.Optimizer`` — nothing is differentiated through the student, so
     any optimizer works; η is still derived from ``inner_lr``. For several tasks, the mean.
     The model is left exactly as it was, also when this raises.
+
+    Learned rates (``inner_lr`` a tensor or a mapping, :mod:`gradcheck.rates`; plain SGD): the
+    Jacobian step is I − diag(η) E_A ∇²L_S(θ) with η = γα_0 (the first step's rates) for
+    "single", γ(α_0 + … + α_{K−1}) for "horizon"; each learned rate gets the gradient
+    −γ Σ_k v ⊙ ∇L_S(φ_k) reduced to its shape (keyed as the oracle keys it). ``query_weights``:
+    the sum of the lazy gradients of each scored φ_{k+1} (one HVP at θ). ``step_kwarg`` passes the
+    step index to the model. Exact MAML's gradient, rates included, at K = 1 with "single".
     """
-    loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, jacobian_step=jacobian_step)
+    loop = InnerLoop(
+        steps,
+        inner_lr,  # type: ignore[arg-type]  # InnerLoop normalises a tensor or mapping to Rates
+        leap,
+        inner_optimizer,
+        adapt=adapt,
+        jacobian_step=jacobian_step,
+        per_step_lr=per_step_lr,
+        query_weights=query_weights,  # type: ignore[arg-type]  # InnerLoop checks, makes a tuple
+        step_kwarg=step_kwarg,
+    )
     return estimators.run("lazy", model, task_or_tasks, loop)

@@ -41,7 +41,8 @@ It applies to the estimators "maml", "truncated", "first_order", "lazy", "lazy_h
 "reptile" (not "imaml": its conjugate gradient stops per task), with an inner optimizer that has a pure
 update (``"sgd"``, ``"adam"`` or a spec of :mod:`gradcheck.optim`), to data tasks
 (:class:`~gradcheck.task.Task`, the same loss, equal shapes, or ``Task.stack``), on models that
-:func:`lazymaml.batched.refusal` accepts. When the batched result is not finite, or the batched
+:func:`lazymaml.batched.refusal` accepts — and not with learned inner rates, ``query_weights`` or
+``step_kwarg``, which run task by task. When the batched result is not finite, or the batched
 computation raises, the tasks rerun sequentially: a user's error then surfaces with the
 sequential path's message; if the sequential run succeeds, the learner says so and stays
 sequential.
@@ -53,7 +54,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -61,6 +62,7 @@ from torch import Tensor, nn
 
 from gradcheck.models import refuse_unsupported
 from gradcheck.parameters import Adapt
+from gradcheck.rates import Rates, coordinates
 from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep
 from gradcheck.state import preserved
 from gradcheck.student import Student
@@ -92,6 +94,12 @@ class MetaLearner:
     ``adapt="body"``. Settings are checked here, once; an option the estimator does not read is
     refused.
 
+    "maml", "first_order", "lazy" and "lazy_horizon" also take learned inner rates (``inner_lr``
+    a tensor or {name: tensor}, :mod:`gradcheck.rates`; ``per_step_lr`` for a step dimension),
+    ``query_weights`` (F = Σ_k w_k L_Q(φ_{k+1})) and ``step_kwarg`` (the step index passed to the
+    model). :meth:`meta_backward` writes a learned rate's meta-gradient into its ``.grad``: the
+    parameter's for a rate the model owns, the rate tensor's (a leaf) otherwise.
+
     The model's buffers are never written by the inner loop: BatchNorm running statistics stay
     as they were (like ``higher`` and learn2learn clones, the inner loop runs on copies), so
     evaluate in train mode (transductive batch statistics, as MAML does) or on :meth:`adapt`'s
@@ -102,7 +110,7 @@ class MetaLearner:
         self,
         model: nn.Module,
         steps: int,
-        inner_lr: float,
+        inner_lr: float | Tensor | Mapping[str, Tensor],
         *,
         estimator: str | registry.Estimator = "lazy",
         adapt: Adapt = None,
@@ -115,13 +123,24 @@ class MetaLearner:
         lam: float | None = None,
         cg_iterations: int | None = None,
         cg_tol: float | None = None,
+        per_step_lr: bool = False,
+        query_weights: Sequence[float] | None = None,
+        step_kwarg: str | None = None,
     ) -> None:
         self.entry = entry = registry.get(estimator)
         options: dict[str, Any] = dict(
-            jacobian_step=jacobian_step, horizon=horizon, lam=lam, cg_iterations=cg_iterations, cg_tol=cg_tol
+            jacobian_step=jacobian_step,
+            horizon=horizon,
+            lam=lam,
+            cg_iterations=cg_iterations,
+            cg_tol=cg_tol,
+            per_step_lr=per_step_lr,
+            query_weights=query_weights,  # InnerLoop checks it and makes it a tuple
+            step_kwarg=step_kwarg,
         )
+        defaults = {"jacobian_step": "single", "per_step_lr": False}
         given = {
-            n: v for n, v in options.items() if v is not None and not (n == "jacobian_step" and v == "single")
+            n: v for n, v in options.items() if v is not None and not (n in defaults and v == defaults[n])
         }
         wrong = [n for n in given if n not in entry.reads]
         if wrong:
@@ -134,16 +153,17 @@ class MetaLearner:
             raise ValueError(f'batched must be True, False or "auto", got {batched!r}')
         refuse_unsupported(model, by="MetaLearner")
         self.model, self.estimator, self.batched = model, entry.name, batched
-        loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, **given)
+        loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, **given)  # type: ignore[arg-type]
         self.loop = entry.settings(loop)
         self.cannot_batch = self._static_refusal()
         if batched is True and self.cannot_batch:
             raise ValueError(f"batched=True, but {self.cannot_batch}")
         self.process_group = process_group
-        student = Student.read(model, adapt)  # refuse a bad adapt now, not at the first meta-batch
+        student = Student.read(model, loop=self.loop)  # refuse a bad adapt or rate now, not later
+        self._rate_targets()  # refuse a learned rate whose .grad cannot be written, now
         if process_group is not None:
             distributed.check_group(process_group)
-            distributed.check_same_parameters(student.theta, process_group)
+            distributed.check_same_parameters(student.coordinates, process_group)
         self._said: set[str] = set()
         self.decided = batched != "auto"  # whether auto's probe has run (never: True or False)
         self.seconds: dict[str, float] = {}  # auto's estimates per task of B: "batched", "sequential"
@@ -153,6 +173,18 @@ class MetaLearner:
         """Why no meta-batch can be batched with these settings, or None."""
         if self.entry.not_batched:
             return f"estimator={self.estimator!r} is not batched ({self.entry.not_batched})"
+        # learned rates, a multi-step loss and a step index: the sequential path only
+        unbatched = [
+            name
+            for name, used in (
+                ("learned inner rates", self.loop.learned),
+                ("query_weights", self.loop.query_weights is not None),
+                ("step_kwarg", self.loop.step_kwarg is not None),
+            )
+            if used
+        ]
+        if unbatched:
+            return f"{' and '.join(unbatched)} are not batched (lazymaml.batched vmaps over θ alone)"
         if not self.loop.update().pure:
             return (
                 f"inner_optimizer={self.loop.inner_optimizer!r} is not batched (only names and specs "
@@ -195,7 +227,7 @@ class MetaLearner:
 
     def _sequential(self, student: Student, tasks: Sequence[TaskLike]) -> tuple[dict[str, Tensor], Tensor]:
         results = [registry.per_task(self.entry, student, task, self.loop) for task in tasks]
-        gradients = {n: torch.stack([g[n] for g, _, _ in results]) for n in student.theta}
+        gradients = {n: torch.stack([g[n] for g, _, _ in results]) for n in student.coordinates}
         return gradients, torch.stack([loss for _, loss, _ in results])
 
     def _timed(self, student: Student, run: Callable[[], _T]) -> tuple[float, _T]:
@@ -291,32 +323,51 @@ class MetaLearner:
         over every task of every rank. Nothing is written unless every task (every rank) succeeds."""
         tasks = _tasks(task_or_tasks)
         refuse_unsupported(self.model, tasks, by="MetaLearner.meta_backward")
-        student = Student.read(self.model, self.loop.adapt)
+        student = Student.read(self.model, loop=self.loop)
+        targets = self._rate_targets()
         try:
             with preserved(self.model):
                 gradients, losses = self._estimate(student, tasks)
         except Exception:
             if self.process_group is not None:
-                distributed.withdraw(student.theta, self.process_group)
+                distributed.withdraw(student.coordinates, self.process_group)
             raise
         sums, loss = {n: g.sum(0) for n, g in gradients.items()}, losses.sum()
         if self.process_group is None:
             mean, loss = {n: s / len(losses) for n, s in sums.items()}, loss / len(losses)
         else:
             mean, loss = distributed.mean_over_ranks(sums, loss, len(losses), self.process_group)
+        targets.update((n, p) for n, p in self.model.named_parameters() if n in mean)
         with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                if name in mean:
-                    if p.grad is None:
-                        p.grad = mean[name].to(p.dtype)
-                    else:
-                        p.grad.add_(mean[name].to(p.dtype))
+            for name, p in targets.items():
+                if p.grad is None:
+                    p.grad = mean[name].to(p.dtype)
+                else:
+                    p.grad.add_(mean[name].to(p.dtype))
         return loss.detach()
+
+    def _rate_targets(self) -> dict[str, Tensor]:
+        """{key: the caller's rate tensor} for the learned rates that are not parameters of the
+        model: :meth:`meta_backward` writes their meta-gradient into their ``.grad``. A rate that
+        is not a leaf (computed from another tensor) is refused: its ``.grad`` is not kept."""
+        if not isinstance(self.loop.inner_lr, Rates):
+            return {}
+        every, _, _ = coordinates(self.model, self.loop.adapt, self.loop.inner_lr, self.loop.steps)
+        params = {n for n, _ in self.model.named_parameters()}
+        targets = {key: t for key, t in every.items() if key not in params}
+        stems = [key for key, t in targets.items() if not t.is_leaf]
+        if stems:
+            raise ValueError(
+                f"learned rate {stems[0]!r} is not a leaf tensor (it is computed from another one): "
+                "MetaLearner writes meta-gradients into .grad, which only a leaf keeps; pass the leaf "
+                "(e.g. an nn.Parameter) or use lazymaml.estimators.run for the gradient itself"
+            )
+        return targets
 
     def adapt(self, task: TaskLike) -> nn.Module:
         """A copy of the model holding the student φ_K after K inner steps on ``task`` (the proximal
         student for "imaml"), with the buffers those steps produced."""
-        student = Student.read(self.model, self.loop.adapt)
+        student = Student.read(self.model, loop=self.loop)
         _check_devices([task], student)
         with preserved(self.model):
             phi, untrained = student.run(
@@ -339,7 +390,7 @@ class LazyMAML(MetaLearner):
         self,
         model: nn.Module,
         steps: int,
-        inner_lr: float,
+        inner_lr: float | Tensor | Mapping[str, Tensor],
         *,
         adapt: Adapt = None,
         leap: float = 1.0,
@@ -347,6 +398,9 @@ class LazyMAML(MetaLearner):
         inner_optimizer: InnerOptimizer = "sgd",
         batched: bool | Literal["auto"] = "auto",
         process_group: distributed.ProcessGroup | None = None,
+        per_step_lr: bool = False,
+        query_weights: Sequence[float] | None = None,
+        step_kwarg: str | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -359,6 +413,9 @@ class LazyMAML(MetaLearner):
             inner_optimizer=inner_optimizer,
             batched=batched,
             process_group=process_group,
+            per_step_lr=per_step_lr,
+            query_weights=query_weights,
+            step_kwarg=step_kwarg,
         )
 
 
