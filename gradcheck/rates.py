@@ -113,6 +113,17 @@ class Rates:
             missing = [n for n in adapted if n not in self.tensors]
             if missing:
                 raise ValueError(f"inner_lr has no rate for adapted parameters {missing}")
+        shared_by: dict[int, list[str]] = {}
+        for name, t in self.tensors.items():
+            if t.requires_grad and name not in owned:
+                shared_by.setdefault(id(t), []).append(name)
+        reused = [names for names in shared_by.values() if len(names) > 1]
+        if reused:
+            raise ValueError(
+                f"inner_lr gives one learned tensor to the parameters {reused[0]}: each key would be a "
+                "coordinate of its own; give each parameter its own tensor, one tensor alone for all, "
+                "or make the shared rate a parameter of the model"
+            )
         rates: dict[str, Tensor] = {}
         keys: dict[str, str] = {}
         for name in adapted:

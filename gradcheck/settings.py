@@ -162,6 +162,11 @@ class InnerLoop:
                 set_("inner_optimizer", spec.name)  # one form for plain SGD and Adam
         elif not callable(spec):
             raise TypeError(f"inner_optimizer must be a name, a spec or a factory, got {spec!r}")
+        if self.learned and self.inner_optimizer != "sgd":
+            raise ValueError(
+                "learned inner rates (a tensor or a mapping inner_lr) step plain SGD, φ − α ⊙ g; "
+                f"they do not combine with inner_optimizer={self.inner_optimizer!r}"
+            )
         if self.horizon is not None:
             horizon = self.horizon
             if (
@@ -183,7 +188,11 @@ class InnerLoop:
         if isinstance(weights, Tensor):
             weights = weights.tolist()
         weights = tuple(_real("query_weights entry", w) for w in weights)
-        if len(weights) != self.steps or self.steps == 0:
+        if self.steps == 0:
+            raise ValueError(
+                "query_weights (a multi-step loss) needs steps >= 1: with steps=0 there is no step"
+            )
+        if len(weights) != self.steps:
             raise ValueError(
                 f"query_weights must have one weight per inner step (steps={self.steps}), got {len(weights)}"
             )
@@ -294,10 +303,6 @@ class InnerLoop:
         it takes and the spec classes (:mod:`gradcheck.optim`) whose every option it follows —
         a spec of such a class, or a factory of its ``torch.optim`` class at ``inner_lr``."""
         given = self.inner_optimizer
-        if self.learned and given != "sgd":
-            raise ValueError(
-                f"learned inner rates step plain SGD (φ − α ⊙ g); {by} cannot take them with {given!r}"
-            )
         if isinstance(given, str) and given in names:
             return
         kinds = tuple(n for n in names if isinstance(n, type))
