@@ -10,12 +10,14 @@ field              symbol   meaning
 =================  =======  ==================================================================
 ``steps``          K        inner steps (≥ 0)
 ``inner_lr``       α        the inner step size: a float > 0, or learned rates
-                            (:mod:`gradcheck.rates`: a tensor or {name: tensor}, plain SGD)
+                            (:mod:`gradcheck.rates`: a tensor or {name: tensor}; they step plain
+                            SGD, so any other ``inner_optimizer`` is refused with them)
 ``per_step_lr``             learned rates have a leading step dimension (MAML++'s LSLR)
-``query_weights``  w        the multi-step loss F = Σ_k w_k L_Q(φ_{k+1}) (length K; None: L_Q(φ_T))
+``query_weights``  w        the multi-step loss F = Σ_k w_k L_Q(φ_{k+1}) (K finite weights, K ≥ 1,
+                            γ = 1: the leap is defined for the last point only; None: L_Q(φ_T))
 ``step_kwarg``              the keyword that passes the step index k to the model (MAML++'s
                             ``forward(x, num_step=k)``): the support loss of step k and the
-                            query loss right after step k see k
+                            query loss right after step k see k; the final one K − 1 (0 at K = 0)
 ``leap``           γ        the teacher's fraction: φ_T = θ + γ(φ_K − θ), in (0, 1]
 ``inner_optimizer``         ``"sgd"``, ``"adam"``, a spec (:mod:`gradcheck.optim`: ``SGD(momentum=…,
                             …)``, ``Adam(…)``, ``AdamW(…)``) or a factory
