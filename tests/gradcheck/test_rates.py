@@ -190,6 +190,19 @@ def test_the_multi_step_loss_is_not_the_final_query_loss():
     assert not compare(multi, final).ok(1e-3, 0.0)
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_a_multi_step_loss_with_one_float_alpha(first_order):
+    model, task = mlp([2, 3, 1]), regression_task()
+    weights = [0.25, 0.5, 1.0]
+    got = oracle.meta_gradient(model, task, 3, 0.2, query_weights=weights, first_order=first_order)
+    want = unrolled(
+        model, task, 3, lambda n, k: 0.2, trainable(model), weights=weights, first_order=first_order
+    )
+    compare(got, want).assert_close(RTOL, ATOL)
+    if not first_order:
+        against_differences(model, task, 3, 0.2, query_weights=weights)
+
+
 def test_rates_on_a_model_with_hooks():
     """A forward hook is run by both unrolls (functional_call runs the model's modules)."""
     model, task = mlp([2, 3, 1]), regression_task()
