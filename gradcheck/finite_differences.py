@@ -136,7 +136,6 @@ def _loop(
     query_weights: Sequence[float] | None,
     step_kwarg: str | None,
 ) -> InnerLoop:
-    weights = None if query_weights is None else tuple(query_weights)
     return InnerLoop(
         steps,
         inner_lr,  # type: ignore[arg-type]  # InnerLoop normalises a tensor or mapping to Rates
@@ -144,7 +143,7 @@ def _loop(
         inner_optimizer,
         adapt=adapt,
         per_step_lr=per_step_lr,
-        query_weights=weights,
+        query_weights=query_weights,  # type: ignore[arg-type]  # InnerLoop checks it, makes it a tuple
         step_kwarg=step_kwarg,
     )
 

@@ -201,7 +201,7 @@ def meta_gradient(
         adapt=adapt,
         first_order=first_order,
         per_step_lr=per_step_lr,
-        query_weights=None if query_weights is None else tuple(query_weights),
+        query_weights=query_weights,  # type: ignore[arg-type]  # InnerLoop checks it, makes it a tuple
         step_kwarg=step_kwarg,
     )
     return gradient(model, task_or_tasks, loop)

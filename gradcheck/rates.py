@@ -23,7 +23,16 @@ step above,
     ∂F/∂α_k[n] = −λ_{k+1}[n] ⊙ g_k[n],     λ_{k+1} = ∂F/∂φ_{k+1} (the adjoint),  g_k = ∇L_S(φ_k),
 
 summed over the entries and steps a rate is shared by (a scalar: over all of them; a per-layer
-rate: over the layer's entries; a rate without a step dimension: over the K steps).
+rate: over the layer's entries; a rate without a step dimension: over the K steps). First-order
+MAML gives the same expression with g_k a constant (then λ_{k+1} is the sum of the query
+gradients scored after step k). docs/mathematics.md derives it.
+
+**Refused** (naming the rate): a non-floating, non-finite or negative rate; one of another dtype
+or device than its parameter; a shape other than the above, or S ∉ {K, K + 1}; a mapping that
+misses an adapted parameter or names one not adapted; a model-owned rate named in ``adapt``; one
+learned external tensor given to several parameters (each key would be a coordinate of its own,
+while autograd differentiates the one tensor: make it a model parameter, or give it alone).
+:class:`gradcheck.settings.InnerLoop` refuses rates with any inner optimizer but plain SGD.
 """
 
 from __future__ import annotations
@@ -74,8 +83,8 @@ class Rates:
     @classmethod
     def of(cls, given: object, per_step: bool) -> Rates:
         """``inner_lr`` given as a tensor or a mapping, validated (module docstring)."""
-        if isinstance(given, Rates):
-            return given
+        if isinstance(given, Rates):  # settings validated again (InnerLoop.replace)
+            return given if given.per_step == per_step else cls.of(given.given, per_step)
         if isinstance(given, Tensor):
             return cls({"": _check_tensor("inner_lr", given, per_step)}, per_step, given)
         if isinstance(given, (Mapping, nn.ParameterDict)):
@@ -113,6 +122,17 @@ class Rates:
             missing = [n for n in adapted if n not in self.tensors]
             if missing:
                 raise ValueError(f"inner_lr has no rate for adapted parameters {missing}")
+        shared_by: dict[int, list[str]] = {}
+        for name, t in self.tensors.items():
+            if t.requires_grad and name not in owned:
+                shared_by.setdefault(id(t), []).append(name)
+        reused = [names for names in shared_by.values() if len(names) > 1]
+        if reused:
+            raise ValueError(
+                f"inner_lr gives one learned tensor to the parameters {reused[0]}: each key would be a "
+                "coordinate of its own; give each parameter its own tensor, one tensor alone for all, "
+                "or make the shared rate a parameter of the model"
+            )
         rates: dict[str, Tensor] = {}
         keys: dict[str, str] = {}
         for name in adapted:

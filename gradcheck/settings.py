@@ -10,12 +10,14 @@ field              symbol   meaning
 =================  =======  ==================================================================
 ``steps``          K        inner steps (≥ 0)
 ``inner_lr``       α        the inner step size: a float > 0, or learned rates
-                            (:mod:`gradcheck.rates`: a tensor or {name: tensor}, plain SGD)
+                            (:mod:`gradcheck.rates`: a tensor or {name: tensor}; they step plain
+                            SGD, so any other ``inner_optimizer`` is refused with them)
 ``per_step_lr``             learned rates have a leading step dimension (MAML++'s LSLR)
-``query_weights``  w        the multi-step loss F = Σ_k w_k L_Q(φ_{k+1}) (length K; None: L_Q(φ_T))
+``query_weights``  w        the multi-step loss F = Σ_k w_k L_Q(φ_{k+1}) (K finite weights, K ≥ 1,
+                            γ = 1: the leap is defined for the last point only; None: L_Q(φ_T))
 ``step_kwarg``              the keyword that passes the step index k to the model (MAML++'s
                             ``forward(x, num_step=k)``): the support loss of step k and the
-                            query loss right after step k see k
+                            query loss right after step k see k; the final one K − 1 (0 at K = 0)
 ``leap``           γ        the teacher's fraction: φ_T = θ + γ(φ_K − θ), in (0, 1]
 ``inner_optimizer``         ``"sgd"``, ``"adam"``, a spec (:mod:`gradcheck.optim`: ``SGD(momentum=…,
                             …)``, ``Adam(…)``, ``AdamW(…)``) or a factory
@@ -162,6 +164,11 @@ class InnerLoop:
                 set_("inner_optimizer", spec.name)  # one form for plain SGD and Adam
         elif not callable(spec):
             raise TypeError(f"inner_optimizer must be a name, a spec or a factory, got {spec!r}")
+        if self.learned and self.inner_optimizer != "sgd":
+            raise ValueError(
+                "learned inner rates (a tensor or a mapping inner_lr) step plain SGD, φ − α ⊙ g; "
+                f"they do not combine with inner_optimizer={self.inner_optimizer!r}"
+            )
         if self.horizon is not None:
             horizon = self.horizon
             if (
@@ -183,7 +190,11 @@ class InnerLoop:
         if isinstance(weights, Tensor):
             weights = weights.tolist()
         weights = tuple(_real("query_weights entry", w) for w in weights)
-        if len(weights) != self.steps or self.steps == 0:
+        if self.steps == 0:
+            raise ValueError(
+                "query_weights (a multi-step loss) needs steps >= 1: with steps=0 there is no step"
+            )
+        if len(weights) != self.steps:
             raise ValueError(
                 f"query_weights must have one weight per inner step (steps={self.steps}), got {len(weights)}"
             )
@@ -294,10 +305,6 @@ class InnerLoop:
         it takes and the spec classes (:mod:`gradcheck.optim`) whose every option it follows —
         a spec of such a class, or a factory of its ``torch.optim`` class at ``inner_lr``."""
         given = self.inner_optimizer
-        if self.learned and given != "sgd":
-            raise ValueError(
-                f"learned inner rates step plain SGD (φ − α ⊙ g); {by} cannot take them with {given!r}"
-            )
         if isinstance(given, str) and given in names:
             return
         kinds = tuple(n for n in names if isinstance(n, type))

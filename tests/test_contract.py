@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 import lazymaml
-from gradcheck import Task, finite_differences, oracle, validate
+from gradcheck import Task, diagnose, finite_differences, optim, oracle, validate
 from gradcheck.validate import Validation
 from lazymaml import MetaLearner, estimators
 from tests.helpers import (
@@ -412,4 +412,208 @@ def test_a_closure_that_writes_to_the_real_model_is_undone(entry, model_name):
 
     with pytest.raises(KeyError, match="rogue closure"):
         ENTRY_POINTS[entry](model, Task.from_closures(rogue, rogue), 2, 0.1)
+    assert_same_state(before, model_state(model))
+
+
+# --- learned inner rates, a multi-step loss, a step index: refused clearly, model untouched ---
+
+
+def _rates(model, shape=None, value=0.1, dtype=torch.float64, lead=()):
+    """One learned rate per adapted parameter: of the parameter's shape, or of ``shape``."""
+    return {
+        n: torch.full(lead + (p.shape if shape is None else shape), value, dtype=dtype, requires_grad=True)
+        for n, p in model.named_parameters()
+    }
+
+
+def _one_for_two(model):
+    shared = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    return dict(inner_lr={n: shared for n, _ in model.named_parameters()})
+
+
+def _owned_in_adapt(model):
+    """The rate of ``0.bias`` is the model's own ``1.weight`` (in [0.5, 1.5]), which adapt names."""
+    rate = torch.full((3,), 0.1, dtype=torch.float64)
+    return dict(inner_lr={"0.bias": model[1].weight, "1.weight": rate}, adapt=["0.bias", "1.weight"])
+
+
+def _with_nan(model):
+    lr = _rates(model)
+    with torch.no_grad():
+        lr["4.bias"][1] = float("nan")  # one entry of three
+    return dict(inner_lr=lr)
+
+
+def _with_negative(model):
+    lr = _rates(model)
+    with torch.no_grad():
+        lr["1.weight"][1] = -0.05
+    return dict(inner_lr=lr)
+
+
+def _scalar(model):
+    return torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+
+RATE_BAD = [
+    # (description, kwargs from the model, takes a new keyword, exception, message pattern)
+    (
+        "rate of the wrong shape",
+        lambda m: dict(inner_lr=_rates(m, shape=(2,))),
+        False,
+        ValueError,
+        r"inner_lr\['0.weight'\] has shape \(2,\); expected \(\) or the parameter's \(3, 1, 3, 3\)",
+    ),
+    ("negative rate", _with_negative, False, ValueError, r"inner_lr\['1.weight'\] has a negative rate"),
+    ("non-finite rate", _with_nan, False, ValueError, r"inner_lr\['4.bias'\] must be finite"),
+    (
+        "rate on another dtype",
+        lambda m: dict(inner_lr=_rates(m, dtype=torch.float32)),
+        False,
+        ValueError,
+        r"inner_lr\['0.weight'\] is torch.float32 on cpu, its parameter '0.weight' torch.float64",
+    ),
+    (
+        "integer rate",
+        lambda m: dict(inner_lr=torch.tensor(1)),
+        False,
+        TypeError,
+        r"inner_lr must be a floating-point tensor, got torch.int64",
+    ),
+    (
+        "mapping missing an adapted parameter",
+        lambda m: dict(inner_lr={n: t for n, t in _rates(m).items() if n != "4.bias"}),
+        False,
+        ValueError,
+        r"inner_lr has no rate for adapted parameters \['4.bias'\]",
+    ),
+    (
+        "mapping naming a parameter not adapted",
+        lambda m: dict(inner_lr=_rates(m), adapt=["4.weight", "4.bias"]),
+        False,
+        ValueError,
+        r"inner_lr has rates for \['0.bias', '0.weight', '1.bias', '1.weight'\], which the inner loop "
+        "does not adapt",
+    ),
+    ("empty mapping", lambda m: dict(inner_lr={}), False, ValueError, r"inner_lr is an empty mapping"),
+    (
+        "model-owned rate in adapt",
+        _owned_in_adapt,
+        False,
+        ValueError,
+        r"parameters \['1.weight'\] are inner learning rates: exclude them from adapt",
+    ),
+    (
+        "one learned tensor for two parameters",
+        _one_for_two,
+        False,
+        ValueError,
+        r"inner_lr gives one learned tensor to the parameters \['0.weight', '0.bias', ",
+    ),
+    (
+        "learned rates with adam",
+        lambda m: dict(inner_lr=_scalar(m), inner_optimizer="adam"),
+        False,
+        ValueError,
+        r"learned inner rates .* step plain SGD, φ − α ⊙ g; they do not combine with inner_optimizer='adam'",
+    ),
+    (
+        "learned rates with momentum",
+        lambda m: dict(inner_lr=_rates(m), inner_optimizer=optim.SGD(momentum=0.9)),
+        False,
+        ValueError,
+        r"step plain SGD.* inner_optimizer=SGD\(",
+    ),
+    (
+        "per-step rates with a wrong S",
+        lambda m: dict(inner_lr=_rates(m, lead=(5,)), per_step_lr=True),
+        True,
+        ValueError,
+        r"inner_lr\['0.weight'\] has 5 steps in its leading dimension; the inner loop runs 3 \(give 3, or 4",
+    ),
+    (
+        "per-step rate without a step dimension",
+        lambda m: dict(inner_lr=_scalar(m), per_step_lr=True),
+        True,
+        ValueError,
+        r"inner_lr has no step dimension, but per_step_lr=True",
+    ),
+    (
+        "per_step_lr with a float",
+        lambda m: dict(per_step_lr=True),
+        True,
+        ValueError,
+        r"per_step_lr=True needs rates with a leading step dimension, not a float inner_lr",
+    ),
+    (
+        "query_weights of the wrong length",
+        lambda m: dict(query_weights=[1.0, 1.0]),
+        True,
+        ValueError,
+        r"query_weights must have one weight per inner step \(steps=3\), got 2",
+    ),
+    (
+        "query_weights with a leap",
+        lambda m: dict(query_weights=[1.0, 1.0, 1.0], leap=0.5),
+        True,
+        ValueError,
+        r"query_weights \(a multi-step loss\) and a leap γ != 1 do not combine",
+    ),
+    (
+        "query_weights with K=0",
+        lambda m: dict(query_weights=[], steps=0),
+        True,
+        ValueError,
+        r"query_weights \(a multi-step loss\) needs steps >= 1",
+    ),
+    (
+        "non-finite query_weights",
+        lambda m: dict(query_weights=[1.0, float("inf"), 1.0]),
+        True,
+        TypeError,
+        r"query_weights entry must be a finite real number, got inf",
+    ),
+    (
+        "query_weights not a sequence",
+        lambda m: dict(query_weights=1.0),
+        True,
+        TypeError,
+        r"query_weights must be a sequence of K floats",
+    ),
+    (
+        "step_kwarg not an identifier",
+        lambda m: dict(step_kwarg="num step"),
+        True,
+        TypeError,
+        r"step_kwarg must be a keyword name \(e.g. 'num_step'\), got 'num step'",
+    ),
+]
+RATE_ENTRIES = {
+    "oracle.meta_gradient": oracle.meta_gradient,
+    "finite_differences.meta_objective": finite_differences.meta_objective,
+    "finite_differences.meta_gradient": finite_differences.meta_gradient,
+    "finite_differences.check": ENTRY_POINTS["finite_differences.check"],
+    "validate": ENTRY_POINTS["validate"],
+    "diagnose": lambda m, t, k, lr, **kw: diagnose(_zeros(m), m, [t], k, lr, **kw),
+}
+NO_NEW_KEYWORDS = {"validate", "diagnose"}  # they take inner_lr; not yet the three new keywords
+
+
+@pytest.mark.parametrize(
+    ("entry", "make", "error", "pattern"),
+    [
+        pytest.param(entry, bad[1], *bad[3:], id=f"{bad[0]}-{entry}")
+        for entry in RATE_ENTRIES
+        for bad in RATE_BAD
+        if not (bad[2] and entry in NO_NEW_KEYWORDS)
+    ],
+)
+def test_bad_rates_and_multi_step_settings_are_refused_clearly_and_leave_the_model_untouched(
+    entry, make, error, pattern
+):
+    model = with_gradients(conv_bn().train())
+    before = model_state(model)
+    args = dict(steps=3, inner_lr=0.1) | make(model)
+    with pytest.raises(error, match=pattern):
+        RATE_ENTRIES[entry](model, image_task(), args.pop("steps"), args.pop("inner_lr"), **args)
     assert_same_state(before, model_state(model))

@@ -130,3 +130,57 @@ def test_require_takes_spec_classes_for_every_option_and_names_for_the_plain_opt
     assert factory.spec() == optim.AdamW()
     with pytest.raises(ValueError, match=r"or a gradcheck\.optim spec SGD"):
         factory.require("sgd", optim.SGD, by="the oracle")
+
+
+# --- learned rates, the multi-step loss, the step index ---
+
+
+def test_scored_is_the_final_point_or_each_point_after_a_step():
+    assert InnerLoop(3, 0.1).scored() == {3: 1.0}
+    assert InnerLoop(0, 0.1).scored() == {0: 1.0}
+    assert InnerLoop(3, 0.1, query_weights=(0.5, 0.25, 2)).scored() == {1: 0.5, 2: 0.25, 3: 2.0}
+
+
+def test_query_weights_become_a_tuple_of_floats_also_from_a_list_or_a_tensor():
+    assert InnerLoop(2, 0.1, query_weights=[1, 2]).query_weights == (1.0, 2.0)
+    weights = InnerLoop(2, 0.1, query_weights=torch.tensor([0.5, 1.0])).query_weights
+    assert weights == (0.5, 1.0) and all(type(w) is float for w in weights)
+
+
+def test_indexed_passes_the_step_only_when_a_keyword_is_set():
+    f = lambda x, **kw: (x, kw)  # noqa: E731
+    assert InnerLoop(2, 0.1).indexed(f, 1) is f
+    assert InnerLoop(2, 0.1, step_kwarg="num_step").indexed(f, 1)(7) == (7, {"num_step": 1})
+
+
+def test_a_learned_rate_is_kept_as_given_and_refused_where_one_float_is_needed():
+    alpha = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    loop = InnerLoop(2, alpha)
+    assert loop.learned and loop.given_lr is alpha and not InnerLoop(2, 0.1).learned
+    with pytest.raises(ValueError, match="the bound takes inner_lr as one float"):
+        loop.lr("the bound")
+    assert InnerLoop(2, 0.1).lr("the bound") == 0.1
+    with pytest.raises(ValueError, match=r"reptile does not take inner_lr or step_kwarg"):
+        loop.replace(step_kwarg="k").refuse("inner_lr", "query_weights", "step_kwarg", by="reptile")
+    InnerLoop(2, 0.1).refuse("inner_lr", "query_weights", "step_kwarg", by="reptile")  # nothing set
+
+
+@pytest.mark.parametrize(
+    "optimizer", ["adam", optim.SGD(momentum=0.9), optim.AdamW(), lambda p: torch.optim.SGD(p, lr=0.1)]
+)
+def test_learned_rates_take_plain_sgd_only(optimizer):
+    alpha = torch.tensor(0.1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"learned inner rates .* step plain SGD"):
+        InnerLoop(2, alpha, inner_optimizer=optimizer)
+    assert InnerLoop(2, alpha, inner_optimizer=optim.SGD()).inner_optimizer == "sgd"
+
+
+def test_replace_reads_the_rates_again_under_a_changed_per_step_lr():
+    rates = torch.full((3,), 0.1, dtype=torch.float64, requires_grad=True)
+    per_step = InnerLoop(3, rates, per_step_lr=True)
+    assert per_step.inner_lr.per_step
+    again = per_step.replace(per_step_lr=False)
+    assert not again.inner_lr.per_step and again.given_lr is rates
+    assert per_step.replace(steps=2).inner_lr is per_step.inner_lr  # unchanged: the same rates
+    with pytest.raises(ValueError, match="inner_lr has no step dimension"):
+        InnerLoop(3, torch.tensor(0.1, dtype=torch.float64)).replace(per_step_lr=True)
