@@ -54,10 +54,12 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _head(model: nn.Module, names: Iterable[str]) -> list[str]:
+    names = list(names)
+    among = {id(model.get_parameter(n)) for n in names}
     owners = [
         prefix
         for prefix, module in model.named_modules()
-        if any(p.requires_grad for p in module.parameters(recurse=False))
+        if any(id(p) in among for p in module.parameters(recurse=False))
     ]
     held = {id(p) for p in model.get_submodule(owners[-1])._parameters.values() if p is not None}
     return [n for n in names if id(model.get_parameter(n)) in held]
@@ -78,9 +80,12 @@ def _by_names(keys: list[str], model: nn.Module, names: list[str]) -> list[str]:
     return [n for n in names if any(_matches(n, k) for k in keys)]
 
 
-def resolve_adapt(model: nn.Module, adapt: Adapt) -> tuple[str, ...]:
-    """A, the names of the parameters the inner loop updates, in ``named_parameters()`` order."""
-    names = list(trainable(model))
+def resolve_adapt(model: nn.Module, adapt: Adapt, exclude: Iterable[str] = ()) -> tuple[str, ...]:
+    """A, the names of the parameters the inner loop updates, in ``named_parameters()`` order,
+    chosen among the trainable parameters not in ``exclude`` (a model's learned inner rates: the
+    presets' head is then the last module holding a parameter that is not a rate)."""
+    left_out = set(exclude)
+    names = [n for n in trainable(model) if n not in left_out]
     if adapt is None:
         return tuple(names)
     if isinstance(adapt, str) and adapt in PRESETS:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .parameters import Adapt, resolve_adapt, trainable
+from .parameters import PRESETS, Adapt, resolve_adapt, trainable
 
 __all__ = ["RATE_KEY", "Rates", "Schedule", "coordinates"]
 
@@ -204,16 +204,16 @@ def coordinates(
 ) -> tuple[dict[str, Tensor], tuple[str, ...], Schedule | None]:
     """What the meta-objective is a function of: θ (the trainable parameters) followed by the
     learned rates that are not parameters of the model, keyed as the meta-gradient is; the
-    adapted names (a rate is never adapted: ``adapt=None`` leaves the model's rate parameters
-    out); and the resolved rates (None for one float α)."""
+    adapted names (a rate is never adapted: ``adapt=None`` and the presets ``"head"``/``"body"``
+    leave the model's rate parameters out, names that include one are refused); and the resolved
+    rates (None for one float α)."""
     theta: dict[str, Tensor] = dict(trainable(model))
-    adapted = resolve_adapt(model, adapt)
     if not isinstance(inner_lr, Rates):
-        return theta, adapted, None
+        return theta, resolve_adapt(model, adapt), None
     owned = set(inner_lr.owned(model).values())
-    if adapt is None:
-        adapted = tuple(n for n in adapted if n not in owned)
-    elif owned & set(adapted):
+    presets = adapt is None or (isinstance(adapt, str) and adapt in PRESETS)
+    adapted = resolve_adapt(model, adapt, exclude=owned if presets else ())
+    if owned & set(adapted):
         raise ValueError(
             f"parameters {sorted(owned & set(adapted))} are inner learning rates: exclude them from adapt"
         )

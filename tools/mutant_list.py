@@ -1251,8 +1251,8 @@ MUTANTS = [
     Mutant(
         "bound-t0-plus",
         "lazymaml/bound.py",
-        "matrix_norm(eye - loop.inner_lr * projected, ord=2)",
-        "matrix_norm(eye + loop.inner_lr * projected, ord=2)",
+        "matrix_norm(eye - loop.lr(\"the bound\") * projected, ord=2)",
+        "matrix_norm(eye + loop.lr(\"the bound\") * projected, ord=2)",
         "‖T₀‖ computed as ‖I + αH‖",
         (f"{LM}/test_bound.py",),
     ),
@@ -1933,8 +1933,8 @@ MUTANTS = [
     Mutant(
         "brake-sign",
         "lazymaml/estimators.py",
-        "            w = {n: w[n] - loop.inner_lr * h[n] for n in w}\n",
-        "            w = {n: w[n] + loop.inner_lr * h[n] for n in w}\n",
+        "            w = {n: w[n] - loop.lr(\"the stored-point HVP product\") * h[n] for n in w}\n",
+        "            w = {n: w[n] + loop.lr(\"the stored-point HVP product\") * h[n] for n in w}\n",
         "I + αH instead of I − αH",
         (f"{LM}/test_estimators.py",),
     ),
@@ -2009,8 +2009,8 @@ MUTANTS = [
     Mutant(
         "reptile-without-k",
         "lazymaml/estimators.py",
-        "scale = 1 / (f.loop.steps * f.loop.inner_lr) if f.loop.steps else 0.0",
-        "scale = 1 / f.loop.inner_lr if f.loop.steps else 0.0",
+        'scale = 1 / (f.loop.steps * f.loop.lr("reptile")) if f.loop.steps else 0.0',
+        'scale = 1 / f.loop.lr("reptile") if f.loop.steps else 0.0',
         "Reptile's displacement not divided by K",
         (
             f"{LM}/test_estimators.py",
