@@ -93,8 +93,13 @@ class Objective:
 
     def support(self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None) -> Tensor:
         """L_S(point); ``k`` numbers the inner step in errors (None: the support loss at θ)."""
-        what = SUPPORT_AT_THETA if k is None else support_loss_at(k, self.loop.steps if self.loop else k + 1)
-        return self._check(self.task.support_loss(self.student.at(point, untrained)), what)
+        loss = self.task.support_loss(self.student.at(point, untrained))
+        if not self.checked:
+            return loss
+        return checked_loss(
+            loss,
+            SUPPORT_AT_THETA if k is None else support_loss_at(k, self.loop.steps if self.loop else k + 1),
+        )
 
     def query(self, point: Mapping[str, Tensor], untrained: Params) -> Tensor:
         """L_Q(point)."""
@@ -204,16 +209,13 @@ class AutogradObjective(Objective):
 class FuncObjective(Objective):
     """The derivatives by ``torch.func`` transforms (the batched path, under ``vmap``)."""
 
-    def _support_of_adapted(
-        self, adapted: Params, point: Mapping[str, Tensor], untrained: Params, k: int | None
-    ) -> Tensor:
-        return self.support({**point, **adapted}, untrained, k)
-
     def support_gradient(
         self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None
     ) -> tuple[Params, Tensor]:
-        adapted = {n: point[n] for n in self.adapted}
-        return grad_and_value(self._support_of_adapted)(adapted, point, untrained, k)
+        def of_adapted(adapted: Params, untrained: Params) -> Tensor:
+            return self.support({**point, **adapted}, untrained, k)
+
+        return grad_and_value(of_adapted)({n: point[n] for n in self.adapted}, untrained)
 
     def query_gradient(self, point: Mapping[str, Tensor], untrained: Params) -> tuple[Params, Tensor]:
         return grad_and_value(self.query)(dict(point), untrained)
@@ -251,8 +253,9 @@ class OutsideObjective(FuncObjective):
     ``torch.autograd.grad``). Everything outside ``differentiate`` sees the detached θ the vmap
     was given, so nothing else carries a graph. Only θ itself is differentiated this way:
     ``theta`` must be the tensors the vmap was given (``detached``). The entry must return the
-    deferred gradient as it is (:attr:`lazymaml.estimators.Estimator.outside`): using one of its
-    names raises ``KeyError``."""
+    deferred gradient as it is (:attr:`lazymaml.estimators.Estimator.outside`) — a linear map
+    of it (a scale) stays exact, being the same map of the value, and reading a parameter's
+    name from it raises ``KeyError``; a result without it is refused by the batched path."""
 
     def __init__(
         self, student: Student, task: TaskLike, loop: InnerLoop, detached: Params, leaves: Params
