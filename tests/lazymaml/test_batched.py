@@ -19,6 +19,7 @@ where per-parameter relative error measures only rounding.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -33,7 +34,7 @@ import lazymaml
 from gradcheck import Task, compare, oracle, strategies
 from gradcheck.settings import InnerLoop
 from lazymaml.batched import BATCH_STATISTICS, OUTSIDE, VERIFIED
-from lazymaml.derivatives import OutsideObjective
+from lazymaml.derivatives import DEFERRED, OutsideObjective
 from tests.helpers import (
     F64,
     Flat,
@@ -825,3 +826,38 @@ def test_every_outside_module_type_takes_the_outside_layout_exactly(name, outsid
     assert_close(batched, learn(model, tasks, 2, 0.1, False, estimator="maml", leap=0.9)[0])
     per_task = [unrolled(model, t, 2, 0.1, None, 0.9, 2) for t in tasks]
     assert_close(batched, {n: sum(g[n] for g in per_task) / 3 for n in per_task[0]})
+
+
+def test_the_outside_objective_differentiates_with_respect_to_theta_only():
+    """Another point than the θ the vmap was given cannot be differentiated outside it."""
+    model = _regression_model()
+    student = lazymaml.estimators.Student.read(model)
+    leaves = {n: t.detach().requires_grad_() for n, t in student.theta.items()}
+    f = OutsideObjective(student, TASKS[0], InnerLoop(1, 0.1), student.theta, leaves)
+    elsewhere = {n: t.clone() for n, t in student.theta.items()}
+    with pytest.raises(ValueError, match="with respect to θ only"):
+        f.differentiate(lambda t, u: (f.query(t, u), None), elsewhere, {})
+    g, value, _ = f.differentiate(lambda t, u: (f.query(t, u), None), student.theta, {})
+    assert list(g) == [DEFERRED] and g[DEFERRED] is value and value.requires_grad
+
+
+def test_an_entry_declaring_outside_without_differentiating_is_refused():
+    """The deferred gradient stands for ∇_θ of the value: an entry that scales it is still exact
+    (a linear map of the gradient is that of the value); one that never calls ``differentiate``
+    but declares ``outside`` is refused, not given a wrong gradient."""
+    maml = lazymaml.estimators.get("maml")
+
+    def halved(f, theta, untrained):
+        g, loss, losses = maml.per_task(f, theta, untrained)
+        return {n: 0.5 * t for n, t in g.items()}, loss, losses
+
+    halved_entry = dataclasses.replace(maml, name="halved", per_task=halved)
+    model = _regression_model()
+    got, _ = learn(model, TASKS, 2, 0.1, True, estimator=halved_entry)
+    assert_close(got, learn(model, TASKS, 2, 0.1, False, estimator=halved_entry)[0])
+    assert_close(
+        got, {n: 0.5 * g for n, g in learn(model, TASKS, 2, 0.1, False, estimator="maml")[0].items()}
+    )
+    lazy = dataclasses.replace(lazymaml.estimators.get("lazy"), name="lazy_outside", outside=True)
+    with pytest.raises(ValueError, match="did not return differentiate's gradient as it is"):
+        lazymaml.MetaLearner(model, 2, 0.1, estimator=lazy, batched=True).meta_backward(TASKS)
