@@ -6,7 +6,8 @@ sequential path calls (:mod:`lazymaml.estimators`) — runs once for all of them
 unchecked (a check would branch on data, which vmap forbids): the caller checks that everything
 returned is finite, and reruns the tasks sequentially — whose checks name the step — when it is
 not. Gradients come from ``torch.func`` alone — ordinary autograd through a vmapped
-``torch.func.grad`` is wrong for batch and instance norm on torch 2.13 — and, where the model
+``torch.func.grad`` is wrong for batch and instance norm on torch 2.13 — except in the outside
+layout (below), which only models without normalisation get; and, where the model
 holds normalisation layers or a forward this module cannot vouch for,
 :class:`~lazymaml.normalization.BatchStatistics` keeps them from updating running statistics
 (which vmap refuses, and which no loss reads). :func:`refusal` says which models are batched.
