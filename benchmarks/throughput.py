@@ -12,7 +12,9 @@ round), and the best and the median of the rounds are reported. One call is one 
 1. Sinusoid regression (MLP 1–40–40–1, α = 0.01, B = 25): lazy and first-order at K = 20,
    second-order MAML at K = 5, batched against sequential (``batched=False``), and lazy (K = 20)
    and MAML (K = 5) against plain hand-written ``torch.func.vmap`` implementations of the same
-   maths (checked to give the same gradient); also the cost of the ``BatchStatistics``
+   maths (checked to give the same gradient) — MAML in both layouts, side by side: ``grad``
+   inside the vmap ("inside") and functorch's example's one autograd backward after it
+   ("outside"), with the library's time as a ratio of each; also the cost of the ``BatchStatistics``
    torch-function mode, which the learner switches on for models it cannot vouch for (here: the
    MLP inside a custom module). Then, each in a fresh process, the learner with the default
    ``batched="auto"`` against the hand-written vmap: its first call (auto's probe, the warm-up
@@ -78,7 +80,8 @@ def table_key(estimator: str, batch: int, steps: int, path: str) -> str:
 
 LAZY_MODE = timing_key("lazy", 20, "batched, BatchStatistics mode")
 LAZY_VMAP = timing_key("lazy", 20, "hand-written vmap")
-MAML_VMAP = timing_key("maml", 5, "hand-written vmap")
+MAML_VMAP = timing_key("maml", 5, "hand-written vmap")  # the inside layout
+MAML_OUTSIDE = timing_key("maml", 5, "hand-written vmap, outside")
 FRESH = (("lazy", 20), ("maml", 5))  # the fresh-process auto measurements (estimator, K)
 
 
@@ -134,6 +137,29 @@ def reference_maml(model: nn.Module, tasks: list[Task], steps: int, inner_lr: fl
         return grad(unrolled)(params)
 
     return {n: g.mean(0) for n, g in vmap(per_task)(xs, ys, xq, yq).items()}
+
+
+def reference_maml_outside(
+    model: nn.Module, tasks: list[Task], steps: int, inner_lr: float
+) -> dict[str, Tensor]:
+    """Second-order MAML (γ = 1, MSE) in the layout of functorch's MAML example: ``vmap`` over
+    tasks of the unrolled inner loop (its ``grad`` differentiable), then one ordinary autograd
+    backward of the mean query loss to θ, outside the ``vmap``."""
+    params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
+    xs, ys, xq, yq = (torch.stack(parts) for parts in zip(*((*t.support, *t.query) for t in tasks)))
+
+    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(functional_call(model, p, (x,)), y)
+
+    def per_task(p: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        phi = p
+        for _ in range(steps):
+            g = grad(loss)(phi, xs, ys)
+            phi = {n: phi[n] - inner_lr * g[n] for n in phi}
+        return loss(phi, xq, yq)
+
+    losses = vmap(per_task, in_dims=(None, 0, 0, 0, 0))(params, xs, ys, xq, yq)
+    return dict(zip(params, torch.autograd.grad(losses.mean(), list(params.values()))))
 
 
 REFERENCES = {"lazy": reference_lazy, "maml": reference_maml}
@@ -196,6 +222,7 @@ def sinusoid_targets(args: argparse.Namespace, device: torch.device) -> dict:
     calls[LAZY_MODE] = step(wrapped, tasks)
     calls[LAZY_VMAP] = lambda: reference_lazy(model, tasks, 20, INNER_LR)
     calls[MAML_VMAP] = lambda: reference_maml(model, tasks, 5, INNER_LR)
+    calls[MAML_OUTSIDE] = lambda: reference_maml_outside(model, tasks, 5, INNER_LR)
     timing = interleaved(calls, args.rounds, device)
 
     checks = {}
@@ -209,6 +236,10 @@ def sinusoid_targets(args: argparse.Namespace, device: torch.device) -> dict:
         checks[f"{name}: batched vs hand-written vmap"] = compare(
             grads(model), REFERENCES[name](model, tasks, steps, INNER_LR)
         ).overall.rel_error
+    step(learners["maml", "batched"], tasks)()
+    checks["maml: batched vs hand-written vmap, outside"] = compare(
+        grads(model), reference_maml_outside(model, tasks, 5, INNER_LR)
+    ).overall.rel_error
     model.zero_grad(set_to_none=True)
     fresh = {f"{name} K={steps}": fresh_auto(args, name, steps) for name, steps in FRESH}
     return {"timing": timing, "relative_differences": checks, "fresh_auto": fresh}
@@ -343,6 +374,10 @@ def targets(sinusoid: dict, conv: dict, memory: dict[str, float], ks: tuple[int,
     if MAML_VMAP in t:
         maml_ratio = t[timing_key("maml", 5, "batched")] / t[MAML_VMAP]
         rows.append(Ratio("sinusoid maml K=5: batched / hand-written vmap", maml_ratio, 1.3, True))
+    if MAML_OUTSIDE in t:
+        fastest = min(t[MAML_VMAP], t[MAML_OUTSIDE])
+        maml_ratio = t[timing_key("maml", 5, "batched")] / fastest
+        rows.append(Ratio("sinusoid maml K=5: batched / fastest hand-written layout", maml_ratio, 1.1, True))
     for key, fresh in sinusoid.get("fresh_auto", {}).items():
         ratio = fresh["timing"]["auto"]["best_ms"] / fresh["timing"]["hand-written vmap"]["best_ms"]
         rows.append(Ratio(f"sinusoid {key}, fresh process: auto / hand-written vmap", ratio, 1.3, True))
@@ -384,6 +419,19 @@ def report_sinusoid(args: argparse.Namespace, device: torch.device) -> dict:
     t = sinusoid["timing"]
     overhead = t[LAZY_MODE]["best_ms"] / t[timing_key("lazy", 20, "batched")]["best_ms"]
     print(f"  BatchStatistics mode switched on (a custom model class): {overhead:.2f}× the time")
+    maml = {
+        p: t[k]["best_ms"]
+        for p, k in (
+            ("library", timing_key("maml", 5, "batched")),
+            ("outside", MAML_OUTSIDE),
+            ("inside", MAML_VMAP),
+        )
+    }
+    print(
+        f"  maml K=5, best: library batched {maml['library']:.1f} ms, hand-written outside "
+        f"{maml['outside']:.1f} ms, inside {maml['inside']:.1f} ms; library / outside "
+        f"{maml['library'] / maml['outside']:.2f}, library / inside {maml['library'] / maml['inside']:.2f}"
+    )
     for key, fresh in sinusoid["fresh_auto"].items():
         ft = fresh["timing"]
         print(

@@ -23,7 +23,10 @@ backends compute these derivatives, and nothing else differs:
   so :class:`gradcheck.memory.SavedTensorMeter` measures it (``torch.func`` transforms refuse
   both);
 * :class:`FuncObjective` — ``torch.func`` transforms, for the batched path, which is
-  ``torch.func.vmap`` of the very same estimator function.
+  ``torch.func.vmap`` of the very same estimator function; :class:`OutsideObjective` is the same
+  but for :meth:`~Objective.differentiate`, whose gradient it leaves to one ordinary autograd
+  backward after the ``vmap`` (the batched path's outside layout, where
+  :func:`lazymaml.batched.why_inside` vouches for it).
 
 The untrained tensors are passed along as arguments, so a forward that updates them in place
 (BatchNorm running statistics) updates the caller's copies; Hessian-vector products work on
@@ -50,10 +53,12 @@ from gradcheck.student import QUERY_LOSS, Student, checked_loss, query_loss_at, 
 from gradcheck.task import TaskLike
 
 __all__ = [
+    "DEFERRED",
     "SUPPORT_AT_THETA",
     "AutogradObjective",
     "FuncObjective",
     "Objective",
+    "OutsideObjective",
     "Params",
     "hvp",
     "query_gradient",
@@ -69,6 +74,8 @@ point and the gradient the step took."""
 Products = Callable[..., Params]
 """``product(w, last=False)``: one Hessian-vector product (see :meth:`Objective.hvps`)."""
 SUPPORT_AT_THETA = "support loss L_S(θ) of the Hessian-vector product"
+DEFERRED = ""
+"""The one key of :class:`OutsideObjective`'s deferred gradient (no parameter is named "")."""
 
 
 def _clones(tensors: Mapping[str, Tensor]) -> Params:
@@ -228,16 +235,13 @@ class AutogradObjective(Objective):
 class FuncObjective(Objective):
     """The derivatives by ``torch.func`` transforms (the batched path, under ``vmap``)."""
 
-    def _support_of_adapted(
-        self, adapted: Params, point: Mapping[str, Tensor], untrained: Params, k: int | None
-    ) -> Tensor:
-        return self.support({**point, **adapted}, untrained, k)
-
     def support_gradient(
         self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None
     ) -> tuple[Params, Tensor]:
-        adapted = {n: point[n] for n in self.adapted}
-        return grad_and_value(self._support_of_adapted)(adapted, point, untrained, k)
+        def of_adapted(adapted: Params, untrained: Params) -> Tensor:
+            return self.support({**point, **adapted}, untrained, k)
+
+        return grad_and_value(of_adapted)({n: point[n] for n in self.adapted}, untrained)
 
     def query_gradient(
         self, point: Mapping[str, Tensor], untrained: Params, k: int | None = None
@@ -263,6 +267,37 @@ class FuncObjective(Objective):
     ) -> tuple[Params, Tensor, Any]:
         g, (value, aux) = grad_and_value(fn, has_aux=True)(theta, untrained)
         return g, value, aux
+
+
+class OutsideObjective(FuncObjective):
+    """:class:`FuncObjective` whose :meth:`differentiate` defers the gradient to ordinary autograd
+    after the ``vmap``: the batched path's outside layout (:mod:`lazymaml.batched`).
+
+    ``fn`` is evaluated at ``leaves`` — θ as tensors that require grad, made outside the vmap —
+    and the "gradient" returned is ``{DEFERRED: value}``, the value with its autograd graph; the
+    batched path sums those values over the tasks and differentiates the sum once. The inner
+    loop inside ``fn`` takes its gradients with ``torch.func`` as in :class:`FuncObjective`, and
+    those are differentiable by the outer autograd (what ``create_graph=True`` is to
+    ``torch.autograd.grad``). Everything outside ``differentiate`` sees the detached θ the vmap
+    was given, so nothing else carries a graph. Only θ itself is differentiated this way:
+    ``theta`` must be the tensors the vmap was given (``detached``). The entry must return the
+    deferred gradient as it is (:attr:`lazymaml.estimators.Estimator.outside`) — a linear map
+    of it (a scale) stays exact, being the same map of the value, and reading a parameter's
+    name from it raises ``KeyError``; a result without it is refused by the batched path."""
+
+    def __init__(
+        self, student: Student, task: TaskLike, loop: InnerLoop, detached: Params, leaves: Params
+    ) -> None:
+        super().__init__(student, task, loop, checked=False)
+        self.detached, self.leaves = detached, leaves
+
+    def differentiate(
+        self, fn: Differentiable, theta: Params, untrained: Params
+    ) -> tuple[Params, Tensor, Any]:
+        if theta.keys() != self.detached.keys() or any(theta[n] is not t for n, t in self.detached.items()):
+            raise ValueError("the outside layout differentiates with respect to θ only")
+        value, aux = fn(self.leaves, untrained)
+        return {DEFERRED: value}, value, aux
 
 
 def query_gradient(

@@ -113,7 +113,10 @@ class Estimator:
     whether its student is iMAML's proximal one (``lam``); ``reads``:
     the settings beyond K, α, γ, ``adapt`` and ``inner_optimizer`` that it reads — a learner
     refuses any other one it is given; ``configure``: the settings it runs with when those are
-    derived from others (``lazy_horizon``: η = γKα).
+    derived from others (``lazy_horizon``: η = γKα); ``outside``: its gradient is
+    ``objective.differentiate``'s with respect to θ, returned as it is — so the batched path may
+    take it by one autograd backward after the ``vmap`` (:mod:`lazymaml.batched`'s outside
+    layout) where it vouches for that.
     """
 
     name: str
@@ -124,6 +127,7 @@ class Estimator:
     reads: frozenset[str] = frozenset()
     configure: Callable[[InnerLoop], InnerLoop] | None = None
     proximal: bool = False  # the student minimises L_S(φ) + (λ/2)‖φ_A − θ_A‖² (iMAML)
+    outside: bool = False  # per_task returns differentiate's gradient of θ as it is (see below)
 
     def settings(self, loop: InnerLoop) -> InnerLoop:
         """``loop`` as this estimator runs it, refused where it cannot (an optimizer it does not
@@ -434,6 +438,7 @@ for _entry in (
         optimizers=("sgd", "adam"),
         reads=LEARNED,
         configure=_all_steps,
+        outside=True,
     ),
     Estimator(
         "truncated",
@@ -441,6 +446,7 @@ for _entry in (
         "backpropagation through the last T = horizon SGD steps (the first K − T as the identity)",
         optimizers=("sgd",),
         reads=frozenset({"horizon"}),
+        outside=True,
     ),
     Estimator(
         "first_order", _lazy_task, "first-order MAML: v = ∇L_Q(φ_T)", reads=LEARNED, configure=_eta_zero

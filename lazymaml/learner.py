@@ -227,8 +227,8 @@ class MetaLearner:
 
     def _sequential(self, student: Student, tasks: Sequence[TaskLike]) -> tuple[dict[str, Tensor], Tensor]:
         results = [registry.per_task(self.entry, student, task, self.loop) for task in tasks]
-        gradients = {n: torch.stack([g[n] for g, _, _ in results]) for n in student.coordinates}
-        return gradients, torch.stack([loss for _, loss, _ in results])
+        sums = {n: torch.stack([g[n] for g, _, _ in results]).sum(0) for n in student.coordinates}
+        return sums, torch.stack([loss for _, loss, _ in results])
 
     def _timed(self, student: Student, run: Callable[[], _T]) -> tuple[float, _T]:
         """``run()`` and the seconds it took (the device synchronised)."""
@@ -253,7 +253,7 @@ class MetaLearner:
             )
         except Exception as error:  # the sequential rerun reports a user's error clearly
             failure = f"the batched computation raised {type(error).__name__}: {error}"
-        return (estimate.gradients, estimate.losses) if failure is None else failure
+        return (estimate.sums, estimate.losses) if failure is None else failure
 
     def _probe(
         self, student: Student, batch: TaskBatch, statistics: bool
@@ -304,7 +304,7 @@ class MetaLearner:
     def _estimate(
         self, student: Student, tasks: list[TaskLike] | TaskBatch
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """Per-task gradients and query losses, stacked over tasks, batched where possible."""
+        """The gradients summed over the tasks and the query losses stacked, batched where possible."""
         model_refusal, statistics = batching.refusal(self.model)
         batch = self._batch(tasks, model_refusal)
         if not isinstance(batch, TaskBatch):
@@ -327,12 +327,12 @@ class MetaLearner:
         targets = self._rate_targets()
         try:
             with preserved(self.model):
-                gradients, losses = self._estimate(student, tasks)
+                sums, losses = self._estimate(student, tasks)
         except Exception:
             if self.process_group is not None:
                 distributed.withdraw(student.coordinates, self.process_group)
             raise
-        sums, loss = {n: g.sum(0) for n, g in gradients.items()}, losses.sum()
+        loss = losses.sum()
         if self.process_group is None:
             mean, loss = {n: s / len(losses) for n, s in sums.items()}, loss / len(losses)
         else:
