@@ -172,7 +172,7 @@ def meta_gradient(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float,
+    inner_lr: float | Tensor | Mapping[str, Tensor],
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
@@ -195,7 +195,7 @@ def meta_gradient(
     """
     loop = InnerLoop(
         steps,
-        inner_lr,
+        inner_lr,  # type: ignore[arg-type]  # InnerLoop normalises a tensor or mapping to Rates
         leap,
         inner_optimizer,
         adapt=adapt,
