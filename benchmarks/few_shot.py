@@ -4,6 +4,8 @@
     python benchmarks/few_shot.py                              # the defaults: ≈ 4 h on 2 cores
     # the committed results (benchmarks/results/few_shot.json), 68 min on 2 cores:
     python benchmarks/few_shot.py --outer-steps 150 --sweep-steps 40 --inner-lrs 0.03 0.1 0.3 --val-tasks 50
+    # the committed same-K first-order controls (FOMAML K=10, 20, beside Lazy K=10, 20), 10 min:
+    # the line above plus --methods fomaml-k10 fomaml-k20 --out benchmarks/results/few_shot-controls
     python benchmarks/few_shot.py --shots 1 --seeds 5 --outer-steps 2000 --channels-net 32
     python benchmarks/few_shot.py --data ~/data/omniglot --image-size 28 --rotate
     python benchmarks/few_shot.py --methods 'maml-*' 'lazy-k10-*' --shots 1
@@ -98,6 +100,8 @@ def _methods() -> dict[str, Method]:
         "maml-k1": Method("MAML K=1", "MAML", "maml", 1),
         "maml-k5": Method("MAML K=5", "MAML", "maml", 5),
         "fomaml-k5": Method("FOMAML K=5", "FOMAML", "first_order", 5),
+        "fomaml-k10": Method("FOMAML K=10", "FOMAML", "first_order", 10),
+        "fomaml-k20": Method("FOMAML K=20", "FOMAML", "first_order", 20),
         "anil-k5": Method("ANIL K=5", "ANIL", "maml", 5, adapt="head"),
         "boil-k5": Method("BOIL K=5", "BOIL", "maml", 5, adapt="body"),
         "reptile-k10": Method("Reptile K=10", "Reptile", "reptile", 10),
@@ -522,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         "cg_iterations": CG_ITERATIONS,
         "task_seeds": {"val": VAL_SEED, "test": TEST_SEED, "memory": MEMORY_SEED},
         "classes": {s: list(c.names) for s, c in splits(args).items()},
+        "command": "python benchmarks/few_shot.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     record = {
         "wall_seconds": time.perf_counter() - started,

@@ -422,6 +422,8 @@ def test_loaders_read_every_committed_results_file_back_to_its_json():
     for name, load in (
         ("few_shot.json", records.load_few_shot),
         ("few_shot-quick.json", records.load_few_shot),
+        ("few_shot-controls/few_shot.json", records.load_few_shot),
+        ("few_shot-controls/lazy-rerun/few_shot.json", records.load_few_shot),
         ("sinusoid.json", records.load_sinusoid),
         ("sinusoid-quick.json", records.load_sinusoid),
         ("sinusoid-lazy-alpha0.003/sinusoid.json", records.load_sinusoid),
