@@ -591,16 +591,16 @@ MUTANTS = [
     Mutant(
         "rates-adapt-none-adapts-owned",
         "gradcheck/rates.py",
-        "adapted = tuple(n for n in adapted if n not in owned)",
-        "adapted = tuple(adapted)",
+        "exclude=owned if presets else ()",
+        "exclude=()",
         "adapt=None adapts the model's own rate parameters too",
         RATE_TESTS,
     ),
     Mutant(
         "rates-owned-dropped-from-explicit-adapt",
         "gradcheck/rates.py",
-        "    if adapt is None:\n        adapted = tuple(",
-        "    if True:\n        adapted = tuple(",
+        "exclude=owned if presets else ()",
+        "exclude=owned",
         "a model-owned rate named in adapt silently dropped instead of refused",
         RATE_TESTS,
     ),
@@ -1137,8 +1137,8 @@ MUTANTS = [
     Mutant(
         "lazy-hvp-sign",
         "lazymaml/estimators.py",
-        "return {n: v[n] - eta * h[n] for n in v}, loss, losses",
-        "return {n: v[n] + eta * h[n] for n in v}, loss, losses",
+        "        g = {n: v[n] - h[n] for n in v}\n",
+        "        g = {n: v[n] + h[n] for n in v}\n",
         "the Jacobian I + ηH instead of I − ηH (sequential and batched: one definition)",
         (
             f"{LM}/test_lazy.py",
@@ -1251,8 +1251,8 @@ MUTANTS = [
     Mutant(
         "bound-t0-plus",
         "lazymaml/bound.py",
-        "matrix_norm(eye - loop.lr(\"the bound\") * projected, ord=2)",
-        "matrix_norm(eye + loop.lr(\"the bound\") * projected, ord=2)",
+        'matrix_norm(eye - loop.lr("the bound") * projected, ord=2)',
+        'matrix_norm(eye + loop.lr("the bound") * projected, ord=2)',
         "‖T₀‖ computed as ‖I + αH‖",
         (f"{LM}/test_bound.py",),
     ),
@@ -1465,8 +1465,8 @@ MUTANTS = [
     Mutant(
         "reference-settings-not-passed",
         "gradcheck/diagnose.py",
-        "out = self.function(self.model, self.task_or_tasks, loop.steps, loop.inner_lr, **settings)",
-        "out = self.function(self.model, self.task_or_tasks, loop.steps, loop.inner_lr)",
+        "loop.steps, loop.given_lr, **settings)",
+        "loop.steps, loop.given_lr)",
         "a reference called without adapt/leap/inner_optimizer",
         (f"{GC}/test_validate.py",),
     ),
@@ -1933,8 +1933,8 @@ MUTANTS = [
     Mutant(
         "brake-sign",
         "lazymaml/estimators.py",
-        "            w = {n: w[n] - loop.lr(\"the stored-point HVP product\") * h[n] for n in w}\n",
-        "            w = {n: w[n] + loop.lr(\"the stored-point HVP product\") * h[n] for n in w}\n",
+        '            w = {n: w[n] - loop.lr("the stored-point HVP product") * h[n] for n in w}\n',
+        '            w = {n: w[n] + loop.lr("the stored-point HVP product") * h[n] for n in w}\n',
         "I + αH instead of I − αH",
         (f"{LM}/test_estimators.py",),
     ),
@@ -2020,8 +2020,8 @@ MUTANTS = [
     Mutant(
         "truncated-one-step-too-many",
         "lazymaml/estimators.py",
-        "start, early = f.descend(theta, untrained, steps - horizon)",
-        "start, early = f.descend(theta, untrained, steps - horizon + 1)",
+        "untrained, steps - horizon)\n",
+        "untrained, steps - horizon + 1)\n",
         "an off-by-one before the unrolled window: K + 1 steps",
         (
             f"{LM}/test_estimators.py",
@@ -2208,8 +2208,8 @@ MUTANTS = [
     Mutant(
         "rates-learner-stacks-theta-only",
         "lazymaml/learner.py",
-        "gradients = {n: torch.stack([g[n] for g, _, _ in results]) for n in student.coordinates}",
-        "gradients = {n: torch.stack([g[n] for g, _, _ in results]) for n in student.theta}",
+        ".sum(0) for n in student.coordinates}",
+        ".sum(0) for n in student.theta}",
         "the sequential path drops the rates' gradients",
         (f"{LM}/test_learned_rates.py",),
     ),
@@ -2364,8 +2364,8 @@ MUTANTS = [
     Mutant(
         "first-order-is-lazy",
         "lazymaml/estimators.py",
-        'Estimator("first_order", _lazy_task, "first-order MAML: v = ∇L_Q(φ_T)", configure=_eta_zero)',
-        'Estimator("first_order", _lazy_task, "first-order MAML: v = ∇L_Q(φ_T)")',
+        "reads=LEARNED, configure=_eta_zero\n",
+        "reads=LEARNED\n",
         'estimator="first_order" silently lazy (its η = 0 not configured)',
         (
             f"{LM}/test_estimators.py",
@@ -2376,8 +2376,8 @@ MUTANTS = [
     Mutant(
         "query-at-student",
         "lazymaml/estimators.py",
-        "v, loss = f.query_gradient(apply_leap(theta, phi, f.loop.leap), untrained)",
-        "v, loss = f.query_gradient(phi, untrained)",
+        "queries[steps] = f.query_gradient(apply_leap(start, phi, loop.leap), untrained, steps)",
+        "queries[steps] = f.query_gradient(phi, untrained, steps)",
         "v scored at φ_K whatever γ is",
         (
             f"{LM}/test_estimators.py",
@@ -2387,8 +2387,8 @@ MUTANTS = [
     Mutant(
         "truncation-loses-jacobian",
         "lazymaml/estimators.py",
-        "phi = {n: t[n] + (start[n] - theta[n]) for n in t}",
-        "phi = dict(start)",
+        "phi = {n: t[n] + (start[n] - theta[n]) for n in names}",
+        "phi = {n: start[n] for n in names}",
         "the first K − T steps cut from the graph instead of counting as the identity",
         (
             f"{LM}/test_estimators.py",
@@ -2606,8 +2606,8 @@ MUTANTS = [
     Mutant(
         "learner-sequential-mean-not-sum",
         "lazymaml/learner.py",
-        "sums = {n: torch.stack([g[n] for g, _, _ in results]).sum(0) for n in student.theta}",
-        "sums = {n: torch.stack([g[n] for g, _, _ in results]).mean(0) for n in student.theta}",
+        ".sum(0) for n in student.coordinates}",
+        ".mean(0) for n in student.coordinates}",
         "the sequential path's per-task gradients averaged where meta_backward expects their sum",
         (f"{LM}/test_learner.py", f"{LM}/test_batched.py"),
     ),

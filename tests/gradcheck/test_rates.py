@@ -271,6 +271,22 @@ def test_model_owned_rates_with_part_of_the_network_adapted():
     assert got["lrs.0"].abs().max() == 0  # the rate of a parameter not adapted, not given: unused
 
 
+def test_the_head_preset_is_chosen_among_the_parameters_that_are_not_rates():
+    """ANIL with learn2learn's layout, rates for the head only: ``lrs`` is the last module
+    holding parameters, but its tensors are the rates; "head" is the network's last layer."""
+    model, task = MetaSGDLike(), regression_task()
+    chosen = ["module.2.weight", "module.2.bias"]
+    model.lrs = nn.ParameterList([model.lrs[2], model.lrs[3]])  # the head's rates only
+    lr = dict(zip(chosen, model.lrs))
+    _, adapted, _ = coordinates(model, "head", InnerLoop(2, lr).inner_lr, 2)
+    assert list(adapted) == chosen
+    with pytest.raises(ValueError, match="are inner learning rates"):
+        coordinates(model, ["module.2", "lrs"], InnerLoop(2, lr).inner_lr, 2)  # named: refused
+    got, _ = against_differences(model, task, 2, lr, adapt="head")
+    want = unrolled(model, task, 2, lambda n, k: lr[n], trainable(model), adapted=chosen)
+    compare(got, want).assert_close(RTOL, ATOL)
+
+
 # --- MAML++: per-step BatchNorm told the step, LSLR K + 1 rates, a multi-step loss -------------
 
 
