@@ -6,6 +6,9 @@ does it diverge?
     python benchmarks/sinusoid.py --outer-steps 3000 --seeds 2 --sweep-steps 0 --inner-lrs 0.01 \
         --leaps 1 --curve-points 30 --methods maml-k10 'fomaml-k[124]0' brake-k10 brake-k10-t1 \
         brake-k10-t3 'lazy-k[124]0'              # the committed λ_θ run (results/sinusoid-brake/)
+    python benchmarks/sinusoid.py --sweep-steps 0 --inner-lrs 0.01 --leaps 1 --methods maml-k5 \
+        maml-k10 fomaml-k10 fomaml-k20 brake-k10 lazy-k10 lazy-k20  # the committed full-budget run
+                                                 # (results/sinusoid-full/, 67 min, a shared machine)
 
 Budget. The standard protocol's 70,000 outer steps do not fit a session on 2 CPU cores. Measured
 (one thread, torch 2.13 CPU, batched learner, meta-batch 25, task sampling and Adam included, a
@@ -459,7 +462,13 @@ def table(summary: SinusoidSummary) -> str:
         lines.append((cells, f"  ({r.diverged_seeds} seeds diverged)" if r.diverged_seeds else ""))
     label = {r.method: r.label for r in summary.rows}
     memory = [
-        f"  {m.graph_bytes / 1024:8.1f} KiB: {label[m.best]} (MSE {m.mse:.3f})" for m in summary.equal_memory
+        f"  {m.graph_bytes / 1024:8.1f} KiB: "
+        + (
+            f"{label[m.best]} (MSE {m.mse:.3f})"
+            if math.isfinite(m.mse)
+            else "none: every method within it diverged"
+        )
+        for m in summary.equal_memory
     ]
     return "\n".join([text_table(header, widths, lines), "best within the graph memory of:", *memory])
 

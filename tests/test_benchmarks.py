@@ -339,6 +339,7 @@ def test_sinusoid_summary_of_a_diverged_seed():
         records.MemoryBest(100, "maml-k1", 1.0),
     )
     assert "diverged" in sinusoid.table(summary)
+    assert "0.0 KiB: none: every method within it diverged" in sinusoid.table(summary)  # not "best"
     assert common.plain(summary)["rows"][1]["mse"] is None  # strict JSON
     # a method whose every run diverged stopped early: its time does not set the equal-time budget
     stopped = [
@@ -429,6 +430,7 @@ def test_loaders_read_every_committed_results_file_back_to_its_json():
         ("sinusoid-lazy-alpha0.003/sinusoid.json", records.load_sinusoid),
         ("sinusoid-brake/sinusoid.json", records.load_sinusoid),
         ("sinusoid-brake-long/sinusoid.json", records.load_sinusoid),
+        ("sinusoid-full/sinusoid.json", records.load_sinusoid),
     ):
         data = json.loads((RESULTS / name).read_text())
         loaded = load(name)

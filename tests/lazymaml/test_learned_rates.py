@@ -457,7 +457,7 @@ def test_learned_rates_with_adam_are_refused():
     model = mlp([2, 4, 1])
     rate = torch.tensor(0.1, dtype=F64, requires_grad=True)
     for name in ("maml", "lazy", "first_order"):
-        with pytest.raises(ValueError, match="learned inner rates .* step plain SGD"):
+        with pytest.raises(ValueError, match=r"learned inner rates .* step plain SGD"):
             estimators.run(name, model, regression_task(0), InnerLoop(2, rate, inner_optimizer="adam"))
 
 
