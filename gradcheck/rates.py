@@ -29,7 +29,9 @@ gradients scored after step k). docs/mathematics.md derives it.
 
 **Refused** (naming the rate): a non-floating, non-finite or negative rate; one of another dtype
 or device than its parameter; a shape other than the above, or S ∉ {K, K + 1}; a mapping that
-misses an adapted parameter or names one not adapted; a model-owned rate named in ``adapt``; one
+misses an adapted parameter or names one not adapted; a model-owned rate named in ``adapt``; a
+learned rate computed from a trainable parameter of the model (``log_lr.exp()`` with ``log_lr``
+in the model: autograd would carry ∂F/∂α into ∂F/∂log_lr, finite differences would not); one
 learned external tensor given to several parameters (each key would be a coordinate of its own,
 while autograd differentiates the one tensor: make it a model parameter, or give it alone).
 :class:`gradcheck.settings.InnerLoop` refuses rates with any inner optimizer but plain SGD.
@@ -133,6 +135,7 @@ class Rates:
                 "coordinate of its own; give each parameter its own tensor, one tensor alone for all, "
                 "or make the shared rate a parameter of the model"
             )
+        _refuse_computed_from(self.tensors, owned, model)
         rates: dict[str, Tensor] = {}
         keys: dict[str, str] = {}
         for name in adapted:
@@ -160,6 +163,44 @@ class Rates:
             elif t.requires_grad:
                 keys[name] = RATE_KEY if shared else f"{RATE_KEY}.{name}"
         return Schedule(rates, keys, self.per_step)
+
+
+def _leaves(t: Tensor) -> list[Tensor]:
+    """The leaf tensors the autograd graph of ``t`` reaches (``t`` itself when it is a leaf)."""
+    if t.grad_fn is None:
+        return [t]
+    found: list[Tensor] = []
+    stack: list[object] = [t.grad_fn]
+    seen: set[object] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if isinstance(variable, Tensor):
+            found.append(variable)
+        stack.extend(n for n, _ in getattr(node, "next_functions", ()))
+    return found
+
+
+def _refuse_computed_from(tensors: Mapping[str, Tensor], owned: Mapping[str, str], model: nn.Module) -> None:
+    """Refuse a learned rate computed from a trainable parameter of ``model`` (``exp(log_lr)``
+    with ``log_lr`` in the model): F(θ, α) takes α as a coordinate of its own, so ∂F/∂θ would be
+    the partial derivative for finite differences but also carry the path through α for autograd."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    for key, t in tensors.items():
+        if not t.requires_grad or key in owned or t.is_leaf:
+            continue
+        sources = sorted({names[id(v)] for v in _leaves(t) if id(v) in names})
+        if sources:
+            where = "inner_lr" if key == "" else f"inner_lr[{key!r}]"
+            raise ValueError(
+                f"{where} is computed from the model's parameters {sources}: a learned rate is a "
+                "coordinate of the meta-objective of its own; give the tensor the rate is computed "
+                "from outside the model (its gradient is then the rate's, under its inner_lr key), "
+                "or make the rate itself a parameter of the model"
+            )
 
 
 @dataclass(frozen=True, eq=False)

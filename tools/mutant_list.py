@@ -820,6 +820,31 @@ MUTANTS = [
         "the learned rates left out of the coordinates finite differences perturb",
         RATE_TESTS,
     ),
+    # review of learned rates: a rate computed from a model parameter, a hooked parameter or rate
+    Mutant(
+        "review-computed-rate-not-checked",
+        "gradcheck/rates.py",
+        "        _refuse_computed_from(self.tensors, owned, model)\n",
+        "",
+        "a rate computed from a model parameter accepted: the oracle's dF/dlog_lr carries the path through alpha",
+        RATE_TESTS,
+    ),
+    Mutant(
+        "review-computed-rate-leaf-only",
+        "gradcheck/rates.py",
+        "    if t.grad_fn is None:\n        return [t]",
+        "    if t.grad_fn is None or t.grad_fn is not None:\n        return [t]",
+        "the graph of a computed rate not walked: its source parameters never found",
+        RATE_TESTS,
+    ),
+    Mutant(
+        "review-computed-rate-no-next",
+        "gradcheck/rates.py",
+        'stack.extend(n for n, _ in getattr(node, "next_functions", ()))',
+        "pass",
+        "only the rate's own node looked at: a parameter one operation away is missed",
+        RATE_TESTS,
+    ),
     # gradcheck/parameters.py
     Mutant(
         "adapt-prefix-startswith",

@@ -495,3 +495,44 @@ def test_a_model_owned_rate_shared_by_every_parameter_is_one_coordinate(alone):
     assert set(got) == set(trainable(model))
     want = unrolled(model, task, 3, lambda n, k: model.lr, trainable(model), adapted=names)
     compare(got, want).assert_close(RTOL, ATOL)
+
+
+class LogRate(nn.Module):
+    """A network and the logarithm of its inner rate, both parameters of the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = mlp([2, 4, 1])
+        self.log_lr = nn.Parameter(torch.tensor(-2.0, dtype=F64))
+
+    def forward(self, x):
+        return self.module(x)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        lambda m, t, lr, a: oracle.meta_gradient(m, t, 3, lr, adapt=a),
+        lambda m, t, lr, a: finite_differences.meta_gradient(m, t, 3, lr, adapt=a),
+        lambda m, t, lr, a: Student.read(m, loop=InnerLoop(3, lr, adapt=a)),
+    ],
+    ids=["oracle", "finite_differences", "student"],
+)
+def test_a_rate_computed_from_a_model_parameter_is_refused(entry):
+    # α = exp(log_lr) with log_lr a parameter: the oracle's ∂F/∂log_lr would take the path through
+    # α (α ∂F/∂α), finite differences' would not (they perturb α and log_lr as two coordinates)
+    model, tasks = LogRate(), [regression_task(0), regression_task(1)]
+    adapt = [n for n, _ in model.named_parameters() if n.startswith("module.")]
+    before = model_state(model)
+    with pytest.raises(ValueError, match=r"inner_lr is computed from the model's parameters \['log_lr'\]"):
+        entry(model, tasks, model.log_lr.exp(), adapt)
+    assert_same_state(before, model_state(model))
+
+
+def test_a_rate_computed_from_a_tensor_outside_the_model_is_a_coordinate():
+    model, task = mlp([2, 4, 1]), regression_task()
+    log_lr = torch.tensor(-2.0, dtype=F64, requires_grad=True)
+    alpha = log_lr.exp()
+    got, _ = against_differences(model, [task, regression_task(1)], 3, alpha)
+    assert set(got) == {*trainable(model), "inner_lr"}
+    assert log_lr.grad is None
