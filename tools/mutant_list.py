@@ -826,7 +826,7 @@ MUTANTS = [
         "gradcheck/rates.py",
         "        _refuse_computed_from(self.tensors, owned, model)\n",
         "",
-        "a rate computed from a model parameter accepted: the oracle's dF/dlog_lr carries the path through alpha",
+        "a rate computed from a model parameter accepted: dF/dlog_lr carries the path through alpha",
         RATE_TESTS,
     ),
     Mutant(
