@@ -173,6 +173,14 @@ def conventions(model: nn.Module) -> list[str]:
                 "autograd's gradient (the oracle's, with the hook's changes) differ from the "
                 "derivative finite differences measure"
             )
+        for key, p in m.named_parameters(prefix=prefix, recurse=False):
+            if p.requires_grad and p._backward_hooks:
+                out.append(
+                    f"{key}: a tensor hook (register_hook) — a hook that changes the gradient it is "
+                    "given makes autograd's gradient differ from the derivative finite differences "
+                    "measure (with learned rates, a multi-step loss or a step index, also in the "
+                    "first inner step)"
+                )
         if m.training and any(type(h).__name__ == "SpectralNorm" for h in m._forward_pre_hooks.values()):
             out.append(
                 f"{name}: spectral_norm in train mode — the power iteration updates u and v without "

@@ -361,6 +361,7 @@ CONVENTIONS = {
     ),
     "spectral_norm (train)": (lambda: _spectral_train(), "spectral_norm in train mode"),
     "backward hook changing gradients": (lambda: _hooked_backward(), "a backward hook"),
+    "tensor hook on a parameter": (lambda: _hooked_parameter(), "2.weight: a tensor hook"),
 }
 
 
@@ -376,6 +377,22 @@ def _hooked_backward():
         lambda module, grad_input, grad_output: tuple(2 * g for g in grad_input)
     )
     return model
+
+
+def _hooked_parameter():
+    model = _mlp()
+    model[2].weight.register_hook(lambda g: 3 * g)  # gradient scaling, as a user's clipping hook
+    return model
+
+
+def test_a_tensor_hook_on_a_parameter_is_named_with_learned_rates_too():
+    # the rates' path unrolls over functional_call from θ itself: the hook also fires in step 0
+    torch.manual_seed(0)
+    model, task = _hooked_parameter().to(F64), _task()
+    alpha = torch.tensor(LR, dtype=F64, requires_grad=True)
+    result = _unchanged(model, lambda: validate(candidate, model, task, K, alpha))
+    assert "2.weight: a tensor hook" in result.summary()
+    assert result.headline().startswith("cannot verify")
 
 
 @pytest.mark.parametrize("kind", list(CONVENTIONS))

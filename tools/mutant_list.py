@@ -845,6 +845,14 @@ MUTANTS = [
         "only the rate's own node looked at: a parameter one operation away is missed",
         RATE_TESTS,
     ),
+    Mutant(
+        "review-tensor-hook-not-named",
+        "gradcheck/models.py",
+        "if p.requires_grad and p._backward_hooks:",
+        "if p.requires_grad and p._backward_hooks is None:",
+        "a parameter's tensor hook left out of the conventions: cannot verify without its reason",
+        ("tests/test_model_kinds.py",),
+    ),
     # gradcheck/parameters.py
     Mutant(
         "adapt-prefix-startswith",
