@@ -394,9 +394,17 @@ def _check_reference(
     return report, f"{source.name} agrees with finite differences along {n} of {n} directions{cost}"
 
 
-def _notes(model: nn.Module, meta_batch: bool) -> tuple[str, ...]:
-    """What the model's kind means for this verdict (gradcheck.models)."""
+def _notes(model: nn.Module, meta_batch: bool, loop: InnerLoop) -> tuple[str, ...]:
+    """What the model's kind (gradcheck.models) and hooked learned rates mean for this verdict."""
     out = [f"autograd convention: {c}" for c in conventions(model)]
+    if isinstance(loop.inner_lr, Rates):
+        hooked_rates = [k or "inner_lr" for k, t in loop.inner_lr.tensors.items() if t._backward_hooks]
+        if hooked_rates:
+            out.append(
+                f"autograd convention: learned rates {hooked_rates} have a tensor hook (register_hook) — "
+                "a hook that changes the gradient it is given makes the oracle's rate gradient differ "
+                "from the derivative finite differences measure"
+            )
     hooked = hooks(model)
     if hooked:
         out.append(
@@ -517,5 +525,5 @@ def validate(
     diagnose_now = diagnosis and not wrong_reference
     found, task = _diagnosis(source, run, truths, reports, rtol, atol) if diagnose_now else (None, None)
     effects = _side_effects(model, run.changes)
-    notes = _notes(model, meta_batch)
+    notes = _notes(model, meta_batch, loop)
     return Validation(reports, overall, effects, found, rtol, atol, task, source.name, checked, note, notes)

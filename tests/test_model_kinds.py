@@ -395,6 +395,16 @@ def test_a_tensor_hook_on_a_parameter_is_named_with_learned_rates_too():
     assert result.headline().startswith("cannot verify")
 
 
+def test_a_tensor_hook_on_a_learned_rate_is_named():
+    torch.manual_seed(0)
+    model, task = _mlp().to(F64), _task()
+    alpha = torch.tensor(LR, dtype=F64, requires_grad=True)
+    alpha.register_hook(lambda g: 3 * g)
+    result = _unchanged(model, lambda: validate(candidate, model, task, K, alpha))
+    assert "learned rates ['inner_lr'] have a tensor hook" in result.summary()
+    assert result.headline().startswith("cannot verify")
+
+
 @pytest.mark.parametrize("kind", list(CONVENTIONS))
 def test_conventions_are_named_where_finite_differences_disagree(kind):
     build, named = CONVENTIONS[kind]

@@ -853,6 +853,14 @@ MUTANTS = [
         "a parameter's tensor hook left out of the conventions: cannot verify without its reason",
         ("tests/test_model_kinds.py",),
     ),
+    Mutant(
+        "review-rate-hook-not-named",
+        "gradcheck/validate.py",
+        "if t._backward_hooks]",
+        "if t._backward_hooks is None]",
+        "a learned rate's tensor hook not named: cannot verify without its reason",
+        ("tests/test_model_kinds.py",),
+    ),
     # gradcheck/parameters.py
     Mutant(
         "adapt-prefix-startswith",
