@@ -45,7 +45,9 @@ def _difference(now: Tensor | None, then: Tensor | None) -> float | None:
 class Change:
     """One thing that differs from the snapshot: ``what`` happened to ``name``, by ``max_abs``."""
 
-    kind: str  # "parameter", "buffer", "attribute", "gradient", "mode" or "requires_grad"
+    # "parameter", "buffer", "attribute", "gradient", "mode", "requires_grad"; for a learned rate
+    # that is not a parameter: "rate" (its value or requires_grad) or "rate gradient"
+    kind: str
     name: str
     what: str  # "modified", "replaced", "changed" or "switched to train/eval"
     max_abs: float | None = None  # max |new − old| where a value changed

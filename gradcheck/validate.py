@@ -174,7 +174,10 @@ class Validation:
             )
         lines.append(f"mean over tasks ({'ok' if self.overall.ok(rtol, atol) else 'FAIL'}):")
         lines.append(self.overall.table(rtol, atol))
-        lines += [f"side effect on the model: {s}" for s in self.side_effects]
+        lines += [
+            f"side effect on {'the inner rates' if s.change.kind.startswith('rate') else 'the model'}: {s}"
+            for s in self.side_effects
+        ]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -264,11 +267,11 @@ class _Rates:
         out = []
         for k, t, value, _, requires_grad in self.held:
             if not torch.equal(t.detach(), value):
-                out.append(Change("parameter", k, "modified", (t.detach() - value).abs().max().item()))
+                out.append(Change("rate", k, "modified", (t.detach() - value).abs().max().item()))
             if t.grad is not None:
-                out.append(Change("gradient", k, "changed"))
+                out.append(Change("rate gradient", f"{k}.grad", "changed"))
             if t.requires_grad != requires_grad:
-                out.append(Change("requires_grad", k, "changed"))
+                out.append(Change("rate", f"{k}.requires_grad", "changed"))
         return out
 
     def restore(self) -> None:
@@ -319,7 +322,7 @@ def _call(
         finally:
             held.restore()
     if returned is None:  # writing p.grad is how such a candidate answers
-        changes = [c for c in changes if c.kind != "gradient"]
+        changes = [c for c in changes if c.kind not in ("gradient", "rate gradient")]
     return out, changes
 
 

@@ -2344,6 +2344,22 @@ MUTANTS = [
         (f"{LM}/test_batched.py",),
     ),
     Mutant(
+        "rate-side-effect-on-the-model",
+        "gradcheck/validate.py",
+        "if s.change.kind.startswith('rate') else 'the model'",
+        "if False else 'the model'",
+        "a user's external rate changed by the candidate reported as a parameter of the model",
+        (f"{GC}/test_validate.py",),
+    ),
+    Mutant(
+        "rate-grad-read-is-side-effect",
+        "gradcheck/validate.py",
+        'c.kind not in ("gradient", "rate gradient")',
+        'c.kind not in ("gradient",)',
+        "a candidate answering through the rates' .grad reported as a side effect",
+        (f"{GC}/test_validate.py",),
+    ),
+    Mutant(
         "guard-values",
         "gradcheck/state.py",
         "return all(torch.equal(self._flat(m), flat) for m, flat in self.groups) and all(",

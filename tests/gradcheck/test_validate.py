@@ -708,8 +708,9 @@ def test_a_candidate_that_steps_the_rates_is_reported_and_undone_also_when_it_ra
     result = validate(stepping, model, tasks, RATE_STEPS, rates)
     assert result.gradient_ok() and not result.ok()
     effects = {str(s.change) for s in result.side_effects}
-    assert any(e.startswith("parameter inner_lr.0.weight modified") for e in effects), effects
-    assert "gradient inner_lr.0.bias.grad changed" in effects
+    assert any(e.startswith("rate inner_lr.0.weight modified") for e in effects), effects
+    assert "rate gradient inner_lr.0.bias.grad changed" in effects
+    assert "side effect on the inner rates: rate inner_lr.0.weight modified" in str(result)
     assert_same_rates(kept, rates)
 
     def failing(model, task, steps, inner_lr):
