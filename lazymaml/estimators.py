@@ -144,8 +144,6 @@ class Estimator:
                 raise ValueError(
                     f"estimator {self.name!r} does not take {what}; the estimators that do: {takers}"
                 )
-        if loop.learned:
-            loop.require("sgd", by=f"estimator {self.name!r}")  # rates step plain SGD
         if self.optimizers is not ANY:
             loop.require(*self.optimizers, by=f"estimator {self.name!r}")
         return self.configure(loop) if self.configure else loop

@@ -2231,14 +2231,6 @@ MUTANTS = [
         (f"{LM}/test_learned_rates.py",),
     ),
     Mutant(
-        "rates-adam-unrefused",
-        "lazymaml/estimators.py",
-        '            loop.require("sgd", by=f"estimator {self.name!r}")  # rates step plain SGD\n',
-        "            pass\n",
-        "lazy and first_order step learned rates by plain SGD whatever the inner optimizer",
-        (f"{LM}/test_learned_rates.py",),
-    ),
-    Mutant(
         "rates-learner-grad-not-written",
         "lazymaml/learner.py",
         "        targets = self._rate_targets()\n",
