@@ -96,7 +96,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -494,15 +494,15 @@ def diagnose(
     meta-gradient is expected under its key (its parameter name for a model's own rate, else
     ``"inner_lr"`` / ``"inner_lr.<name>"``).
     """
-    loop = InnerLoop(
+    loop = InnerLoop.given(
         steps,
-        cast("float | Rates", inner_lr),  # InnerLoop reads a tensor or a mapping as Rates
+        inner_lr,
         leap,
         inner_optimizer,
         adapt=adapt,
         first_order=first_order,
         per_step_lr=per_step_lr,
-        query_weights=None if query_weights is None else tuple(query_weights),
+        query_weights=query_weights,
         step_kwarg=step_kwarg,
     )
     source = Reference(reference, model, task_or_tasks, loop)

@@ -136,14 +136,14 @@ def _loop(
     query_weights: Sequence[float] | None,
     step_kwarg: str | None,
 ) -> InnerLoop:
-    return InnerLoop(
+    return InnerLoop.given(
         steps,
-        inner_lr,  # type: ignore[arg-type]  # InnerLoop normalises a tensor or mapping to Rates
+        inner_lr,
         leap,
         inner_optimizer,
         adapt=adapt,
         per_step_lr=per_step_lr,
-        query_weights=query_weights,  # type: ignore[arg-type]  # InnerLoop checks it, makes it a tuple
+        query_weights=query_weights,
         step_kwarg=step_kwarg,
     )
 

@@ -193,15 +193,15 @@ def meta_gradient(
     the objective Σ_k w_k L_Q(φ_{k+1}); ``step_kwarg`` passes the step index to the model. For
     several tasks, the mean. The model is left exactly as it was, also when this raises.
     """
-    loop = InnerLoop(
+    loop = InnerLoop.given(
         steps,
-        inner_lr,  # type: ignore[arg-type]  # InnerLoop normalises a tensor or mapping to Rates
+        inner_lr,
         leap,
         inner_optimizer,
         adapt=adapt,
         first_order=first_order,
         per_step_lr=per_step_lr,
-        query_weights=query_weights,  # type: ignore[arg-type]  # InnerLoop checks it, makes it a tuple
+        query_weights=query_weights,
         step_kwarg=step_kwarg,
     )
     return gradient(model, task_or_tasks, loop)

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -48,7 +48,7 @@ from .optim import SGD, SPECS, Adam, AdamW, InnerUpdate, Spec, TorchOptimizer, s
 from .parameters import Adapt
 from .rates import Rates
 
-__all__ = ["OPTIMIZERS", "InnerLoop", "InnerOptimizer", "JacobianStep"]
+__all__ = ["OPTIMIZERS", "InnerLoop", "InnerOptimizer", "JacobianStep", "LearningRate"]
 
 InnerOptimizer = str | Spec | Callable[[list[Tensor]], torch.optim.Optimizer]
 """``"sgd"`` (the default everywhere), ``"adam"``, a spec of :mod:`gradcheck.optim` (``SGD``,
@@ -56,6 +56,8 @@ InnerOptimizer = str | Spec | Callable[[list[Tensor]], torch.optim.Optimizer]
 ``"sgd"``), or a factory ``params -> torch.optim.Optimizer``."""
 
 JacobianStep = str | float
+LearningRate = float | Tensor | Mapping[str, Tensor]
+"""``inner_lr`` as the public entry points take it: one α, or learned rates (:mod:`gradcheck.rates`)."""
 """η: ``"single"`` (γα), ``"horizon"`` (γKα) or a float ≥ 0."""
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -213,6 +215,24 @@ class InnerLoop:
             object.__setattr__(self, "jacobian_step", float(step))
         else:
             raise TypeError(f'jacobian_step must be "single", "horizon" or a float, got {step!r}')
+
+    @classmethod
+    def given(
+        cls,
+        steps: int,
+        inner_lr: LearningRate,
+        leap: float = 1.0,
+        inner_optimizer: InnerOptimizer = "sgd",
+        *,
+        query_weights: Sequence[float] | None = None,
+        **settings: Any,
+    ) -> InnerLoop:
+        """The settings from an entry point's public keywords: ``inner_lr`` as a float, a tensor or
+        a mapping (read as :class:`~gradcheck.rates.Rates`), ``query_weights`` as any sequence
+        (read as a tuple), every other field by name."""
+        rates = cast("float | Rates", inner_lr)  # __post_init__ reads a tensor or mapping as Rates
+        weights = cast("tuple[float, ...] | None", query_weights)  # and checks it, as a tuple
+        return cls(steps, rates, leap, inner_optimizer, query_weights=weights, **settings)
 
     def replace(self, **changes: Any) -> InnerLoop:
         """These settings with ``changes`` (``dataclasses.replace``: validated again)."""

@@ -59,7 +59,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -506,15 +506,15 @@ def validate(
     as they were, whatever the candidate does.
     """
     refuse_unsupported(model, as_tasks(task_or_tasks), by="validate")
-    loop = InnerLoop(
+    loop = InnerLoop.given(
         steps,
-        cast("float | Rates", inner_lr),  # InnerLoop reads a tensor or a mapping as Rates
+        inner_lr,
         leap,
         inner_optimizer,
         adapt=adapt,
         first_order=first_order,
         per_step_lr=per_step_lr,
-        query_weights=None if query_weights is None else tuple(query_weights),
+        query_weights=query_weights,
         step_kwarg=step_kwarg,
     )
     source = Reference(reference, model, task_or_tasks, loop)

@@ -664,7 +664,7 @@ def _call(
     name: str, model: nn.Module, task_or_tasks: Tasks, steps: int, inner_lr: Any, **settings: Any
 ) -> Params:
     """The registry entry ``name`` with a public function's arguments (its ``locals()``)."""
-    return run(name, model, task_or_tasks, InnerLoop(steps, inner_lr, **settings))
+    return run(name, model, task_or_tasks, InnerLoop.given(steps, inner_lr, **settings))
 
 
 def maml(
@@ -778,7 +778,7 @@ def as_function(name: str | Estimator, **options: Any) -> Callable[..., Mapping[
     def estimate(
         model: nn.Module, task_or_tasks: Tasks, steps: int, inner_lr: float, **settings: Any
     ) -> Params:
-        return run(entry, model, task_or_tasks, InnerLoop(steps, inner_lr, **{**options, **settings}))
+        return run(entry, model, task_or_tasks, InnerLoop.given(steps, inner_lr, **{**options, **settings}))
 
     estimate.__name__ = entry.name
     # the estimator-specific settings a checker may vary (gradcheck.diagnose), less those fixed here

@@ -55,15 +55,15 @@ def meta_gradient(
     the sum of the lazy gradients of each scored φ_{k+1} (one HVP at θ). ``step_kwarg`` passes the
     step index to the model. Exact MAML's gradient, rates included, at K = 1 with "single".
     """
-    loop = InnerLoop(
+    loop = InnerLoop.given(
         steps,
-        inner_lr,  # type: ignore[arg-type]  # InnerLoop normalises a tensor or mapping to Rates
+        inner_lr,
         leap,
         inner_optimizer,
         adapt=adapt,
         jacobian_step=jacobian_step,
         per_step_lr=per_step_lr,
-        query_weights=query_weights,  # type: ignore[arg-type]  # InnerLoop checks, makes a tuple
+        query_weights=query_weights,
         step_kwarg=step_kwarg,
     )
     return estimators.run("lazy", model, task_or_tasks, loop)

@@ -153,7 +153,7 @@ class MetaLearner:
             raise ValueError(f'batched must be True, False or "auto", got {batched!r}')
         refuse_unsupported(model, by="MetaLearner")
         self.model, self.estimator, self.batched = model, entry.name, batched
-        loop = InnerLoop(steps, inner_lr, leap, inner_optimizer, adapt=adapt, **given)  # type: ignore[arg-type]
+        loop = InnerLoop.given(steps, inner_lr, leap, inner_optimizer, adapt=adapt, **given)
         self.loop = entry.settings(loop)
         self.cannot_batch = self._static_refusal()
         if batched is True and self.cannot_batch:
