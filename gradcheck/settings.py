@@ -259,19 +259,16 @@ class InnerLoop:
             )
         return self.inner_lr
 
-    def refuse(self, *fields: str, by: str) -> None:
-        """``ValueError`` if any of ``fields`` (of learned rates, ``query_weights``, ``step_kwarg``)
-        is set: ``by`` does not read it."""
+    @property
+    def extended(self) -> tuple[str, ...]:
+        """Which of learned rates (``"inner_lr"``), ``"query_weights"`` and ``"step_kwarg"`` are
+        set: the settings beyond one float α and L_Q(φ_T) that not every consumer reads."""
         given = {
             "inner_lr": self.learned,
             "query_weights": self.query_weights is not None,
             "step_kwarg": self.step_kwarg is not None,
         }
-        used = [f for f in fields if given[f]]
-        if used:
-            raise ValueError(
-                f"{by} does not take {' or '.join(used)} (learned rates, a multi-step loss, a step index)"
-            )
+        return tuple(name for name, used in given.items() if used)
 
     def indexed(self, f: Callable[..., Any], k: int) -> Callable[..., Any]:
         """The model ``f`` told the step index k through ``step_kwarg`` (``f`` itself when unset)."""

@@ -132,13 +132,8 @@ class Estimator:
     def settings(self, loop: InnerLoop) -> InnerLoop:
         """``loop`` as this estimator runs it, refused where it cannot (an optimizer it does not
         take; learned rates, ``query_weights`` or ``step_kwarg`` where it does not read them)."""
-        given = {
-            "inner_lr": loop.learned,
-            "query_weights": loop.query_weights is not None,
-            "step_kwarg": loop.step_kwarg is not None,
-        }
-        for setting, used in given.items():
-            if used and setting not in self.reads:
+        for setting in loop.extended:
+            if setting not in self.reads:
                 takers = sorted(e.name for e in REGISTRY.values() if setting in e.reads)
                 what = LEARNED_SETTINGS[setting]
                 raise ValueError(

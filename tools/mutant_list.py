@@ -2225,10 +2225,18 @@ MUTANTS = [
     Mutant(
         "rates-entry-refusal-off",
         "lazymaml/estimators.py",
-        "            if used and setting not in self.reads:\n",
+        "            if setting not in self.reads:\n",
         "            if False:\n",
         "an entry that does not read learned rates, query_weights or step_kwarg silently ignores them",
         (f"{LM}/test_learned_rates.py",),
+    ),
+    Mutant(
+        "settings-extended-misses-step-kwarg",
+        "gradcheck/settings.py",
+        '"step_kwarg": self.step_kwarg is not None,\n        }\n        return tuple(',
+        '"step_kwarg": False,\n        }\n        return tuple(',
+        "a step index passed to an estimator that never reads it, silently ignored",
+        (f"{GC}/test_settings.py", f"{LM}/test_learned_rates.py"),
     ),
     Mutant(
         "rates-learner-grad-not-written",

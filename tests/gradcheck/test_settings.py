@@ -160,9 +160,9 @@ def test_a_learned_rate_is_kept_as_given_and_refused_where_one_float_is_needed()
     with pytest.raises(ValueError, match="the bound takes inner_lr as one float"):
         loop.lr("the bound")
     assert InnerLoop(2, 0.1).lr("the bound") == 0.1
-    with pytest.raises(ValueError, match=r"reptile does not take inner_lr or step_kwarg"):
-        loop.replace(step_kwarg="k").refuse("inner_lr", "query_weights", "step_kwarg", by="reptile")
-    InnerLoop(2, 0.1).refuse("inner_lr", "query_weights", "step_kwarg", by="reptile")  # nothing set
+    assert loop.replace(step_kwarg="k").extended == ("inner_lr", "step_kwarg")
+    assert InnerLoop(3, 0.1, query_weights=(0.2, 0.3, 0.5)).extended == ("query_weights",)
+    assert InnerLoop(2, 0.1).extended == ()  # nothing beyond one float α set
 
 
 @pytest.mark.parametrize(
