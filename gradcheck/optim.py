@@ -91,13 +91,16 @@ def sgd_update(
     weight_decay: float = 0.0,
 ) -> tuple[Tensor, Tensor | None]:
     """``torch.optim.SGD``'s step on one tensor: the new (p, momentum buffer); ``buf`` is None
-    before the first step (the buffer starts as the first gradient, undampened)."""
+    before the first step (the buffer starts as the first gradient, undampened).
+
+    Written as torch's own step is, each scaled sum one ``add`` with ``alpha`` (p + α·g in one
+    rounding where the kernel fuses it, and one operation less per step to differentiate)."""
     if weight_decay != 0:
-        g = g + weight_decay * p
+        g = torch.add(g, p, alpha=weight_decay)
     if momentum != 0:
-        buf = g if buf is None else momentum * buf + (1 - dampening) * g
-        g = g + momentum * buf if nesterov else buf
-    return p - lr * g, buf
+        buf = g if buf is None else torch.add(momentum * buf, g, alpha=1 - dampening)
+        g = torch.add(g, buf, alpha=momentum) if nesterov else buf
+    return torch.add(p, g, alpha=-lr), buf
 
 
 def adam_update(

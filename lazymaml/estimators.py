@@ -323,7 +323,8 @@ def _truncated_task(f: Objective, theta: Params, untrained: Params) -> Result:
     start, early = f.descend({n: theta[n] for n in names}, untrained, steps - horizon)
 
     def objective(t: Params, untrained: Params) -> tuple[Tensor, list[Tensor]]:
-        phi = {n: t[n] + (start[n] - theta[n]) for n in names}  # value φ_{K−T}, Jacobian I
+        # value φ_{K−T}, Jacobian I (φ_0 = θ itself when T = K)
+        phi = {n: t[n] + (start[n] - theta[n]) if horizon < steps else t[n] for n in names}
         rates = {key: r for key, r in t.items() if key not in names}
         terms: list[Tensor] = []
 

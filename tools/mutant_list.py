@@ -351,7 +351,7 @@ MUTANTS = [
     Mutant(
         "sgd-nesterov-dropped",
         "gradcheck/optim.py",
-        "g = g + momentum * buf if nesterov else buf",
+        "g = torch.add(g, buf, alpha=momentum) if nesterov else buf",
         "g = buf",
         "Nesterov momentum silently plain momentum",
         (f"{GC}/test_optim.py",),
@@ -365,9 +365,17 @@ MUTANTS = [
         (f"{GC}/test_optim.py",),
     ),
     Mutant(
+        "sgd-dampening-dropped",
+        "gradcheck/optim.py",
+        "torch.add(momentum * buf, g, alpha=1 - dampening)",
+        "torch.add(momentum * buf, g)",
+        "SGD's dampening ignored after the first step",
+        (f"{GC}/test_optim.py",),
+    ),
+    Mutant(
         "sgd-weight-decay-dropped",
         "gradcheck/optim.py",
-        "    if weight_decay != 0:\n        g = g + weight_decay * p\n    if momentum != 0:",
+        "    if weight_decay != 0:\n        g = torch.add(g, p, alpha=weight_decay)\n    if momentum != 0:",
         "    if momentum != 0:",
         "SGD's weight decay forgotten",
         (f"{GC}/test_optim.py",),
@@ -458,8 +466,8 @@ MUTANTS = [
     Mutant(
         "sgd-step-sign",
         "gradcheck/optim.py",
-        "    return p - lr * g, buf",
-        "    return p + lr * g, buf",
+        "    return torch.add(p, g, alpha=-lr), buf",
+        "    return torch.add(p, g, alpha=lr), buf",
         "the inner step up the support loss",
         (f"{GC}/test_optim.py",),
     ),
