@@ -2452,9 +2452,20 @@ MUTANTS = [
     Mutant(
         "truncation-loses-jacobian",
         "lazymaml/estimators.py",
-        "phi = {n: t[n] + (start[n] - theta[n]) for n in names}",
-        "phi = {n: start[n] for n in names}",
+        "phi = {n: t[n] + (start[n] - theta[n]) if horizon < steps else t[n] for n in names}",
+        "phi = {n: start[n] if horizon < steps else t[n] for n in names}",
         "the first K − T steps cut from the graph instead of counting as the identity",
+        (
+            f"{LM}/test_estimators.py",
+            f"{LM}/test_batched.py",
+        ),
+    ),
+    Mutant(
+        "full-horizon-detached",
+        "lazymaml/estimators.py",
+        "if horizon < steps else t[n] for n in names}",
+        "if horizon < steps else start[n] for n in names}",
+        "exact MAML (T = K) unrolled from the detached θ: no gradient reaches θ",
         (
             f"{LM}/test_estimators.py",
             f"{LM}/test_batched.py",
