@@ -56,7 +56,7 @@ def _compiled(model: nn.Module) -> bool:
     return hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule"
 
 
-def _data_dtypes(task: TaskLike) -> list[tuple[str, torch.dtype]]:
+def _data_dtypes(task: TaskLike | TaskBatch) -> list[tuple[str, torch.dtype]]:
     if isinstance(task, ClosureTask):
         return []
     parts = (
@@ -96,7 +96,9 @@ def refuse_unsupported(model: nn.Module, tasks: Sequence[TaskLike] | TaskBatch =
         parts = (t for task in tasks for t in (*task.support, *task.query))
         if all(t.dtype == dtype for t in parts if t.is_floating_point()):
             return
-    for i, task in enumerate(tasks if isinstance(tasks, TaskBatch) else list(tasks)):
+    # a batch's stacked tensors stand for all its tasks (stacking checked that their dtypes agree)
+    every: list[TaskLike | TaskBatch] = [tasks] if isinstance(tasks, TaskBatch) else list(tasks)
+    for i, task in enumerate(every):
         for what, data in _data_dtypes(task):
             if data != dtype:
                 raise TypeError(

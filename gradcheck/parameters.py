@@ -80,12 +80,15 @@ def _by_names(keys: list[str], model: nn.Module, names: list[str]) -> list[str]:
     return [n for n in names if any(_matches(n, k) for k in keys)]
 
 
-def resolve_adapt(model: nn.Module, adapt: Adapt, exclude: Iterable[str] = ()) -> tuple[str, ...]:
+def resolve_adapt(
+    model: nn.Module, adapt: Adapt, exclude: Iterable[str] = (), among: Iterable[str] | None = None
+) -> tuple[str, ...]:
     """A, the names of the parameters the inner loop updates, in ``named_parameters()`` order,
     chosen among the trainable parameters not in ``exclude`` (a model's learned inner rates: the
-    presets' head is then the last module holding a parameter that is not a rate)."""
+    presets' head is then the last module holding a parameter that is not a rate). ``among``: the
+    trainable names, where the caller has them (:func:`trainable`'s keys)."""
     left_out = set(exclude)
-    names = [n for n in trainable(model) if n not in left_out]
+    names = [n for n in (trainable(model) if among is None else among) if n not in left_out]
     if adapt is None:
         return tuple(names)
     if isinstance(adapt, str) and adapt in PRESETS:
@@ -159,8 +162,10 @@ class Functional:
         model: nn.Module,
         *tensors: Mapping[str, Tensor],
         carry: MutableMapping[str, Tensor] | None = None,
+        buffers: Iterable[str] | None = None,
     ) -> None:
-        """``tensors``: mappings name → tensor, later ones overriding earlier ones."""
+        """``tensors``: mappings name → tensor, later ones overriding earlier ones; ``buffers``:
+        the names of the model's buffers, where the caller knows them (else the model is walked)."""
         self.model = model
         self.tensors: dict[str, Tensor] = {}
         for mapping in tensors:
@@ -168,7 +173,8 @@ class Functional:
         self.carry = carry
         self.buffers: tuple[str, ...] = ()
         if carry is not None:
-            self.buffers = tuple(n for n, _ in model.named_buffers() if n in self.tensors)
+            names = (n for n, _ in model.named_buffers()) if buffers is None else buffers
+            self.buffers = tuple(n for n in names if n in self.tensors)
         self.wrapper = _Carrying(model, self.buffers) if self.buffers else None
         self.given = {f"model.{n}": t for n, t in self.tensors.items()}  # the wrapper's names
 

@@ -250,10 +250,10 @@ def coordinates(
     rates (None for one float α)."""
     theta: dict[str, Tensor] = dict(trainable(model))
     if not isinstance(inner_lr, Rates):
-        return theta, resolve_adapt(model, adapt), None
+        return theta, resolve_adapt(model, adapt, among=theta), None
     owned = set(inner_lr.owned(model).values())
     presets = adapt is None or (isinstance(adapt, str) and adapt in PRESETS)
-    adapted = resolve_adapt(model, adapt, exclude=owned if presets else ())
+    adapted = resolve_adapt(model, adapt, exclude=owned if presets else (), among=theta)
     if owned & set(adapted):
         raise ValueError(
             f"parameters {sorted(owned & set(adapted))} are inner learning rates: exclude them from adapt"

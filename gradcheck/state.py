@@ -64,10 +64,14 @@ class _Attributes:
     """The plain tensor attributes of a model's modules (each module once, under its first name):
     what prune and the hook-based weight_norm recompute into ``module.weight`` on every forward."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
+        """``modules``: ``named_modules(remove_duplicate=False)``; each module is held once."""
+        first: dict[int, tuple[str, nn.Module]] = {}
+        for prefix, m in modules:
+            first.setdefault(id(m), (prefix, m))
         self.held = [
             (f"{prefix}.{key}".lstrip("."), m, key, value, value.detach().clone())
-            for prefix, m in model.named_modules()
+            for prefix, m in first.values()
             for key, value in vars(m).items()
             if isinstance(value, Tensor)
         ]
@@ -153,7 +157,7 @@ class Snapshot:
         self.names: dict[int, str] = {}  # id(tensor) -> first name, for reporting once
         self.grads: dict[int, tuple[Tensor | None, int | None]] = {}  # (.grad, its copy's index)
         self.requires_grad: dict[int, bool] = {}
-        self.attributes = _Attributes(model)
+        self.attributes = _Attributes(modules)
         unique: list[Tensor] = []
         for prefix, m in modules:
             for kind, registry in (("parameter", m._parameters), ("buffer", m._buffers)):

@@ -15,6 +15,7 @@ starts from fresh copies of the untrained tensors, so a forward that writes them
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 
@@ -143,7 +144,12 @@ class Student:
         mutable mapping (:class:`gradcheck.parameters.Functional`'s ``carry``).
         """
         carry = untrained if isinstance(untrained, MutableMapping) else None
-        return Functional(self.model, self.theta, untrained, point, carry=carry)
+        return Functional(self.model, self.theta, untrained, point, carry=carry, buffers=self.buffers)
+
+    @functools.cached_property
+    def buffers(self) -> tuple[str, ...]:
+        """The names of the model's buffers (walked once: :meth:`at` runs at every inner step)."""
+        return tuple(n for n, _ in self.model.named_buffers())
 
     @torch.enable_grad()
     def trajectory(

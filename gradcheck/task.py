@@ -146,6 +146,21 @@ class ClosureTask:
         return "Task.from_closures(...)"
 
 
+def _differing(tasks: list[Task]) -> None:
+    """Raise ``ValueError`` naming the first task whose loss, or a tensor's shape, dtype or
+    device, differs from task 0's (nothing if none does)."""
+    first = tasks[0]
+    for i, t in enumerate(tasks):
+        if t.loss is not first.loss:
+            raise ValueError(f"Task.stack: task {i} has a different loss from task 0")
+        for a, b, what in zip((*t.support, *t.query), (*first.support, *first.query), _PARTS):
+            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                raise ValueError(
+                    f"Task.stack: task {i}'s {what} is {tuple(a.shape)} {a.dtype} on {a.device}, task "
+                    f"0's is {tuple(b.shape)} {b.dtype} on {b.device}; stacking needs equal shapes"
+                )
+
+
 @dataclass(frozen=True)
 class TaskBatch:
     """B data tasks with equal shapes and one loss: ``support = (X_s, Y_s)`` with a leading dim B.
@@ -167,19 +182,17 @@ class TaskBatch:
             kinds = sorted({type(t).__name__ for t in tasks})
             raise TypeError(f"Task.stack needs data tasks (Task), got {kinds}")
         first = tasks[0]
-        forms = [(b.shape, b.dtype, b.device) for b in (*first.support, *first.query)]
-        for i, t in enumerate(tasks):
-            if t.loss is not first.loss:
-                raise ValueError(f"Task.stack: task {i} has a different loss from task 0")
-            if [(a.shape, a.dtype, a.device) for a in (*t.support, *t.query)] == forms:
-                continue  # one comparison per task; the loop below names what differs
-            for a, b, what in zip((*t.support, *t.query), (*first.support, *first.query), _PARTS):
-                if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-                    raise ValueError(
-                        f"Task.stack: task {i}'s {what} is {tuple(a.shape)} {a.dtype} on {a.device}, task "
-                        f"0's is {tuple(b.shape)} {b.dtype} on {b.device}; stacking needs equal shapes"
-                    )
-        xs, ys, xq, yq = (torch.stack(parts) for parts in zip(*((*t.support, *t.query) for t in tasks)))
+        parts = list(zip(*((*t.support, *t.query) for t in tasks)))  # support x, y, query x, y
+        # torch.stack checks shapes and devices, but would promote dtypes: those are checked here
+        if any(t.loss is not first.loss for t in tasks) or any(
+            a.dtype != part[0].dtype for part in parts for a in part
+        ):
+            _differing(tasks)
+        try:
+            xs, ys, xq, yq = (torch.stack(part) for part in parts)
+        except RuntimeError:
+            _differing(tasks)  # names the task whose shape or device differs
+            raise
         return cls((xs, ys), (xq, yq), first.loss)
 
     def __len__(self) -> int:

@@ -52,7 +52,7 @@ from gradcheck.student import Student
 from gradcheck.task import Task, TaskBatch
 
 from .derivatives import DEFERRED, FuncObjective, OutsideObjective, Params
-from .estimators import Estimator, Result
+from .estimators import Estimator
 from .normalization import BatchStatistics
 
 __all__ = [
@@ -192,14 +192,18 @@ class Estimate:
     """The B tasks' results: their gradients summed, their losses stacked."""
 
     sums: dict[str, Tensor]  # name → the sum over the tasks of their gradients, every trainable parameter
-    losses: Tensor  # [B]: L_Q(φ_T)
-    support_losses: list[Tensor]  # K tensors [B]: L_S(φ_k), for the finite check
+    scores: Tensor  # [B, K + 1]: L_S(φ_0), …, L_S(φ_{K−1}) and L_Q(φ_T), each task's losses
+
+    @property
+    def losses(self) -> Tensor:
+        """[B]: L_Q(φ_T)."""
+        return self.scores[:, -1]
 
     def finite(self) -> bool:
         """Whether every loss and every gradient entry is finite (a task's non-finite gradient
         makes the sum non-finite): one concatenation, one test, one synchronisation (a test per
-        tensor costs a few kernel launches each, K + P + 1 of them)."""
-        parts = [self.losses, *self.support_losses, *self.sums.values()]
+        tensor costs a few kernel launches each, P + 1 of them)."""
+        parts = [self.scores, *self.sums.values()]
         return bool(torch.isfinite(torch.cat([p.reshape(-1) for p in parts])).all())
 
 
@@ -213,18 +217,23 @@ def estimate(
     theta = student.theta
     leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()} if outside else {}
 
-    def one(theta: Params, untrained: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Result:
+    def one(
+        theta: Params, untrained: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
+    ) -> tuple[Params, Tensor]:
         task = Task((xs, ys), (xq, yq), batch.loss)
         if outside:
-            return entry.per_task(OutsideObjective(student, task, loop, theta, leaves), theta, untrained)
-        return entry.per_task(FuncObjective(student, task, loop, checked=False), theta, untrained)
+            f: FuncObjective = OutsideObjective(student, task, loop, theta, leaves)
+        else:
+            f = FuncObjective(student, task, loop, checked=False)
+        g, loss, losses = entry.per_task(f, theta, untrained)
+        return g, torch.stack([*losses, loss])  # one output for the K + 1 losses
 
     (xs, ys), (xq, yq) = batch.support, batch.query
     with BatchStatistics() if statistics else contextlib.nullcontext(), torch.set_grad_enabled(outside):
-        g, loss, losses = vmap(one, in_dims=(None, None, 0, 0, 0, 0))(theta, student.fresh(), xs, ys, xq, yq)
+        g, scores = vmap(one, in_dims=(None, None, 0, 0, 0, 0))(theta, student.fresh(), xs, ys, xq, yq)
         if not outside:
-            return Estimate({n: t.sum(0) for n, t in g.items()}, loss, losses)
+            return Estimate({n: t.sum(0) for n, t in g.items()}, scores)
         if g.keys() != {DEFERRED}:
             raise RuntimeError(f"estimator {entry.name!r} did not return differentiate's gradient as it is")
         grads = torch.autograd.grad(g[DEFERRED].sum(), list(leaves.values()), allow_unused=True)
-    return Estimate(dense(leaves, grads), loss.detach(), [t.detach() for t in losses])
+    return Estimate(dense(leaves, grads), scores.detach())

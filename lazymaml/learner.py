@@ -302,11 +302,14 @@ class MetaLearner:
         return result
 
     def _estimate(
-        self, student: Student, tasks: list[TaskLike] | TaskBatch
+        self,
+        student: Student,
+        tasks: list[TaskLike] | TaskBatch,
+        batch: TaskBatch | tuple[str, str],
+        statistics: bool,
     ) -> tuple[dict[str, Tensor], Tensor]:
-        """The gradients summed over the tasks and the query losses stacked, batched where possible."""
-        model_refusal, statistics = batching.refusal(self.model)
-        batch = self._batch(tasks, model_refusal)
+        """The gradients summed over the tasks and the query losses stacked: batched where
+        :meth:`_batch` stacked them into ``batch``, else sequentially (``batch`` says why)."""
         if not isinstance(batch, TaskBatch):
             _check_devices(tasks, student)
             self._say(*batch)
@@ -322,12 +325,17 @@ class MetaLearner:
         loss L_Q(φ_T) (also for Reptile, which never uses it). With ``process_group``, both are means
         over every task of every rank. Nothing is written unless every task (every rank) succeeds."""
         tasks = _tasks(task_or_tasks)
-        refuse_unsupported(self.model, tasks, by="MetaLearner.meta_backward")
+        model_refusal, statistics = batching.refusal(self.model)
+        batch = self._batch(tasks, model_refusal)
+        # stacked, the tasks all have task 0's dtypes: the batch's four tensors are checked
+        refuse_unsupported(
+            self.model, batch if isinstance(batch, TaskBatch) else tasks, by="MetaLearner.meta_backward"
+        )
         student = Student.read(self.model, loop=self.loop)
         targets = self._rate_targets()
         try:
             with preserved(self.model):
-                sums, losses = self._estimate(student, tasks)
+                sums, losses = self._estimate(student, tasks, batch, statistics)
         except Exception:
             if self.process_group is not None:
                 distributed.withdraw(student.coordinates, self.process_group)

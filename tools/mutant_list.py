@@ -334,8 +334,8 @@ MUTANTS = [
     Mutant(
         "task-stack-concatenates",
         "gradcheck/task.py",
-        "(torch.stack(parts) for parts in",
-        "(torch.cat(parts) for parts in",
+        "(torch.stack(part) for part in parts)",
+        "(torch.cat(part) for part in parts)",
         "cat instead of stack: tasks merged into one",
         (f"{LM}/test_estimators.py",),
     ),
@@ -2634,8 +2634,14 @@ MUTANTS = [
     Mutant(
         "outside-theta-requires-grad",
         "lazymaml/batched.py",
-        "return entry.per_task(OutsideObjective(student, task, loop, theta, leaves), theta, untrained)",
-        "return entry.per_task(OutsideObjective(student, task, loop, leaves, leaves), leaves, untrained)",
+        "            f: FuncObjective = OutsideObjective(student, task, loop, theta, leaves)\n"
+        "        else:\n"
+        "            f = FuncObjective(student, task, loop, checked=False)\n"
+        "        g, loss, losses = entry.per_task(f, theta, untrained)",
+        "            f: FuncObjective = OutsideObjective(student, task, loop, leaves, leaves)\n"
+        "        else:\n"
+        "            f = FuncObjective(student, task, loop, checked=False)\n"
+        "        g, loss, losses = entry.per_task(f, leaves if outside else theta, untrained)",
         "the entry sees θ with its graph outside differentiate: truncation's first steps get a Jacobian",
         (f"{LM}/test_batched.py",),
     ),
@@ -2650,8 +2656,8 @@ MUTANTS = [
     Mutant(
         "outside-inside-sum-is-mean",
         "lazymaml/batched.py",
-        "return Estimate({n: t.sum(0) for n, t in g.items()}, loss, losses)",
-        "return Estimate({n: t.mean(0) for n, t in g.items()}, loss, losses)",
+        "return Estimate({n: t.sum(0) for n, t in g.items()}, scores)",
+        "return Estimate({n: t.mean(0) for n, t in g.items()}, scores)",
         "the inside layout's per-task gradients averaged where the learner expects their sum",
         (f"{LM}/test_batched.py",),
     ),
@@ -2697,11 +2703,69 @@ MUTANTS = [
         (f"{LM}/test_learner.py", "tests/test_model_kinds.py"),
     ),
     Mutant(
-        "stack-fast-path-accepts-all",
+        "stack-dtype-and-loss-unchecked",
         "gradcheck/task.py",
-        "            if [(a.shape, a.dtype, a.device) for a in (*t.support, *t.query)] == forms:\n",
-        "            if True:\n",
-        "tasks of different shapes or dtypes stacked without naming the difference",
+        "        if any(t.loss is not first.loss for t in tasks) or any(\n"
+        "            a.dtype != part[0].dtype for part in parts for a in part\n"
+        "        ):\n            _differing(tasks)\n",
+        "",
+        "tasks of different dtypes promoted by torch.stack, or of different losses stacked, silently",
         (f"{GC}/test_task.py", f"{LM}/test_batched.py"),
+    ),
+    Mutant(
+        "stack-dtype-unchecked",
+        "gradcheck/task.py",
+        "            a.dtype != part[0].dtype for part in parts for a in part",
+        "            False for part in parts for a in part",
+        "tasks of different dtypes promoted by torch.stack to one, silently",
+        (f"{GC}/test_task.py", f"{LM}/test_batched.py"),
+    ),
+    Mutant(
+        "stack-shape-unnamed",
+        "gradcheck/task.py",
+        "            _differing(tasks)  # names the task whose shape or device differs\n            raise",
+        "            raise",
+        "tasks of different shapes: torch's RuntimeError, which names no task, instead of ours",
+        (f"{GC}/test_task.py", f"{LM}/test_batched.py"),
+    ),
+    Mutant(
+        "refuse-batch-unchecked",
+        "gradcheck/models.py",
+        "every: list[TaskLike | TaskBatch] = [tasks] if isinstance(tasks, TaskBatch) else list(tasks)",
+        "every: list[TaskLike | TaskBatch] = [] if isinstance(tasks, TaskBatch) else list(tasks)",
+        "a stacked meta-batch's dtype never compared with the model's",
+        (f"{LM}/test_learner.py", f"{LM}/test_batched.py", f"{LM}/test_estimators.py"),
+    ),
+    Mutant(
+        "student-buffers-none",
+        "gradcheck/student.py",
+        "carry=carry, buffers=self.buffers)",
+        "carry=carry, buffers=())",
+        "the student's model told it has no buffers: a reassigned buffer is dropped between steps",
+        (f"{GC}/test_student.py", f"{GC}/test_parameters.py", f"{LM}/test_estimators.py"),
+    ),
+    Mutant(
+        "coordinates-among-every-parameter",
+        "gradcheck/rates.py",
+        "        return theta, resolve_adapt(model, adapt, among=theta), None",
+        "        return theta, resolve_adapt(model, adapt, among=dict(model.named_parameters())), None",
+        "frozen parameters adapted by the inner loop",
+        (f"{GC}/test_parameters.py", f"{GC}/test_student.py", f"{LM}/test_estimators.py"),
+    ),
+    Mutant(
+        "estimate-losses-column",
+        "lazymaml/batched.py",
+        "        return self.scores[:, -1]",
+        "        return self.scores[:, 0]",
+        "the batched path reports L_S(θ) as the query loss",
+        (f"{LM}/test_batched.py", f"{LM}/test_learner.py"),
+    ),
+    Mutant(
+        "finite-scores-unchecked",
+        "lazymaml/batched.py",
+        "        parts = [self.scores, *self.sums.values()]",
+        "        parts = [*self.sums.values()]",
+        "a non-finite loss of the batched path accepted where the gradients are finite",
+        (f"{LM}/test_batched.py", f"{LM}/test_learner.py"),
     ),
 ]

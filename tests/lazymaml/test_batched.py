@@ -493,6 +493,20 @@ def test_a_non_finite_batched_result_reruns_sequentially_for_the_exact_error():
     assert_same_state(before, model_state(model))
 
 
+def infinite_offset(output, target):
+    return F.mse_loss(output, target) + float("inf")  # a value that is inf, a gradient that is not
+
+
+def test_a_non_finite_loss_with_finite_gradients_reruns_sequentially():
+    """The batched check reads the losses, not only the gradients: here only the losses are inf."""
+    model = with_grads(_regression_model())
+    tasks = [Task(t.support, t.query, infinite_offset) for t in TASKS]
+    before = model_state(model)
+    with pytest.raises(FloatingPointError, match=r"support loss L_S\(φ_0\) at inner step 1 of 3 is inf"):
+        lazymaml.MetaLearner(model, 3, 0.1, batched=True).meta_backward(tasks)
+    assert_same_state(before, model_state(model))
+
+
 def squared_errors(output, target):
     return (output - target) ** 2  # not reduced: a user's mistake
 
