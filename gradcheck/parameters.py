@@ -34,6 +34,7 @@ __all__ = [
     "flat",
     "resolve_adapt",
     "task_mean",
+    "tied",
     "trainable",
     "unflat",
 ]
@@ -163,10 +164,13 @@ class Functional:
         *tensors: Mapping[str, Tensor],
         carry: MutableMapping[str, Tensor] | None = None,
         buffers: Iterable[str] | None = None,
+        ties: bool = True,
     ) -> None:
         """``tensors``: mappings name → tensor, later ones overriding earlier ones; ``buffers``:
-        the names of the model's buffers, where the caller knows them (else the model is walked)."""
-        self.model = model
+        the names of the model's buffers, where the caller knows them (else the model is walked);
+        ``ties``: whether the model may hold a tensor under two names (:func:`tied`) — False
+        spares ``functional_call`` its walk for them at every call."""
+        self.model, self.ties = model, ties
         self.tensors: dict[str, Tensor] = {}
         for mapping in tensors:
             self.tensors.update(mapping)
@@ -180,14 +184,25 @@ class Functional:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.wrapper is None:
-            return torch.func.functional_call(self.model, self.tensors, args, kwargs)
-        out, after = torch.func.functional_call(self.wrapper, self.given, (args, kwargs))
+            return torch.func.functional_call(self.model, self.tensors, args, kwargs, tie_weights=self.ties)
+        given = (self.wrapper, self.given, (args, kwargs))
+        out, after = torch.func.functional_call(*given, tie_weights=self.ties)
         for n, t in after.items():
             if t is not self.tensors[n] and isinstance(t, Tensor):  # reassigned, not written in place
                 self.tensors[n] = self.given[f"model.{n}"] = t
                 assert self.carry is not None
                 self.carry[n] = t
         return out
+
+
+def tied(model: nn.Module) -> bool:
+    """Whether a parameter or buffer of ``model`` is registered under two names (a shared module
+    or tied weights): ``functional_call`` must then be told to set every name of it."""
+    for named in (model.named_parameters, model.named_buffers):
+        every = list(named(remove_duplicate=False))
+        if len({id(t) for _, t in every}) < len(every):
+            return True
+    return False
 
 
 def dense(like: Mapping[str, Tensor], grads: Iterable[Tensor | None]) -> dict[str, Tensor]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .parameters import Adapt, Functional, copies
+from .parameters import Adapt, Functional, copies, tied
 from .rates import Schedule, coordinates
 from .settings import InnerLoop
 from .task import TaskLike
@@ -144,12 +144,19 @@ class Student:
         mutable mapping (:class:`gradcheck.parameters.Functional`'s ``carry``).
         """
         carry = untrained if isinstance(untrained, MutableMapping) else None
-        return Functional(self.model, self.theta, untrained, point, carry=carry, buffers=self.buffers)
+        return Functional(
+            self.model, self.theta, untrained, point, carry=carry, buffers=self.buffers, ties=self.ties
+        )
 
     @functools.cached_property
     def buffers(self) -> tuple[str, ...]:
         """The names of the model's buffers (walked once: :meth:`at` runs at every inner step)."""
         return tuple(n for n, _ in self.model.named_buffers())
+
+    @functools.cached_property
+    def ties(self) -> bool:
+        """Whether the model holds a tensor under two names (:func:`~gradcheck.parameters.tied`)."""
+        return tied(self.model)
 
     @torch.enable_grad()
     def trajectory(

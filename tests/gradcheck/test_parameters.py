@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradcheck.parameters import Functional, copies, flat, resolve_adapt, trainable, unflat
+from gradcheck.parameters import Functional, copies, flat, resolve_adapt, tied, trainable, unflat
 from gradcheck.state import preserved
+from gradcheck.student import Student
 from tests.helpers import F64, assert_same_state, conv_bn, model_state, stats_net
 
 
@@ -180,3 +181,38 @@ def test_torch_functional_call_on_a_module_registered_twice_leaves_the_passed_te
     with preserved(model):
         Functional(model, {"a.weight": torch.full((1, 1), 3.0, dtype=torch.float64)})(x)
     assert_same_state(before, model_state(model))
+
+
+class _TiedBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(1, 1)
+        self.register_buffer("scale", torch.ones(1))
+        self.inner = nn.Module()
+        self.inner.register_buffer("scale", self.scale)  # one buffer, two names
+
+
+def test_tied_finds_a_tensor_registered_under_two_names():
+    """``tied`` decides whether ``functional_call`` must untie names (Functional's ``ties``)."""
+    assert not tied(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
+    assert tied(_Twice())  # a submodule registered twice
+    shared = nn.Linear(2, 2)
+    assert tied(nn.Sequential(shared, nn.ReLU(), shared))
+    weights = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    weights[1].weight = weights[0].weight  # tied weights
+    assert tied(weights)
+    assert tied(_TiedBuffer())
+
+
+def test_a_model_with_tied_weights_is_evaluated_with_every_name_set():
+    """Setting one name of a tied pair sets both, as the model itself computes: the student says
+    the model is tied, and the functional call unties it (with ``ties=False`` the second name
+    would keep the model's own tensor)."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).double()
+    model[1].weight = model[0].weight
+    x = torch.ones(1, 1, dtype=F64)
+    value = {"0.weight": torch.full((1, 1), 3.0, dtype=F64)}
+    assert Functional(model, value)(x).item() == 9.0
+    student = Student.read(model)
+    assert student.ties
+    assert student.at(value, student.fresh())(x).item() == 9.0
