@@ -18,7 +18,11 @@ round), and the best and the median of the rounds are reported. One call is one 
    torch-function mode, which the learner switches on for models it cannot vouch for (here: the
    MLP inside a custom module). Then, each in a fresh process, the learner with the default
    ``batched="auto"`` against the hand-written vmap: its first call (auto's probe, the warm-up
-   included), what it chose, and the interleaved steps after it.
+   included), what it chose, and the interleaved steps after it. Last, the learner's work
+   outside the computation, measured inside real steps: each step timed whole and
+   ``lazymaml.batched.estimate`` (the computation) timed within it, their difference as a share
+   of the step (medians) — checks, the snapshot that keeps the model as it was, reading the
+   student, stacking the tasks, the finiteness check and writing ``p.grad``.
 2. The 4-conv few-shot network (84×84×3, 5-way 1-shot, 15 queries per class, B = 4, K = 20),
    lazy: batched (forced, ``batched=True``) against sequential, and ``batched="auto"`` after its
    first meta-batch (its probe); peak memory against K, each (path, K) in a fresh process (peak
@@ -242,7 +246,54 @@ def sinusoid_targets(args: argparse.Namespace, device: torch.device) -> dict:
     ).overall.rel_error
     model.zero_grad(set_to_none=True)
     fresh = {f"{name} K={steps}": fresh_auto(args, name, steps) for name, steps in FRESH}
-    return {"timing": timing, "relative_differences": checks, "fresh_auto": fresh}
+    own = {
+        f"{name} K={steps}": outside_the_computation(learners[name, "batched"], tasks, 10 * args.rounds)
+        for name, steps in FRESH
+    }
+    model.zero_grad(set_to_none=True)
+    return {
+        "timing": timing,
+        "relative_differences": checks,
+        "fresh_auto": fresh,
+        "outside_the_computation": own,
+    }
+
+
+def outside_the_computation(learner: lazymaml.MetaLearner, tasks: list[Task], rounds: int) -> dict:
+    """Medians over ``rounds`` real steps of the step, of ``lazymaml.batched.estimate`` within it,
+    and of their difference: the learner's own work (ms, and as a share of the step)."""
+    device = next(learner.model.parameters()).device
+    compute, inside = lazymaml.batched.estimate, []
+
+    def timed(*args: object, **kwargs: object) -> object:
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            return compute(*args, **kwargs)
+        finally:
+            _sync(device)
+            inside.append(time.perf_counter() - start)
+
+    call, whole = step(learner, tasks), []
+    call()
+    lazymaml.batched.estimate = timed
+    try:
+        for _ in range(rounds):
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            whole.append(time.perf_counter() - start)
+    finally:
+        lazymaml.batched.estimate = compute
+    outside = statistics.median(w - i for w, i in zip(whole, inside))
+    median = statistics.median(whole)
+    return {
+        "step_ms": 1e3 * median,
+        "estimate_ms": 1e3 * statistics.median(inside),
+        "outside_ms": 1e3 * outside,
+        "share": outside / median,
+    }
 
 
 def fresh_auto_probe(name: str, steps: int, rounds: int, device: torch.device) -> dict:
@@ -381,6 +432,8 @@ def targets(sinusoid: dict, conv: dict, memory: dict[str, float], ks: tuple[int,
     for key, fresh in sinusoid.get("fresh_auto", {}).items():
         ratio = fresh["timing"]["auto"]["best_ms"] / fresh["timing"]["hand-written vmap"]["best_ms"]
         rows.append(Ratio(f"sinusoid {key}, fresh process: auto / hand-written vmap", ratio, 1.3, True))
+    for key, own in sinusoid.get("outside_the_computation", {}).items():
+        rows.append(Ratio(f"sinusoid {key}: learner's own work, % of a step", 100 * own["share"], 3, True))
     batched, sequential, auto = (c[timing_key("lazy", 20, p)] for p in ("batched", "sequential", "auto"))
     rows.append(Ratio("conv4 lazy K=20 B=4: batched / sequential", batched / sequential, 1, True))
     # after its probe auto runs the path it chose: the same code as one of the two (±10% noise)
@@ -402,7 +455,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-probe", nargs=2, metavar=("PATH", "K"), help=argparse.SUPPRESS)
     parser.add_argument("--fresh-auto", nargs=3, metavar=("ESTIMATOR", "K", "ROUNDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.rounds, args.conv_rounds, args.table_rounds = (3, 1, 2) if args.quick else (9, 3, 5)
+    args.rounds, args.conv_rounds, args.table_rounds = (3, 1, 2) if args.quick else (25, 3, 5)
     args.batches, args.ks = ((1, 25), (1, 20)) if args.quick else ((1, 5, 25), (1, 5, 20))
     return args
 
@@ -432,6 +485,12 @@ def report_sinusoid(args: argparse.Namespace, device: torch.device) -> dict:
         f"{maml['outside']:.1f} ms, inside {maml['inside']:.1f} ms; library / outside "
         f"{maml['library'] / maml['outside']:.2f}, library / inside {maml['library'] / maml['inside']:.2f}"
     )
+    for key, own in sinusoid["outside_the_computation"].items():
+        print(
+            f"  {key}, inside real steps (medians): step {own['step_ms']:.2f} ms, its computation "
+            f"{own['estimate_ms']:.2f} ms, the learner's own work {own['outside_ms']:.3f} ms "
+            f"({100 * own['share']:.1f}%)"
+        )
     for key, fresh in sinusoid["fresh_auto"].items():
         ft = fresh["timing"]
         print(

@@ -396,8 +396,23 @@ def test_throughput_and_lazy_vs_exact_targets_rebuild_the_committed_ones():
     assert throughput.LAZY_VMAP in measured["sinusoid"]["timing"]
     assert throughput.memory_key("sequential", 5) in conv4["peak_mib"]
     assert throughput.table_key("maml", 25, 20, "batched") in measured["table"]
+    assert [r["target"] for r in measured["targets"] if "own work" in r["target"]] == [
+        f"sinusoid {name} K={k}: learner's own work, % of a step" for name, k in throughput.FRESH
+    ]
     exact = json.loads((RESULTS / "lazy_vs_exact-cpu.json").read_text())
     assert [list(r.row()) for r in lazy_vs_exact.ratio_table(exact["results"])] == exact["ratios"]
+
+
+def test_the_learners_own_work_is_timed_inside_real_steps_and_the_estimate_put_back():
+    import lazymaml
+
+    model, tasks = throughput.sinusoid_setup(3, torch.device("cpu"))
+    learner = lazymaml.MetaLearner(model, 2, throughput.INNER_LR, estimator="maml", batched=True)
+    compute = lazymaml.batched.estimate
+    own = throughput.outside_the_computation(learner, tasks, 3)
+    assert lazymaml.batched.estimate is compute
+    assert 0 < own["estimate_ms"] < own["step_ms"] and 0 < own["share"] < 1
+    assert own["outside_ms"] == pytest.approx(own["share"] * own["step_ms"])
 
 
 def test_divergence_reads_the_record_and_the_older_text():

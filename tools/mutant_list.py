@@ -2769,6 +2769,14 @@ MUTANTS = [
         (f"{GC}/test_parameters.py", "tests/test_model_kinds.py", f"{LM}/test_estimators.py"),
     ),
     Mutant(
+        "throughput-estimate-not-restored",
+        "benchmarks/throughput.py",
+        "    finally:\n        lazymaml.batched.estimate = compute",
+        "    finally:\n        pass",
+        "the benchmark leaves its timing wrapper in place of the library's computation",
+        ("tests/test_benchmarks.py",),
+    ),
+    Mutant(
         "coordinates-among-every-parameter",
         "gradcheck/rates.py",
         "        return theta, resolve_adapt(model, adapt, among=theta), None",
