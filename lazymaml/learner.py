@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from gradcheck.models import refuse_unsupported
-from gradcheck.parameters import Adapt
+from gradcheck.parameters import Adapt, flat
 from gradcheck.rates import Rates, coordinates
 from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep
 from gradcheck.state import preserved
@@ -248,9 +248,7 @@ class MetaLearner:
         something not finite): then :meth:`_rerun` takes over."""
         try:
             estimate = batching.estimate(self.entry, student, batch, self.loop, statistics)
-            failure = (
-                None if estimate.finite() else "the batched result is not finite where the sequential one is"
-            )
+            failure = None if estimate.finite() else _NOT_FINITE
         except Exception as error:  # the sequential rerun reports a user's error clearly
             failure = f"the batched computation raised {type(error).__name__}: {error}"
         return (estimate.sums, estimate.losses) if failure is None else failure
@@ -295,8 +293,13 @@ class MetaLearner:
 
     def _rerun(self, student: Student, batch: TaskBatch, failure: str) -> tuple[dict[str, Tensor], Tensor]:
         """After a batched ``failure``: the tasks sequentially (a user's error raises here, with the
-        sequential path's message); if that succeeds, the failure said and sequential from now on."""
+        sequential path's message); if that succeeds, the failure said and sequential from now on
+        — unless the failure was a non-finite result and the sequential one is just as
+        non-finite (a gradient that is nan where every loss is finite): then batching was not at
+        fault, and the same values are returned without a word."""
         result = self._sequential(student, list(batch))
+        if failure == _NOT_FINITE and not bool(torch.isfinite(flat(result[0])).all()):
+            return result
         self.cannot_batch = failure
         self._say("learner", failure)
         return result
@@ -425,6 +428,9 @@ class LazyMAML(MetaLearner):
             query_weights=query_weights,
             step_kwarg=step_kwarg,
         )
+
+
+_NOT_FINITE = "the batched result is not finite where the sequential one is"
 
 
 def _check_devices(tasks: Sequence[TaskLike] | TaskBatch, student: Student) -> None:

@@ -2739,8 +2739,8 @@ MUTANTS = [
     Mutant(
         "student-buffers-none",
         "gradcheck/student.py",
-        "carry=carry, buffers=self.buffers)",
-        "carry=carry, buffers=())",
+        "buffers=self.buffers, ties=",
+        "buffers=(), ties=",
         "the student's model told it has no buffers: a reassigned buffer is dropped between steps",
         (f"{GC}/test_student.py", f"{GC}/test_parameters.py", f"{LM}/test_estimators.py"),
     ),
@@ -2775,6 +2775,31 @@ MUTANTS = [
         "    finally:\n        pass",
         "the benchmark leaves its timing wrapper in place of the library's computation",
         ("tests/test_benchmarks.py",),
+    ),
+    Mutant(
+        "rerun-blames-batching-for-nan",
+        "lazymaml/learner.py",
+        "        if failure == _NOT_FINITE and not bool(torch.isfinite(flat(result[0])).all()):\n"
+        "            return result\n",
+        "",
+        "a nan gradient the sequential path computes too blamed on batching: said, batching off",
+        (f"{LM}/test_batched.py",),
+    ),
+    Mutant(
+        "rerun-excuses-a-batched-defect",
+        "lazymaml/learner.py",
+        "        if failure == _NOT_FINITE and not bool(torch.isfinite(flat(result[0])).all()):",
+        "        if failure == _NOT_FINITE and bool(torch.isfinite(flat(result[0])).all()):",
+        "a non-finite result of the batched path alone excused: never said, batching kept",
+        (f"{LM}/test_batched.py",),
+    ),
+    Mutant(
+        "batched-nan-accepted",
+        "lazymaml/learner.py",
+        "            failure = None if estimate.finite() else _NOT_FINITE",
+        "            failure = None",
+        "a non-finite batched result written to p.grad",
+        (f"{LM}/test_batched.py", f"{LM}/test_learner.py"),
     ),
     Mutant(
         "coordinates-among-every-parameter",

@@ -507,6 +507,53 @@ def test_a_non_finite_loss_with_finite_gradients_reruns_sequentially():
     assert_same_state(before, model_state(model))
 
 
+class NanBackward(nn.Module):
+    """The identity whose backward is nan: x + 0·√|x − x| (0·∞ in the derivative)."""
+
+    def forward(self, x):
+        return x + 0 * (x - x).abs().sqrt()
+
+
+@pytest.mark.parametrize("batched", [True, "auto"])
+def test_a_gradient_as_non_finite_sequentially_keeps_the_batched_path(batched):
+    """Batching is not blamed for what the sequential path computes too: adapting the head only,
+    every loss is finite and the body's meta-gradient is nan on both paths; it is returned as it
+    is, nothing is said, and the next meta-batch still runs batched."""
+    options = dict(adapt="head", batched=batched)
+    learner = lazymaml.MetaLearner(_regression_model(NanBackward()), 3, 0.1, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lazymaml.SequentialFallback)
+        for _ in range(2):
+            learner.model.zero_grad(set_to_none=True)
+            loss = learner.meta_backward(TASKS)
+    assert torch.isfinite(loss) and not learner.cannot_batch
+    assert torch.isnan(learner.model[0].weight.grad).all()
+    reference = lazymaml.MetaLearner(_regression_model(NanBackward()), 3, 0.1, adapt="head", batched=False)
+    reference.model.load_state_dict(learner.model.state_dict())
+    reference.meta_backward(TASKS)
+    for p, q in zip(learner.model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, equal_nan=True)
+
+
+def test_a_batched_result_that_alone_is_not_finite_is_said_and_batching_stops(monkeypatch):
+    """What a transform defect would do — nan from the batched path only (simulated here): the
+    meta-batch is rerun sequentially, its finite result returned, the fallback said once, and
+    batching off from then on; with ``batched=True`` it raises instead."""
+    compute = lazymaml.batched.estimate
+
+    def poisoned(*args, **kwargs):
+        estimate = compute(*args, **kwargs)
+        return dataclasses.replace(estimate, sums={n: t * float("nan") for n, t in estimate.sums.items()})
+
+    monkeypatch.setattr(lazymaml.batched, "estimate", poisoned)
+    learner = lazymaml.MetaLearner(_regression_model(), 3, 0.1)
+    with pytest.warns(lazymaml.SequentialFallback, match="not finite where the sequential one is"):
+        learner.meta_backward(TASKS)
+    assert learner.cannot_batch and all(torch.isfinite(p.grad).all() for p in learner.model.parameters())
+    with pytest.raises(ValueError, match="batched=True, but the batched result is not finite"):
+        lazymaml.MetaLearner(_regression_model(), 3, 0.1, batched=True).meta_backward(TASKS)
+
+
 def squared_errors(output, target):
     return (output - target) ** 2  # not reduced: a user's mistake
 
