@@ -94,7 +94,9 @@ def sgd_update(
     before the first step (the buffer starts as the first gradient, undampened).
 
     Written as torch's own step is, each scaled sum one ``add`` with ``alpha`` (p + α·g in one
-    rounding where the kernel fuses it, and one operation less per step to differentiate)."""
+    rounding where the kernel fuses it, and one operation less per step to differentiate): the
+    hyper-parameters are Python numbers, as ``alpha`` requires (learned rates, which are tensors,
+    step by :class:`gradcheck.rates.Schedule`)."""
     if weight_decay != 0:
         g = torch.add(g, p, alpha=weight_decay)
     if momentum != 0:

@@ -163,11 +163,11 @@ class Functional:
         model: nn.Module,
         *tensors: Mapping[str, Tensor],
         carry: MutableMapping[str, Tensor] | None = None,
-        buffers: Iterable[str] | None = None,
+        buffer_names: Iterable[str] | None = None,
         ties: bool = True,
     ) -> None:
-        """``tensors``: mappings name → tensor, later ones overriding earlier ones; ``buffers``:
-        the names of the model's buffers, where the caller knows them (else the model is walked);
+        """``tensors``: mappings name → tensor, later ones overriding earlier ones;
+        ``buffer_names``: the model's buffers, where the caller knows them (else it is walked);
         ``ties``: whether the model may hold a tensor under two names (:func:`tied`) — False
         spares ``functional_call`` its walk for them at every call."""
         self.model, self.ties = model, ties
@@ -177,7 +177,7 @@ class Functional:
         self.carry = carry
         self.buffers: tuple[str, ...] = ()
         if carry is not None:
-            names = (n for n, _ in model.named_buffers()) if buffers is None else buffers
+            names = (n for n, _ in model.named_buffers()) if buffer_names is None else buffer_names
             self.buffers = tuple(n for n in names if n in self.tensors)
         self.wrapper = _Carrying(model, self.buffers) if self.buffers else None
         self.given = {f"model.{n}": t for n, t in self.tensors.items()}  # the wrapper's names
@@ -196,13 +196,11 @@ class Functional:
 
 
 def tied(model: nn.Module) -> bool:
-    """Whether a parameter or buffer of ``model`` is registered under two names (a shared module
-    or tied weights): ``functional_call`` must then be told to set every name of it."""
-    for named in (model.named_parameters, model.named_buffers):
-        every = list(named(remove_duplicate=False))
-        if len({id(t) for _, t in every}) < len(every):
-            return True
-    return False
+    """Whether a tensor of ``model`` is registered under two names — a shared module, tied
+    weights, a parameter also registered as a buffer: ``functional_call`` must then be told to
+    set every name of it (it looks for ties among parameters and buffers together, as here)."""
+    every = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return len({id(t) for _, t in every}) < len(every)
 
 
 def dense(like: Mapping[str, Tensor], grads: Iterable[Tensor | None]) -> dict[str, Tensor]:

@@ -144,13 +144,14 @@ class Student:
         mutable mapping (:class:`gradcheck.parameters.Functional`'s ``carry``).
         """
         carry = untrained if isinstance(untrained, MutableMapping) else None
-        return Functional(
-            self.model, self.theta, untrained, point, carry=carry, buffers=self.buffers, ties=self.ties
-        )
+        names, ties, model = self.buffer_names, self.ties, self.model
+        return Functional(model, self.theta, untrained, point, carry=carry, buffer_names=names, ties=ties)
 
+    # Read from the model at the first use, once (:meth:`at` runs at every inner step): like θ's
+    # names, the model's structure is taken as fixed for the life of the student.
     @functools.cached_property
-    def buffers(self) -> tuple[str, ...]:
-        """The names of the model's buffers (walked once: :meth:`at` runs at every inner step)."""
+    def buffer_names(self) -> tuple[str, ...]:
+        """The names of the model's buffers."""
         return tuple(n for n, _ in self.model.named_buffers())
 
     @functools.cached_property

@@ -199,6 +199,11 @@ class Estimate:
         """[B]: L_Q(φ_T)."""
         return self.scores[:, -1]
 
+    @property
+    def support_losses(self) -> list[Tensor]:
+        """K tensors [B]: L_S(φ_k) for k = 0, …, K − 1."""
+        return list(self.scores[:, :-1].unbind(1))
+
     def finite(self) -> bool:
         """Whether every loss and every gradient entry is finite (a task's non-finite gradient
         makes the sum non-finite): one concatenation, one test, one synchronisation (a test per

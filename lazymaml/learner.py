@@ -213,6 +213,8 @@ class MetaLearner:
             return Task.stack(data)  # the message names the first task that differs
         except ValueError as error:
             return "tasks", f"the tasks cannot be stacked: {error}"
+        except Exception as error:  # e.g. out of memory: the sequential path may still run
+            return "tasks", f"the tasks cannot be stacked: {type(error).__name__}: {error}"
 
     def _say(self, kind: str, message: str) -> None:
         if self.batched is True:
@@ -327,16 +329,15 @@ class MetaLearner:
         """Accumulate the mean meta-gradient over the tasks into ``p.grad``; return the mean query
         loss L_Q(φ_T) (also for Reptile, which never uses it). With ``process_group``, both are means
         over every task of every rank. Nothing is written unless every task (every rank) succeeds."""
-        tasks = _tasks(task_or_tasks)
-        model_refusal, statistics = batching.refusal(self.model)
-        batch = self._batch(tasks, model_refusal)
-        # stacked, the tasks all have task 0's dtypes: the batch's four tensors are checked
-        refuse_unsupported(
-            self.model, batch if isinstance(batch, TaskBatch) else tasks, by="MetaLearner.meta_backward"
-        )
         student = Student.read(self.model, loop=self.loop)
-        targets = self._rate_targets()
-        try:
+        try:  # whatever fails on this rank, the other ranks are told (they would wait forever)
+            tasks = _tasks(task_or_tasks)
+            model_refusal, statistics = batching.refusal(self.model)
+            batch = self._batch(tasks, model_refusal)
+            # stacked, the tasks all have task 0's dtypes: the batch's four tensors are checked
+            every = batch if isinstance(batch, TaskBatch) else tasks
+            refuse_unsupported(self.model, every, by="MetaLearner.meta_backward")
+            targets = self._rate_targets()
             with preserved(self.model):
                 sums, losses = self._estimate(student, tasks, batch, statistics)
         except Exception:

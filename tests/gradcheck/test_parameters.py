@@ -202,6 +202,11 @@ def test_tied_finds_a_tensor_registered_under_two_names():
     weights[1].weight = weights[0].weight  # tied weights
     assert tied(weights)
     assert tied(_TiedBuffer())
+    both = nn.Module()
+    both.lin = nn.Linear(1, 1)
+    both.sub = nn.Module()
+    both.sub.register_buffer("w", both.lin.weight)  # a parameter registered as a buffer too
+    assert tied(both)
 
 
 def test_a_model_with_tied_weights_is_evaluated_with_every_name_set():

@@ -73,6 +73,16 @@ def _scenarios(rank: int) -> dict:
     except Exception as error:
         out["failure"] = (type(error).__name__, str(error), all(p.grad is None for p in model.parameters()))
 
+    # one rank's data is refused before anything is computed (float32 tasks, a float64 model):
+    # that rank still joins the all-reduce, so the other raises instead of waiting forever
+    model = mlp([2, 5, 1])
+    learner = _learner(model, group)
+    try:
+        learner.meta_backward([t.to(torch.float32) for t in tasks] if rank == 1 else tasks)
+        out["refused"] = "no error"
+    except Exception as error:
+        out["refused"] = (type(error).__name__, str(error), all(p.grad is None for p in model.parameters()))
+
     # the ranks' parameters differ: refused at construction, on every rank
     model = mlp([2, 5, 1])
     if rank == 1:
@@ -133,6 +143,13 @@ def test_a_failing_rank_makes_every_rank_raise_and_write_nothing(ranks):
     kind, message, untouched = ranks[1]["failure"]
     assert kind == "FloatingPointError" and "inner step 1 of 3" in message and untouched
     kind, message, untouched = ranks[0]["failure"]
+    assert kind == "RuntimeError" and "failed on 1 rank(s)" in message and untouched
+
+
+def test_a_rank_whose_data_is_refused_makes_every_rank_raise(ranks):
+    kind, message, untouched = ranks[1]["refused"]
+    assert kind == "TypeError" and "but task 0's support inputs are torch.float32" in message and untouched
+    kind, message, untouched = ranks[0]["refused"]
     assert kind == "RuntimeError" and "failed on 1 rank(s)" in message and untouched
 
 
