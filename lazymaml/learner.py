@@ -45,7 +45,8 @@ update (``"sgd"``, ``"adam"`` or a spec of :mod:`gradcheck.optim`), to data task
 ``step_kwarg``, which run task by task. When the batched result is not finite, or the batched
 computation raises, the tasks rerun sequentially: a user's error then surfaces with the
 sequential path's message; if the sequential run succeeds, the learner says so and stays
-sequential.
+sequential — unless the sequential result is just as non-finite (a meta-gradient that is nan
+where every loss is finite), which is returned as it is, batching kept.
 """
 
 from __future__ import annotations
