@@ -56,9 +56,10 @@ InnerOptimizer = str | Spec | Callable[[list[Tensor]], torch.optim.Optimizer]
 ``"sgd"``), or a factory ``params -> torch.optim.Optimizer``."""
 
 JacobianStep = str | float
+"""η: ``"single"`` (γα), ``"horizon"`` (γKα) or a float ≥ 0."""
+
 LearningRate = float | Tensor | Mapping[str, Tensor]
 """``inner_lr`` as the public entry points take it: one α, or learned rates (:mod:`gradcheck.rates`)."""
-"""η: ``"single"`` (γα), ``"horizon"`` (γKα) or a float ≥ 0."""
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
