@@ -106,7 +106,7 @@ from ._higher import DIFFERENTIABLE
 from .compare import Report, compare
 from .parameters import Adapt, flat, resolve_adapt, trainable
 from .rates import Rates, coordinates
-from .settings import InnerLoop, InnerOptimizer
+from .settings import InnerLoop, InnerOptimizer, LearningRate
 from .state import preserved
 from .task import Tasks, as_tasks
 from .tolerances import ATOL, default_rtol
@@ -469,7 +469,7 @@ def diagnose(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     *,
     adapt: Adapt = None,
     leap: float = 1.0,

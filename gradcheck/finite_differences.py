@@ -87,7 +87,7 @@ from torch import Tensor, nn
 from .models import common_random_numbers, conventions, refuse_unsupported
 from .parameters import Adapt, flat, unflat
 from .rates import coordinates
-from .settings import InnerLoop, InnerOptimizer
+from .settings import InnerLoop, InnerOptimizer, LearningRate
 from .state import preserved
 from .student import Student, converted
 from .task import Tasks, as_tasks
@@ -105,7 +105,7 @@ def meta_objective(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
@@ -128,7 +128,7 @@ def meta_objective(
 
 def _loop(
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     leap: float,
     inner_optimizer: InnerOptimizer,
     adapt: Adapt,
@@ -175,7 +175,7 @@ def meta_gradient(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
@@ -428,7 +428,7 @@ def check(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     *,
     adapt: Adapt = None,
     leap: float = 1.0,

@@ -40,7 +40,7 @@ from .models import common_random_numbers, hooks, refuse_unsupported
 from .optim import InnerUpdate
 from .parameters import Adapt, dense, task_mean, trainable
 from .rates import Schedule, coordinates
-from .settings import InnerLoop, InnerOptimizer
+from .settings import InnerLoop, InnerOptimizer, LearningRate
 from .state import preserved
 from .student import QUERY_LOSS, checked_loss, query_loss_at, support_loss_at
 from .task import TaskLike, Tasks, as_tasks
@@ -172,7 +172,7 @@ def meta_gradient(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     *,
     adapt: Adapt = None,
     leap: float = 1.0,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .diagnose import ReferenceFunction
 from .parameters import Adapt
+from .settings import LearningRate
 from .task import Tasks, as_tasks
 from .validate import Candidate, Validation, validate
 
@@ -45,7 +46,7 @@ class Problem:
     model: nn.Module
     tasks: Tasks
     steps: int
-    inner_lr: float | Tensor | Mapping[str, Tensor]
+    inner_lr: LearningRate
     adapt: Adapt = None
     leap: float = 1.0
     label: str = ""

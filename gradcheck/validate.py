@@ -71,7 +71,7 @@ from .diagnose import run as _diagnose
 from .models import common_random_numbers, conventions, hooks, random_modules, refuse_unsupported
 from .parameters import Adapt, trainable
 from .rates import Rates
-from .settings import InnerLoop, InnerOptimizer
+from .settings import InnerLoop, InnerOptimizer, LearningRate
 from .state import Change, Snapshot
 from .task import Task, TaskBatch, TaskLike, Tasks, as_tasks
 from .tolerances import ATOL, default_rtol
@@ -476,7 +476,7 @@ def validate(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     *,
     adapt: Adapt = None,
     leap: float = 1.0,

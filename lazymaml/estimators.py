@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from gradcheck.models import refuse_unsupported
 from gradcheck.parameters import Adapt, dense, flat, task_mean, unflat
 from gradcheck.rates import Schedule
-from gradcheck.settings import InnerLoop, InnerOptimizer
+from gradcheck.settings import InnerLoop, InnerOptimizer, LearningRate
 from gradcheck.state import preserved
 from gradcheck.student import Student, apply_leap
 from gradcheck.task import TaskLike, Tasks, as_tasks
@@ -667,13 +667,13 @@ def maml(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
     per_step_lr: bool = False,
-    query_weights: tuple[float, ...] | None = None,
+    query_weights: Sequence[float] | None = None,
     step_kwarg: str | None = None,
 ) -> Params:
     """Exact second-order MAML by the project's own unroll (SGD or Adam inner loop); with learned
@@ -701,13 +701,13 @@ def first_order(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
     per_step_lr: bool = False,
-    query_weights: tuple[float, ...] | None = None,
+    query_weights: Sequence[float] | None = None,
     step_kwarg: str | None = None,
 ) -> Params:
     """First-order MAML: g = ∇L_Q(φ_T), the inner loop's Jacobian taken as the identity."""
@@ -718,13 +718,13 @@ def lazy_horizon(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     *,
     adapt: Adapt = None,
     leap: float = 1.0,
     inner_optimizer: InnerOptimizer = "sgd",
     per_step_lr: bool = False,
-    query_weights: tuple[float, ...] | None = None,
+    query_weights: Sequence[float] | None = None,
     step_kwarg: str | None = None,
 ) -> Params:
     """The lazy meta-gradient with η = γKα (``jacobian_step="horizon"``)."""

@@ -13,12 +13,12 @@ on K.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
 from gradcheck.parameters import Adapt
-from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep
+from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep, LearningRate
 from gradcheck.task import Tasks
 
 from . import estimators
@@ -30,7 +30,7 @@ def meta_gradient(
     model: nn.Module,
     task_or_tasks: Tasks,
     steps: int,
-    inner_lr: float | Tensor | Mapping[str, Tensor],
+    inner_lr: LearningRate,
     *,
     adapt: Adapt = None,
     leap: float = 1.0,

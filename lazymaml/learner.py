@@ -55,7 +55,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from gradcheck.models import refuse_unsupported
 from gradcheck.parameters import Adapt, flat
 from gradcheck.rates import Rates, coordinates
-from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep
+from gradcheck.settings import InnerLoop, InnerOptimizer, JacobianStep, LearningRate
 from gradcheck.state import preserved
 from gradcheck.student import Student
 from gradcheck.task import Task, TaskBatch, TaskLike, Tasks, as_tasks
@@ -111,7 +111,7 @@ class MetaLearner:
         self,
         model: nn.Module,
         steps: int,
-        inner_lr: float | Tensor | Mapping[str, Tensor],
+        inner_lr: LearningRate,
         *,
         estimator: str | registry.Estimator = "lazy",
         adapt: Adapt = None,
@@ -403,7 +403,7 @@ class LazyMAML(MetaLearner):
         self,
         model: nn.Module,
         steps: int,
-        inner_lr: float | Tensor | Mapping[str, Tensor],
+        inner_lr: LearningRate,
         *,
         adapt: Adapt = None,
         leap: float = 1.0,
