@@ -161,7 +161,7 @@ class MetaLearner:
             raise ValueError(f"batched=True, but {self.cannot_batch}")
         self.process_group = process_group
         student = Student.read(model, loop=self.loop)  # refuse a bad adapt or rate now, not later
-        self._rate_targets()  # refuse a learned rate whose .grad cannot be written, now
+        self._rates = self._rate_targets()  # and a learned rate whose .grad cannot be written
         if process_group is not None:
             distributed.check_group(process_group)
             distributed.check_same_parameters(student.coordinates, process_group)
@@ -175,15 +175,7 @@ class MetaLearner:
         if self.entry.not_batched:
             return f"estimator={self.estimator!r} is not batched ({self.entry.not_batched})"
         # learned rates, a multi-step loss and a step index: the sequential path only
-        unbatched = [
-            name
-            for name, used in (
-                ("learned inner rates", self.loop.learned),
-                ("query_weights", self.loop.query_weights is not None),
-                ("step_kwarg", self.loop.step_kwarg is not None),
-            )
-            if used
-        ]
+        unbatched = [{"inner_lr": "learned inner rates"}.get(s, s) for s in self.loop.extended]
         if unbatched:
             return f"{' and '.join(unbatched)} are not batched (lazymaml.batched vmaps over θ alone)"
         if not self.loop.update().pure:
@@ -338,7 +330,7 @@ class MetaLearner:
             # stacked, the tasks all have task 0's dtypes: the batch's four tensors are checked
             every = batch if isinstance(batch, TaskBatch) else tasks
             refuse_unsupported(self.model, every, by="MetaLearner.meta_backward")
-            targets = self._rate_targets()
+            targets = dict(self._rates)
             with preserved(self.model):
                 sums, losses = self._estimate(student, tasks, batch, statistics)
         except Exception:
@@ -361,8 +353,9 @@ class MetaLearner:
 
     def _rate_targets(self) -> dict[str, Tensor]:
         """{key: the caller's rate tensor} for the learned rates that are not parameters of the
-        model: :meth:`meta_backward` writes their meta-gradient into their ``.grad``. A rate that
-        is not a leaf (computed from another tensor) is refused: its ``.grad`` is not kept."""
+        model (read once, at construction): :meth:`meta_backward` writes their
+        meta-gradient into their ``.grad``. A rate that is not a leaf (computed from another
+        tensor) is refused: its ``.grad`` is not kept."""
         if not isinstance(self.loop.inner_lr, Rates):
             return {}
         every, _, _ = coordinates(self.model, self.loop.adapt, self.loop.inner_lr, self.loop.steps)

@@ -2257,8 +2257,8 @@ MUTANTS = [
     Mutant(
         "rates-learner-grad-not-written",
         "lazymaml/learner.py",
-        "        targets = self._rate_targets()\n",
-        "        targets = {}\n",
+        "            targets = dict(self._rates)\n",
+        "            targets = {}\n",
         "meta_backward writes no external rate's .grad: the outer optimizer never moves them",
         (f"{LM}/test_learned_rates.py",),
     ),
@@ -2281,8 +2281,8 @@ MUTANTS = [
     Mutant(
         "rates-learner-batched",
         "lazymaml/learner.py",
-        '                ("learned inner rates", self.loop.learned),\n',
-        '                ("learned inner rates", False),\n',
+        "for s in self.loop.extended]",
+        'for s in self.loop.extended if s != "inner_lr"]',
         "learned rates sent to the batched path, which vmaps θ alone",
         (f"{LM}/test_learned_rates.py",),
     ),
