@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .task import ClosureTask, Task, TaskBatch, TaskLike
+from .task import ClosureTask, TaskBatch, TaskLike
 
 __all__ = [
     "SEED",
@@ -92,10 +92,6 @@ def refuse_unsupported(model: nn.Module, tasks: Sequence[TaskLike] | TaskBatch =
     if len(dtypes) != 1:
         return
     (dtype,) = dtypes
-    if type(tasks) is list and all(type(t) is Task for t in tasks):  # one pass; the loop names a culprit
-        parts = (t for task in tasks for t in (*task.support, *task.query))
-        if all(t.dtype == dtype for t in parts if t.is_floating_point()):
-            return
     # a batch's stacked tensors stand for all its tasks (stacking checked that their dtypes agree)
     every: list[TaskLike | TaskBatch] = [tasks] if isinstance(tasks, TaskBatch) else list(tasks)
     for i, task in enumerate(every):

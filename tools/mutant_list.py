@@ -1068,7 +1068,7 @@ MUTANTS = [
         "            if data != dtype:\n",
         "            if data != dtype and False:\n",
         "torch's dtype error or a silent conversion",
-        ("tests/test_model_kinds.py",),
+        ("tests/test_model_kinds.py", f"{LM}/test_learner.py"),
     ),
     Mutant(
         "convention-unnamed",
@@ -2701,15 +2701,7 @@ MUTANTS = [
         "the sequential path's per-task gradients averaged where meta_backward expects their sum",
         (f"{LM}/test_learner.py", f"{LM}/test_batched.py"),
     ),
-    # gradcheck/models.py, task.py: the per-step checks' fast paths
-    Mutant(
-        "refuse-dtype-fast-path-accepts-all",
-        "gradcheck/models.py",
-        "        if all(t.dtype == dtype for t in parts if t.is_floating_point()):\n",
-        "        if True:\n",
-        "data of another dtype than the model's not refused for a list of tasks",
-        (f"{LM}/test_learner.py", "tests/test_model_kinds.py"),
-    ),
+    # gradcheck/task.py: the stacking's fast path
     Mutant(
         "stack-dtype-and-loss-unchecked",
         "gradcheck/task.py",
