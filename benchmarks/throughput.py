@@ -101,46 +101,49 @@ class Wrapped(nn.Module):
         return self.inner(x)
 
 
+def _stacked(tasks: list[Task]) -> tuple[Tensor, ...]:
+    """The tasks' support inputs, targets, query inputs and targets, each stacked over tasks."""
+    return tuple(torch.stack(parts) for parts in zip(*((*t.support, *t.query) for t in tasks)))
+
+
+def _mse(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor, Tensor], Tensor]:
+    """``loss(p, x, y)``: the model's MSE at parameters ``p``."""
+    return lambda p, x, y: F.mse_loss(functional_call(model, p, (x,)), y)
+
+
+def _unrolled(
+    loss: Callable[..., Tensor], phi: dict[str, Tensor], xs: Tensor, ys: Tensor, steps: int, inner_lr: float
+) -> dict[str, Tensor]:
+    """φ_K: ``steps`` plain SGD steps on the support loss, each ``grad`` differentiable."""
+    for _ in range(steps):
+        g = grad(loss)(phi, xs, ys)
+        phi = {n: phi[n] - inner_lr * g[n] for n in phi}
+    return phi
+
+
 def reference_lazy(model: nn.Module, tasks: list[Task], steps: int, inner_lr: float) -> dict[str, Tensor]:
     """The lazy meta-gradient (γ = 1, η = α, MSE) written plainly with torch.func.vmap over tasks."""
     params = {n: p.detach() for n, p in model.named_parameters()}
-    xs, ys, xq, yq = (torch.stack(parts) for parts in zip(*((*t.support, *t.query) for t in tasks)))
-
-    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.mse_loss(functional_call(model, p, (x,)), y)
+    loss = _mse(model)
 
     def per_task(xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> dict[str, Tensor]:
-        phi = params
-        for _ in range(steps):
-            g = grad(loss)(phi, xs, ys)
-            phi = {n: phi[n] - inner_lr * g[n] for n in phi}
-        v = grad(loss)(phi, xq, yq)
+        v = grad(loss)(_unrolled(loss, params, xs, ys, steps, inner_lr), xq, yq)
         h = grad(lambda p: sum((g * v[n]).sum() for n, g in grad(loss)(p, xs, ys).items()))(params)
         return {n: v[n] - inner_lr * h[n] for n in v}
 
-    return {n: g.mean(0) for n, g in vmap(per_task)(xs, ys, xq, yq).items()}
+    return {n: g.mean(0) for n, g in vmap(per_task)(*_stacked(tasks)).items()}
 
 
 def reference_maml(model: nn.Module, tasks: list[Task], steps: int, inner_lr: float) -> dict[str, Tensor]:
     """Second-order MAML (γ = 1, MSE) written plainly: ``grad`` of the unrolled inner loop, ``vmap``
     over tasks."""
     params = {n: p.detach() for n, p in model.named_parameters()}
-    xs, ys, xq, yq = (torch.stack(parts) for parts in zip(*((*t.support, *t.query) for t in tasks)))
-
-    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.mse_loss(functional_call(model, p, (x,)), y)
+    loss = _mse(model)
 
     def per_task(xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> dict[str, Tensor]:
-        def unrolled(p: dict[str, Tensor]) -> Tensor:
-            phi = p
-            for _ in range(steps):
-                g = grad(loss)(phi, xs, ys)
-                phi = {n: phi[n] - inner_lr * g[n] for n in phi}
-            return loss(phi, xq, yq)
+        return grad(lambda p: loss(_unrolled(loss, p, xs, ys, steps, inner_lr), xq, yq))(params)
 
-        return grad(unrolled)(params)
-
-    return {n: g.mean(0) for n, g in vmap(per_task)(xs, ys, xq, yq).items()}
+    return {n: g.mean(0) for n, g in vmap(per_task)(*_stacked(tasks)).items()}
 
 
 def reference_maml_outside(
@@ -150,19 +153,12 @@ def reference_maml_outside(
     tasks of the unrolled inner loop (its ``grad`` differentiable), then one ordinary autograd
     backward of the mean query loss to θ, outside the ``vmap``."""
     params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
-    xs, ys, xq, yq = (torch.stack(parts) for parts in zip(*((*t.support, *t.query) for t in tasks)))
-
-    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.mse_loss(functional_call(model, p, (x,)), y)
+    loss = _mse(model)
 
     def per_task(p: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
-        phi = p
-        for _ in range(steps):
-            g = grad(loss)(phi, xs, ys)
-            phi = {n: phi[n] - inner_lr * g[n] for n in phi}
-        return loss(phi, xq, yq)
+        return loss(_unrolled(loss, p, xs, ys, steps, inner_lr), xq, yq)
 
-    losses = vmap(per_task, in_dims=(None, 0, 0, 0, 0))(params, xs, ys, xq, yq)
+    losses = vmap(per_task, in_dims=(None, 0, 0, 0, 0))(params, *_stacked(tasks))
     return dict(zip(params, torch.autograd.grad(losses.mean(), list(params.values()))))
 
 
